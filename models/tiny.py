@@ -1,0 +1,124 @@
+"""Tiny ONNX models built in code, for tests and quick tries: no downloads, seeded, a few ms to run.
+
+    python models/tiny.py mlp out.onnx          # 4 x (MatMul 512x512 + Add + Relu), input (1, 64, 512)
+    python models/tiny.py cnn out.onnx          # Conv/BN/Relu, a depthwise conv, GlobalAveragePool, Gemm
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 13
+IR_VERSION = 8
+
+
+def _model(nodes, inputs, outputs, inits, opset=OPSET, ir_version=IR_VERSION):
+    g = helper.make_graph(nodes, "tiny", inputs, outputs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="spdy-onnx-tiny")
+    m.ir_version = ir_version
+    onnx.checker.check_model(m)
+    return m
+
+
+def mlp(width: int = 512, depth: int = 4, seq: int = 64, batch: int | str = 1, seed: int = 0,
+        hidden: int | None = None, weight_form: str = "initializer") -> onnx.ModelProto:
+    """Stack of MatMul + bias Add + Relu. weight_form: initializer | constant | transpose | fp16 | shared."""
+    rng = np.random.default_rng(seed)
+    hidden = hidden or width
+    nodes, inits = [], []
+    x = "x"
+    shared_name = None
+    for i in range(depth):
+        d_in = width if i == 0 else hidden
+        d_out = width if i == depth - 1 else hidden
+        w = (rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(np.float32)
+        b = (0.01 * rng.standard_normal(d_out)).astype(np.float32)
+        wname = f"w{i}"
+        if weight_form == "constant":
+            nodes.append(helper.make_node("Constant", [], [wname], name=f"const_{i}",
+                                          value=numpy_helper.from_array(w, f"{wname}_value")))
+        elif weight_form == "transpose":
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"{wname}_t"))
+            nodes.append(helper.make_node("Transpose", [f"{wname}_t"], [wname], name=f"transpose_{i}", perm=[1, 0]))
+        elif weight_form == "fp16":
+            inits.append(numpy_helper.from_array(w.astype(np.float16), f"{wname}_h"))
+            nodes.append(helper.make_node("Cast", [f"{wname}_h"], [wname], name=f"cast_{i}", to=TensorProto.FLOAT))
+        elif weight_form == "shared" and d_in == d_out:
+            if shared_name is None:
+                shared_name = wname
+                inits.append(numpy_helper.from_array(w, wname))
+            wname = shared_name
+        else:
+            inits.append(numpy_helper.from_array(w, wname))
+        inits.append(numpy_helper.from_array(b, f"b{i}"))
+        nodes.append(helper.make_node("MatMul", [x, wname], [f"mm{i}"], name=f"matmul_{i}"))
+        nodes.append(helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"add{i}"], name=f"add_{i}"))
+        if i < depth - 1:
+            nodes.append(helper.make_node("Relu", [f"add{i}"], [f"relu{i}"], name=f"relu_{i}"))
+            x = f"relu{i}"
+        else:
+            x = f"add{i}"
+    nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, seq, width])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, seq, width])
+    return _model(nodes, [inp], [out], inits)
+
+
+def cnn(channels: int = 64, size: int = 32, classes: int = 100, batch: int | str = 1, seed: int = 0) -> onnx.ModelProto:
+    """Conv3x3 stem (tiny) -> Conv3x3+BN+Relu -> depthwise 3x3 -> Conv1x1 + residual -> pool -> Gemm."""
+    rng = np.random.default_rng(seed)
+    c = channels
+
+    def conv_w(o, i, k):
+        return (rng.standard_normal((o, i, k, k)) * np.sqrt(2.0 / (i * k * k))).astype(np.float32)
+
+    inits = [
+        numpy_helper.from_array(conv_w(16, 3, 3), "stem_w"),
+        numpy_helper.from_array(conv_w(c, 16, 3), "c1_w"),
+        numpy_helper.from_array(np.ones(c, np.float32), "bn_scale"),
+        numpy_helper.from_array((0.1 * rng.standard_normal(c)).astype(np.float32), "bn_bias"),
+        numpy_helper.from_array(np.zeros(c, np.float32), "bn_mean"),
+        numpy_helper.from_array(np.ones(c, np.float32), "bn_var"),
+        numpy_helper.from_array(conv_w(c, 1, 3), "dw_w"),
+        numpy_helper.from_array(conv_w(c, c, 1), "pw_w"),
+        numpy_helper.from_array((0.01 * rng.standard_normal(c)).astype(np.float32), "pw_b"),
+        numpy_helper.from_array((rng.standard_normal((classes, c)) / np.sqrt(c)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "stem_w"], ["stem"], name="stem_conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["stem"], ["stem_r"], name="stem_relu"),
+        helper.make_node("Conv", ["stem_r", "c1_w"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("BatchNormalization", ["c1", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["bn1"], name="bn1"),
+        helper.make_node("Relu", ["bn1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "dw_w"], ["dw"], name="depthwise", pads=[1, 1, 1, 1], group=c),
+        helper.make_node("Relu", ["dw"], ["dw_r"], name="dw_relu"),
+        helper.make_node("Conv", ["dw_r", "pw_w", "pw_b"], ["pw"], name="pointwise"),
+        helper.make_node("Add", ["pw", "r1"], ["res"], name="residual"),
+        helper.make_node("GlobalAveragePool", ["res"], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="classifier", transB=1),
+    ]
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, size, size])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])
+    return _model(nodes, [inp], [out], inits)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=["mlp", "cnn"])
+    p.add_argument("out")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    args = p.parse_args()
+    model = mlp(args.width, args.depth, args.seq) if args.kind == "mlp" else cnn()
+    onnx.save(model, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

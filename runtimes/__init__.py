@@ -1,0 +1,74 @@
+"""Engines behind one small protocol. Each module is imported lazily, so a missing engine fails only
+when it is asked for, with the pip command that fixes it."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from spdy_onnx.errors import SpdyError
+
+REGISTRY = {
+    "deepsparse": ("spdy_onnx.runtimes.deepsparse", "DeepSparseRuntime", "pip install 'spdy-onnx[deepsparse]'"),
+    "table": ("spdy_onnx.runtimes.table", "TableRuntime", None),
+    "cuda-2:4": ("spdy_onnx.runtimes.cuda_sparse", "CudaSemiStructuredRuntime", "pip install 'spdy-onnx[torch]' (a CUDA build of torch)"),
+}
+
+
+@dataclass
+class Comparison:
+    """An end-to-end, interleaved measurement of a baseline and a candidate model."""
+    baseline_ms: float
+    candidate_ms: float
+    rounds: int
+    iterations_per_round: int
+    ratio_p25: float = 0.0           # spread of the per-round speedups
+    ratio_p75: float = 0.0
+    foreign_load_cores: float = 0.0  # CPU used by other processes while measuring
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_ms / self.candidate_ms
+
+    def to_json(self) -> dict:
+        return {"baseline_ms": self.baseline_ms, "candidate_ms": self.candidate_ms, "speedup": self.speedup,
+                "rounds": self.rounds, "iterations_per_round": self.iterations_per_round,
+                "speedup_p25": self.ratio_p25, "speedup_p75": self.ratio_p75,
+                "foreign_load_cores": self.foreign_load_cores, **self.extra}
+
+
+class Runtime(Protocol):
+    name: str
+    pattern: str                     # "unstructured" | "2:4"
+
+    def default_levels(self) -> list[float]: ...
+
+    def check_model(self, model) -> None:
+        """Raise SpdyError if the engine cannot load this model (IR version, opset, ...)."""
+
+    def fingerprint(self) -> dict:
+        """Everything besides the model and shapes that timings depend on: engine version, CPU, cores."""
+
+    def measure(self, model_path: str, sites: list, *, levels: list[float], batch_size: int,
+                feeds: dict, aliases: dict) -> "LatencyTable": ...  # noqa: F821
+
+    def compare(self, baseline_path: str, candidate_path: str, *, batch_size: int,
+                feeds: dict) -> Comparison | None:
+        """End-to-end interleaved timing; None when this machine cannot run the engine."""
+
+
+def available() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def get_runtime(name: str, **options) -> Runtime:
+    if name not in REGISTRY:
+        raise SpdyError(f"unknown runtime '{name}'; choose one of: {', '.join(available())}")
+    module_name, cls_name, fix = REGISTRY[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = f"; install it with: {fix}" if fix else ""
+        raise SpdyError(f"runtime '{name}' is not installed ({exc.name or exc}){hint}") from None
+    return getattr(module, cls_name)(**options)

@@ -1,0 +1,176 @@
+"""DeepSparse on CPU: per-layer times at imposed sparsity, and interleaved end-to-end timing.
+
+`model_debug_analysis(..., imposed_ks=s)` times every layer as if its weights were s sparse, without
+pruning anything, so one run per level fills one column of the latency table. Never hand the engine
+the user's file: with input_shapes it rewrites the file in place. Callers pass their own copies.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+import numpy as np  # noqa: E402
+import deepsparse  # noqa: E402,F401  (ImportError here means the engine is not installed)
+from deepsparse.engine import Engine, model_debug_analysis  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from spdy_onnx.errors import SpdyError  # noqa: E402
+from spdy_onnx.levels import log_density_grid  # noqa: E402
+from spdy_onnx.runtimes import Comparison  # noqa: E402
+from spdy_onnx.runtimes.cpu_load import ForeignLoad  # noqa: E402
+from spdy_onnx.tables import LatencyTable  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MAX_IR_VERSION = 9
+MAX_OPSET = 18
+BUSY_WARNING_CORES = 0.5
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class DeepSparseRuntime:
+    name = "deepsparse"
+    pattern = "unstructured"
+
+    def __init__(self, cores: int | None = None, repeats: int = 3, iterations: int = 20,
+                 rounds: int = 15, progress: bool = True, **_ignored):
+        self.cores = int(cores) if cores else None
+        self.repeats = max(1, int(repeats))
+        self.iterations = max(2, int(iterations))
+        self.rounds = max(3, int(rounds))
+        self.progress = progress
+
+    def default_levels(self) -> list[float]:
+        return log_density_grid()
+
+    def check_model(self, model) -> None:
+        from spdy_onnx.modelio import default_opset
+        opset = default_opset(model)
+        if model.ir_version > MAX_IR_VERSION or opset > MAX_OPSET:
+            raise SpdyError(
+                f"DeepSparse {deepsparse.__version__} loads ONNX IR version <= {MAX_IR_VERSION} and opset <= "
+                f"{MAX_OPSET}; this model has IR version {model.ir_version} and opset {opset} "
+                "(re-export it with an older opset, e.g. torch.onnx.export(..., opset_version=13))")
+        custom = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx", "ai.onnx.ml")})
+        if custom:
+            raise SpdyError(f"the model uses custom operator domain(s) {', '.join(custom)} that DeepSparse cannot run")
+
+    def fingerprint(self) -> dict:
+        return {"engine": "deepsparse", "version": deepsparse.__version__, "cpu": cpu_name(),
+                "cores": self.cores or os.cpu_count(), "numpy": np.__version__}
+
+    # --- per-layer latency table -------------------------------------------------------------
+
+    def _analyse(self, model_path, inputs, batch_size, sparsity):
+        try:
+            return model_debug_analysis(model_path, inputs, batch_size=batch_size, num_cores=self.cores,
+                                        num_iterations=self.iterations, num_warmup_iterations=5,
+                                        imposed_ks=sparsity if sparsity > 0 else None)
+        except Exception as exc:  # the engine's own errors are not ours to show as a stack trace
+            raise SpdyError(f"DeepSparse could not run the model: {str(exc).strip().splitlines()[0]}") from None
+
+    @staticmethod
+    def attribute(layer_info: list[dict], aliases: dict[str, str], weights: dict[str, int]) -> dict[str, float]:
+        """Per-site ms from one analysis: sum a site's layers; split fused groups, never count twice."""
+        times: dict[str, float] = {}
+        for layer in layer_info:
+            names = [n.strip() for n in str(layer.get("canonical_name", "")).split(",")]
+            owners = sorted({aliases[n] for n in names if n in aliases})
+            if not owners:
+                continue
+            ms = float(layer.get("average_run_time_in_ms", 0.0))
+            total_w = sum(weights.get(o, 1) for o in owners)
+            for owner in owners:
+                times[owner] = times.get(owner, 0.0) + ms * weights.get(owner, 1) / total_w
+        return times
+
+    def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases) -> LatencyTable:
+        inputs = [np.ascontiguousarray(a) for a in feeds.values()]
+        weights = {s.name: s.n_weights for s in sites}
+        runs: dict[float, list[dict]] = {lvl: [] for lvl in levels}
+        totals: list[float] = []
+        order = list(levels)
+        bar = tqdm(total=self.repeats * len(order), desc="profiling", unit="run", disable=not self.progress,
+                   leave=False)
+        with ForeignLoad() as load:
+            for rep in range(self.repeats):
+                # alternate the order of levels between repeats so drift does not bias one end of the grid
+                for lvl in (order if rep % 2 == 0 else order[::-1]):
+                    result = self._analyse(model_path, inputs, batch_size, lvl)
+                    runs[lvl].append(self.attribute(result["layer_info"], aliases, weights))
+                    if lvl == 0.0:
+                        totals.append(float(result["average_total_time"]))
+                    bar.update(1)
+        bar.close()
+        measured = [s.name for s in sites if all(s.name in r for r in runs[0.0])]
+        times = {name: [float(np.median([r.get(name, np.nan) for r in runs[lvl]])) for lvl in levels]
+                 for name in measured}
+        times = {k: v for k, v in times.items() if all(np.isfinite(v))}
+        unmapped = sorted(s.name for s in sites if s.name not in times)
+        dense_total = float(np.median(totals))
+        spread = float((max(totals) - min(totals)) / dense_total) if len(totals) > 1 else 0.0
+        if load.cores > BUSY_WARNING_CORES:
+            log.warning("other processes used %.1f CPU cores while profiling: times may be noisy", load.cores)
+        meta = {**self.fingerprint(), "batch_size": batch_size, "repeats": self.repeats,
+                "iterations": self.iterations, "dense_total_spread": spread,
+                "foreign_load_cores": load.cores, "unmapped_sites": unmapped,
+                "layers_total_ms": float(np.median([sum(r.values()) for r in runs[0.0]]))}
+        return LatencyTable(levels=list(levels), times=times, dense_total_ms=dense_total, runtime=self.name,
+                            pattern=self.pattern, meta=meta)
+
+    # --- end-to-end, interleaved ---------------------------------------------------------------
+
+    def _engine(self, path, batch_size):
+        try:
+            return Engine(model=str(path), batch_size=batch_size, num_cores=self.cores)
+        except Exception as exc:
+            raise SpdyError(f"DeepSparse could not compile {os.path.basename(str(path))}: "
+                            f"{str(exc).strip().splitlines()[0]}") from None
+
+    def compare(self, baseline_path, candidate_path, *, batch_size, feeds) -> Comparison:
+        inputs = [np.ascontiguousarray(a) for a in feeds.values()]
+        engines = [self._engine(baseline_path, batch_size), self._engine(candidate_path, batch_size)]
+        for engine in engines:  # warm-up, and a first estimate of one run's time
+            for _ in range(3):
+                engine.run(inputs)
+        t0 = time.perf_counter()
+        engines[0].run(inputs)
+        one = max(time.perf_counter() - t0, 1e-5)
+        iters = int(min(200, max(3, 0.25 / one)))
+        per_round = [[], []]
+        bar = tqdm(total=self.rounds, desc="benchmarking", unit="round", disable=not self.progress, leave=False)
+        with ForeignLoad() as load:
+            for r in range(self.rounds):
+                order = (0, 1) if r % 2 == 0 else (1, 0)  # ABBA: neither model always runs first
+                for k in order:
+                    t0 = time.perf_counter()
+                    for _ in range(iters):
+                        engines[k].run(inputs)
+                    per_round[k].append((time.perf_counter() - t0) * 1000.0 / iters)
+                bar.update(1)
+        bar.close()
+        base, cand = np.array(per_round[0]), np.array(per_round[1])
+        ratios = base / cand
+        if load.cores > BUSY_WARNING_CORES:
+            log.warning("other processes used %.1f CPU cores while benchmarking: the speedup may be off",
+                        load.cores)
+        return Comparison(baseline_ms=float(np.median(base)), candidate_ms=float(np.median(cand)),
+                          rounds=self.rounds, iterations_per_round=iters,
+                          ratio_p25=float(np.percentile(ratios, 25)), ratio_p75=float(np.percentile(ratios, 75)),
+                          foreign_load_cores=load.cores,
+                          extra={"engine": "deepsparse", "version": deepsparse.__version__,
+                                 "cores": self.cores or os.cpu_count(), "batch_size": batch_size})

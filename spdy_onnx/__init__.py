@@ -1,0 +1,12 @@
+"""spdy-onnx: prune an ONNX model to a speedup measured on a real inference engine (SPDY)."""
+import os
+
+# DeepSparse/SparseZoo phone home on import with no timeout; on a closed network that hangs forever.
+# This must run before anything imports them, so it sits at the very top of the package.
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+__version__ = "0.1.0"
+
+from spdy_onnx.errors import SpdyError, InfeasibleTarget, TargetMissed  # noqa: E402
+
+__all__ = ["SpdyError", "InfeasibleTarget", "TargetMissed", "__version__"]

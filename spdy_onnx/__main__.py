@@ -1,0 +1,5 @@
+import sys
+
+from spdy_onnx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,359 @@
+"""The pipeline, as orchestration only: model -> sites -> latency table -> profile -> pruned model ->
+measured check (re-solve if missed) -> report. The maths lives in solver/search/database."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from spdy_onnx import cache, graph, modelio
+from spdy_onnx.errors import InfeasibleTarget, SpdyError, TargetMissed
+from spdy_onnx.levels import parse_levels
+from spdy_onnx.passes.metadata import set_metadata
+from spdy_onnx.passes.prune import sparsity_of, write_weights
+from spdy_onnx.runtimes import get_runtime
+from spdy_onnx.solver import Infeasible, solve_dp
+from spdy_onnx.tables import LatencyTable, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ATTEMPTS = 4
+STRATEGIES = ("spdy", "uniform", "global-magnitude", "dp-loss", "magnitude-dp")
+
+
+def parse_target(value) -> float:
+    """'2.5x', '2.5', 2.5 -> 2.5; anything that is not a number > 1 is refused."""
+    text = str(value).strip().lower()
+    if text.endswith("x"):
+        text = text[:-1]
+    try:
+        target = float(text)
+    except ValueError:
+        raise SpdyError(f"bad target '{value}': give a speedup greater than 1, e.g. 2x or 2.5") from None
+    if not math.isfinite(target) or target <= 1.0:
+        raise SpdyError(f"bad target '{value}': the speedup must be a number greater than 1")
+    return target
+
+
+def default_output(model_path: Path, target: float) -> Path:
+    return model_path.with_name(f"{model_path.stem}.{target:g}x.onnx")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+class Prepared:
+    """Everything the stages share: the model, its inputs, its sites, and the runtime."""
+
+    def __init__(self, model_path, *, runtime, batch_size, cores, input_shapes, exclude, include,
+                 min_weights, progress, runtime_options=None):
+        self.path = Path(model_path)
+        self.model = graph.constants_to_initializers(modelio.load_model(self.path))
+        if batch_size < 1:
+            raise SpdyError(f"batch size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.runtime = get_runtime(runtime, cores=cores, progress=progress, **(runtime_options or {}))
+        self.runtime.check_model(self.model)
+        self.specs = modelio.input_specs(self.model, self.batch_size, modelio.parse_input_shapes(input_shapes))
+        self.all_sites, self.unprunable = graph.find_sites(self.model)
+        if not self.all_sites:
+            raise SpdyError(f"{self.path.name} has no prunable site (Conv, Gemm or MatMul with a constant weight)")
+        self.sites, self.excluded = graph.select_sites(self.all_sites, exclude=exclude, include=include,
+                                                       min_weights=min_weights)
+        self.excluded.update(self.unprunable)
+        self.digest = modelio.model_digest(self.model)
+        self.workdir = tempfile.TemporaryDirectory(prefix="spdy-onnx-")
+        self._static_paths: dict[str, Path] = {}
+
+    def static_copy(self, model, tag: str) -> Path:
+        """Our own file with concrete input shapes: engines compile it (and may rewrite it)."""
+        path = Path(self.workdir.name) / f"{tag}.onnx"
+        modelio.save_model_atomic(modelio.with_static_inputs(model, self.specs), path)
+        return path
+
+    def dense_static(self) -> Path:
+        if "dense" not in self._static_paths:
+            self._static_paths["dense"] = self.static_copy(self.model, "dense")
+        return self._static_paths["dense"]
+
+    def close(self):
+        self.workdir.cleanup()
+
+
+def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=None,
+                  use_cache: bool = True, feeds=None) -> LatencyTable:
+    """The table from --latency-table, else from the cache, else measured on the engine and cached."""
+    if latency_table:
+        table = LatencyTable.load(latency_table)
+        log.info("using latency table %s (%s, %d sites)", latency_table, table.runtime, len(table.times))
+        return table
+    level_list = parse_levels(levels) if levels is not None else prep.runtime.default_levels()
+    shapes = {k: list(v[0]) for k, v in prep.specs.items()}
+    key = cache.cache_key(model=prep.digest, engine=prep.runtime.fingerprint(), batch=prep.batch_size,
+                          shapes=shapes, levels=level_list, pattern=prep.runtime.pattern,
+                          sites=sorted(s.name for s in prep.all_sites))
+    path = Path(cache_dir or cache.default_cache_dir()) / "tables" / f"{key}.json"
+    if use_cache:
+        table = cache.load_cached(path, LatencyTable.load)
+        if table is not None:
+            log.info("latency table from cache %s", path)
+            return table
+    feeds = feeds if feeds is not None else modelio.example_inputs(prep.specs)
+    aliases = graph.output_aliases(prep.model, prep.all_sites)
+    log.info("profiling %d sites at %d levels on %s", len(prep.all_sites), len(level_list), prep.runtime.name)
+    t0 = time.perf_counter()
+    table = prep.runtime.measure(str(prep.dense_static()), prep.all_sites, levels=level_list,
+                                 batch_size=prep.batch_size, feeds=feeds, aliases=aliases)
+    table.meta.update({"model_sha256": prep.digest, "input_shapes": shapes, "seconds": time.perf_counter() - t0,
+                       "model": prep.path.name})
+    table.validate()
+    table.save(path)
+    return table
+
+
+def _restrict_to_table(prep: Prepared, table: LatencyTable) -> list:
+    """Sites the table has times for; the rest stay dense, with the reason recorded."""
+    kept = []
+    for site in prep.sites:
+        if site.name in table.times:
+            kept.append(site)
+        else:
+            prep.excluded[site.name] = "the engine does not time this node separately: left dense"
+    if table.pattern == "2:4":
+        from spdy_onnx.passes.semi_structured import eligible
+        eligible_sites = []
+        for site in kept:
+            ok, why = eligible(site)
+            if ok:
+                eligible_sites.append(site)
+            else:
+                prep.excluded[site.name] = why
+        kept = eligible_sites
+    return kept
+
+
+def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, report=None, batch_size: int = 1,
+             cores: int | None = None, input_shapes=None, levels=None, exclude=None, include=None,
+             min_weights: int = graph.DEFAULT_MIN_WEIGHTS, latency_table=None, cache_dir=None,
+             use_cache: bool = True, strategy: str = "spdy", data=None, samples: int | None = None,
+             reconstruct: str = "obs", loss: str = "auto", search_budget=None, seed: int = 0,
+             max_attempts: int = DEFAULT_MAX_ATTEMPTS, tolerance: float = 0.0, progress: bool = True,
+             runtime_options: dict | None = None) -> dict:
+    """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report."""
+    t_start = time.perf_counter()
+    target = parse_target(target)
+    model_path = Path(model_path)
+    output = Path(output) if output else default_output(model_path, target)
+    if _same_file(model_path, output):
+        raise SpdyError("the output path is the input file; refusing to overwrite the input (choose another -o)")
+    report_path = Path(report) if report else output.with_name(output.stem + ".report.json")
+    if _same_file(model_path, report_path):
+        raise SpdyError("the report path is the input file; refusing to overwrite the input")
+    if strategy not in STRATEGIES:
+        raise SpdyError(f"unknown strategy '{strategy}'; choose one of: {', '.join(STRATEGIES)}")
+    if not 0.0 <= tolerance < 0.5:
+        raise SpdyError(f"tolerance must be in [0, 0.5), got {tolerance}")
+    if max_attempts < 1:
+        raise SpdyError(f"max attempts must be >= 1, got {max_attempts}")
+
+    prep = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
+                    exclude=exclude, include=include, min_weights=min_weights, progress=progress,
+                    runtime_options=runtime_options)
+    try:
+        return _optimize(prep, target=target, output=output, report_path=report_path, levels=levels,
+                         latency_table_path=latency_table, cache_dir=cache_dir, use_cache=use_cache,
+                         strategy=strategy, data=data, samples=samples, reconstruct=reconstruct, loss=loss,
+                         search_budget=search_budget, seed=seed, max_attempts=max_attempts,
+                         tolerance=tolerance, progress=progress, t_start=t_start)
+    finally:
+        prep.close()
+
+
+def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_table_path, cache_dir, use_cache,
+              strategy, data, samples, reconstruct, loss, search_budget, seed, max_attempts, tolerance,
+              progress, t_start) -> dict:
+    from spdy_onnx import strategies  # the accuracy side: calibration, database, search
+
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
+    table = latency_table(prep, levels=levels, latency_table=latency_table_path, cache_dir=cache_dir,
+                          use_cache=use_cache)
+    phases["latency_table_s"] = time.perf_counter() - t0
+    sites = _restrict_to_table(prep, table)
+    if not sites:
+        raise SpdyError("every prunable site is excluded; nothing to prune "
+                        f"({len(prep.excluded)} excluded, see --include/--exclude)")
+    names = [s.name for s in sites]
+    times = table.matrix(names)
+    max_speedup = table.max_speedup(names)
+    if max_speedup < target:
+        raise InfeasibleTarget(target, max_speedup)
+    log.info("%d sites to choose for, %d left dense; largest achievable speedup %.3fx",
+             len(sites), len(prep.excluded), max_speedup)
+
+    t0 = time.perf_counter()
+    chooser = strategies.make_chooser(
+        strategy, prep=prep, sites=sites, table=table, data=data, samples=samples, reconstruct=reconstruct,
+        loss=loss, search_budget=search_budget, seed=seed, cache_dir=cache_dir, progress=progress)
+    phases["calibration_s"] = time.perf_counter() - t0
+
+    attempts = []
+    aim = target
+    final = None
+    for attempt in range(1, max_attempts + 1):
+        budget = table.dense_total_ms / aim - table.fixed_ms(names)
+        t0 = time.perf_counter()
+        try:
+            picks = chooser.choose(times, budget)
+        except Infeasible:
+            break
+        phases[f"choose_s_{attempt}"] = time.perf_counter() - t0
+        profile = {n: int(j) for n, j in zip(names, picks)}
+        predicted = table.predicted_speedup(profile)
+        pruned = write_weights(prep.model, chooser.weights(profile))
+        candidate = prep.static_copy(pruned, f"candidate{attempt}")
+        t0 = time.perf_counter()
+        comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
+                                          feeds=chooser.timing_feeds())
+        phases[f"benchmark_s_{attempt}"] = time.perf_counter() - t0
+        record = {"attempt": attempt, "aimed_speedup": aim, "predicted_speedup": predicted,
+                  "measured_speedup": comparison.speedup if comparison else None,
+                  "measurement": comparison.to_json() if comparison else None}
+        attempts.append(record)
+        final = (profile, predicted, pruned, comparison)
+        if comparison is None:
+            log.warning("the end-to-end speedup was NOT measured: %s cannot run here; predicted %.3fx",
+                        prep.runtime.name, predicted)
+            break
+        log.info("attempt %d: predicted %.3fx, measured %.3fx (target %gx)", attempt, predicted,
+                 comparison.speedup, target)
+        if comparison.speedup >= target * (1 - tolerance):
+            break
+        # The additive model was optimistic by this much: aim higher by the shortfall, and re-solve.
+        aim = min(aim * target / comparison.speedup * 1.01, max_speedup * 0.9999)
+        if aim <= record["aimed_speedup"]:
+            break
+
+    if final is None:
+        raise InfeasibleTarget(target, max_speedup)
+    profile, predicted, pruned, comparison = final
+    measured = comparison.speedup if comparison else None
+    met = measured is not None and measured >= target * (1 - tolerance)
+    status = "met" if met else ("not_measured" if measured is None else "missed")
+    quality = chooser.quality(profile)
+    rep = _report(prep, table, sites, profile, target=target, predicted=predicted, comparison=comparison,
+                  status=status, attempts=attempts, strategy=strategy, tolerance=tolerance, seed=seed,
+                  max_speedup=max_speedup, quality=quality, chooser=chooser, phases=phases,
+                  output=output if status != "missed" else None)
+    if status != "missed":
+        meta = {"target": target, "predicted_speedup": predicted, "measured_speedup": measured,
+                "runtime": prep.runtime.name, "batch_size": prep.batch_size, "status": status,
+                "strategy": strategy, "pattern": table.pattern,
+                "profile": {n: table.levels[j] for n, j in profile.items()}}
+        modelio.save_model_atomic(set_metadata(pruned, meta), output)
+    rep["seconds_total"] = time.perf_counter() - t_start
+    write_json_atomic(report_path, rep)
+    rep["report_path"] = str(report_path)
+    if status == "missed":
+        raise TargetMissed(target, measured, len(attempts))
+    return rep
+
+
+def _report(prep, table, sites, profile, *, target, predicted, comparison, status, attempts, strategy, tolerance,
+            seed, max_speedup, quality, chooser, phases, output) -> dict:
+    levels = table.levels
+    per_site = []
+    weights = chooser.weights(profile)
+    for site in prep.all_sites:
+        if site.name in profile:
+            j = profile[site.name]
+            per_site.append({"name": site.name, "op_type": site.op_type, "sparsity": levels[j],
+                             "actual_sparsity": sparsity_of(weights[site.weight]),
+                             "dense_ms": table.times[site.name][0], "ms_at_chosen": table.times[site.name][j],
+                             "n_weights": site.n_weights})
+        else:
+            row = table.times.get(site.name)
+            per_site.append({"name": site.name, "op_type": site.op_type, "sparsity": 0.0,
+                             "dense_ms": row[0] if row else None, "ms_at_chosen": row[0] if row else None,
+                             "n_weights": site.n_weights, "excluded": prep.excluded.get(site.name, "")})
+    total_w = sum(s.n_weights for s in sites)
+    mean_sparsity = sum(levels[profile[s.name]] * s.n_weights for s in sites) / total_w if total_w else 0.0
+    return {
+        "status": status, "target": target, "tolerance": tolerance,
+        "predicted_speedup": predicted,
+        "measured_speedup": comparison.speedup if comparison else None,
+        "dense_ms": comparison.baseline_ms if comparison else table.dense_total_ms,
+        "pruned_ms": comparison.candidate_ms if comparison else table.predicted_ms(profile),
+        "max_achievable_speedup": max_speedup,
+        "runtime": prep.runtime.name, "pattern": table.pattern, "batch_size": prep.batch_size,
+        "cores": table.meta.get("cores"), "engine": table.meta.get("engine"),
+        "engine_version": table.meta.get("version"),
+        "input_shapes": {k: list(v[0]) for k, v in prep.specs.items()},
+        "strategy": strategy, "seed": seed, "levels": levels,
+        "weighted_mean_sparsity": mean_sparsity, "quality": quality,
+        "model": str(prep.path), "output": str(output) if output else None,
+        "measurement": comparison.to_json() if comparison else None,
+        "attempts": attempts, "phases_s": phases,
+        "sites": per_site,
+    }
+
+
+def profile(model_path, *, runtime="deepsparse", output=None, batch_size=1, cores=None, input_shapes=None,
+            levels=None, cache_dir=None, use_cache=True, progress=True, runtime_options=None) -> tuple[LatencyTable, Path]:
+    """Measure (or fetch from cache) the latency table of every prunable site and save it as JSON."""
+    model_path = Path(model_path)
+    output = Path(output) if output else model_path.with_name(model_path.stem + ".latency.json")
+    if _same_file(model_path, output):
+        raise SpdyError("the output path is the input file; refusing to overwrite the input")
+    prep = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
+                    exclude=None, include=None, min_weights=graph.DEFAULT_MIN_WEIGHTS, progress=progress,
+                    runtime_options=runtime_options)
+    try:
+        table = latency_table(prep, levels=levels, cache_dir=cache_dir, use_cache=use_cache)
+        table.save(output)
+        return table, output
+    finally:
+        prep.close()
+
+
+def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=1, cores=None, input_shapes=None,
+              progress=True, runtime_options=None):
+    """End-to-end interleaved timing of a model against a baseline on the same engine and settings."""
+    cand = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
+                    exclude=None, include=None, min_weights=0, progress=progress, runtime_options=runtime_options)
+    base = None
+    try:
+        if baseline:
+            base = Prepared(baseline, runtime=runtime, batch_size=batch_size, cores=cores,
+                            input_shapes=input_shapes, exclude=None, include=None, min_weights=0,
+                            progress=progress, runtime_options=runtime_options)
+            if {k: v for k, v in base.specs.items()} != {k: v for k, v in cand.specs.items()}:
+                raise SpdyError("the model and the baseline have different inputs; they cannot be compared")
+        base_path = base.dense_static() if base else cand.dense_static()
+        comparison = cand.runtime.compare(str(base_path), str(cand.dense_static()), batch_size=cand.batch_size,
+                                          feeds=modelio.example_inputs(cand.specs))
+        if comparison is None:
+            raise SpdyError(f"runtime '{runtime}' cannot run models on this machine; nothing was measured")
+        return comparison
+    finally:
+        cand.close()
+        if base:
+            base.close()
+
+
+def sparsity_summary(model) -> dict[str, float]:
+    sites, _ = graph.find_sites(model)
+    weights = graph.read_weights(model, sites)
+    return {s.name: sparsity_of(weights[s.name]) for s in sites}
+
+

@@ -1,0 +1,200 @@
+"""Command line: `spdy-onnx optimize|profile|benchmark|sites`. Mirrors spdy_onnx.api."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from spdy_onnx import __version__
+from spdy_onnx.errors import SpdyError
+
+EXIT_ERROR = 2
+EXIT_MISSED = 3
+
+
+def _common(p: argparse.ArgumentParser, *, runtime_default="deepsparse"):
+    p.add_argument("--runtime", default=runtime_default,
+                   help="engine to measure on: deepsparse | cuda-2:4 | table (default: %(default)s)")
+    p.add_argument("-b", "--batch-size", type=int, default=1, help="batch size to optimise for (default: 1)")
+    p.add_argument("--cores", type=int, default=None, help="CPU cores the engine may use (default: all)")
+    p.add_argument("--input-shape", action="append", metavar="NAME:D0xD1x...",
+                   help="concrete shape for an input with dynamic dimensions (repeatable); "
+                        "the first dimension is always the batch size")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def _table_opts(p):
+    p.add_argument("--levels", default=None,
+                   help="sparsity grid: a count of levels equally spaced in log-density between 0.4 and "
+                        "0.97 (default 12), or an explicit list like 0.5,0.7,0.9; dense is always included")
+    p.add_argument("--cache-dir", default=None, help="where latency tables and databases are cached "
+                                                     "(default: $SPDY_ONNX_CACHE or ~/.cache/spdy-onnx)")
+    p.add_argument("--no-cache", action="store_true", help="re-measure even if a cached table exists")
+    p.add_argument("--repeats", type=int, default=3, help="profiling repeats per level; medians are kept")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spdy-onnx",
+        description="Prune an ONNX model so that a real engine runs it a promised amount faster (SPDY).")
+    parser.add_argument("--version", action="version", version=f"spdy-onnx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("optimize", help="prune a model to a measured speedup target")
+    p.add_argument("model", help="input ONNX file (never modified)")
+    p.add_argument("--target", required=True, help="speedup to reach, e.g. 2x or 2.5")
+    p.add_argument("-o", "--output", default=None, help="output ONNX file (default: MODEL.<target>x.onnx)")
+    p.add_argument("--report", default=None, help="report JSON path (default: next to the output)")
+    _common(p)
+    _table_opts(p)
+    p.add_argument("--latency-table", default=None,
+                   help="use this saved latency table (from `profile`) instead of measuring")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="keep these sites dense: node names or regular expressions (repeatable)")
+    p.add_argument("--include", action="append", metavar="PATTERN",
+                   help="prune these sites even if excluded by default (tiny or grouped/depthwise)")
+    p.add_argument("--min-weights", type=int, default=4096,
+                   help="sites with fewer weights stay dense unless --include'd (default: %(default)s)")
+    p.add_argument("--data", default=None,
+                   help="calibration data: an .npz (arrays keyed by input name, first axis = samples) "
+                        "or a folder of .npz files, one sample each")
+    p.add_argument("--samples", type=int, default=None, help="use at most this many calibration samples")
+    p.add_argument("--strategy", default="spdy",
+                   choices=["spdy", "uniform", "global-magnitude", "dp-loss", "magnitude-dp"],
+                   help="how the per-site profile is chosen (default: %(default)s)")
+    p.add_argument("--reconstruct", default="obs", choices=["obs", "magnitude"],
+                   help="how pruned weights are computed with calibration data (default: %(default)s)")
+    p.add_argument("--loss", default="auto", choices=["auto", "kl", "mse"],
+                   help="label-free calibration loss against the dense model (default: auto)")
+    p.add_argument("--search-budget", default=None,
+                   help="SPDY search budget: a number of evaluations (600) or minutes (5m)")
+    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
+    p.add_argument("--max-attempts", type=int, default=4,
+                   help="re-solves with a tightened budget when the measured speedup misses (default: 4)")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="accept a measured speedup >= target x (1 - tolerance) (default: 0)")
+
+    p = sub.add_parser("profile", help="measure the per-site latency table and save it as JSON")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", default=None, help="table JSON (default: MODEL.latency.json)")
+    _common(p)
+    _table_opts(p)
+
+    p = sub.add_parser("benchmark", help="measure a model end to end against a baseline, interleaved")
+    p.add_argument("model")
+    p.add_argument("--baseline", default=None, help="the model to compare against (e.g. the dense original)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default: %(default)s)")
+    _common(p)
+
+    p = sub.add_parser("sites", help="list the prunable sites and what is excluded by default")
+    p.add_argument("model")
+    p.add_argument("--exclude", action="append", metavar="PATTERN")
+    p.add_argument("--include", action="append", metavar="PATTERN")
+    p.add_argument("--min-weights", type=int, default=4096)
+    return parser
+
+
+def _setup_logging(args):
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", 0)
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
+
+
+def _fmt(v, spec=".3f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def _print_optimize(rep: dict):
+    print(f"{'site':40s} {'op':7s} {'sparsity':>8s} {'dense ms':>9s} {'chosen ms':>9s}")
+    for s in rep["sites"]:
+        note = "  (dense: " + s["excluded"] + ")" if s.get("excluded") else ""
+        print(f"{s['name'][:40]:40s} {s['op_type']:7s} {s['sparsity']:8.3f} {_fmt(s['dense_ms'], '9.3f'):>9s} "
+              f"{_fmt(s['ms_at_chosen'], '9.3f'):>9s}{note[:80]}")
+    print()
+    print(f"target {rep['target']:g}x | predicted {rep['predicted_speedup']:.3f}x | "
+          f"measured {_fmt(rep['measured_speedup'])}x | dense {rep['dense_ms']:.3f} ms -> "
+          f"pruned {rep['pruned_ms']:.3f} ms | {rep['runtime']} batch {rep['batch_size']} cores {rep['cores']}")
+    q = rep.get("quality") or {}
+    if "calibration_loss" in q:
+        print(f"calibration {q.get('loss')} vs dense: {q['calibration_loss']:.5f}")
+    if rep["status"] == "met":
+        print(f"target met: wrote {rep['output']} (report {rep['report_path']})")
+    elif rep["status"] == "not_measured":
+        print(f"wrote {rep['output']}, but the speedup was NOT measured on this machine ({rep['runtime']} "
+              f"cannot run here): predicted only, not guaranteed (report {rep['report_path']})")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    progress = not getattr(args, "quiet", False)
+    try:
+        if args.command == "optimize":
+            from spdy_onnx.api import optimize
+            rep = optimize(
+                args.model, target=args.target, runtime=args.runtime, output=args.output, report=args.report,
+                batch_size=args.batch_size, cores=args.cores, input_shapes=args.input_shape, levels=args.levels,
+                exclude=args.exclude, include=args.include, min_weights=args.min_weights,
+                latency_table=args.latency_table, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                strategy=args.strategy, data=args.data, samples=args.samples, reconstruct=args.reconstruct,
+                loss=args.loss, search_budget=args.search_budget, seed=args.seed,
+                max_attempts=args.max_attempts, tolerance=args.tolerance, progress=progress,
+                runtime_options={"repeats": args.repeats})
+            _print_optimize(rep)
+        elif args.command == "profile":
+            from spdy_onnx.api import profile
+            table, path = profile(args.model, runtime=args.runtime, output=args.output,
+                                  batch_size=args.batch_size, cores=args.cores, input_shapes=args.input_shape,
+                                  levels=args.levels, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                                  progress=progress, runtime_options={"repeats": args.repeats})
+            names = sorted(table.times, key=lambda n: -table.times[n][0])
+            print(f"{'site':40s} {'dense ms':>9s} {'fastest ms':>10s} {'at':>6s}")
+            for n in names:
+                row = table.times[n]
+                j = min(range(len(row)), key=row.__getitem__)
+                print(f"{n[:40]:40s} {row[0]:9.3f} {row[j]:10.3f} {table.levels[j]:6.3f}")
+            print(f"\ndense total {table.dense_total_ms:.3f} ms; sites {len(table.times)}; "
+                  f"largest achievable speedup (all sites) {table.max_speedup(list(table.times)):.3f}x")
+            print(f"wrote {path}")
+        elif args.command == "benchmark":
+            from spdy_onnx.api import benchmark
+            c = benchmark(args.model, baseline=args.baseline, runtime=args.runtime, batch_size=args.batch_size,
+                          cores=args.cores, input_shapes=args.input_shape, progress=progress,
+                          runtime_options={"rounds": args.rounds})
+            print(f"{'model':50s} {'median ms':>10s}")
+            if args.baseline:
+                print(f"{args.baseline[-50:]:50s} {c.baseline_ms:10.3f}")
+            print(f"{args.model[-50:]:50s} {c.candidate_ms:10.3f}")
+            if args.baseline:
+                print(f"speedup {c.speedup:.3f}x (per-round p25 {c.ratio_p25:.3f}, p75 {c.ratio_p75:.3f}); "
+                      f"{c.rounds} interleaved rounds x {c.iterations_per_round} runs; "
+                      f"batch {args.batch_size}, cores {c.extra.get('cores')}")
+            if c.foreign_load_cores > 0.5:
+                print(f"warning: other processes used {c.foreign_load_cores:.1f} cores meanwhile")
+        elif args.command == "sites":
+            from spdy_onnx import graph, modelio
+            model = graph.constants_to_initializers(modelio.load_model(args.model))
+            sites, unprunable = graph.find_sites(model)
+            chosen, excluded = graph.select_sites(sites, exclude=args.exclude, include=args.include,
+                                                  min_weights=args.min_weights)
+            excluded.update(unprunable)
+            for s in sites:
+                why = excluded.get(s.name, "")
+                print(f"{s.name[:48]:48s} {s.op_type:7s} {s.n_weights:10d}  {('dense: ' + why) if why else 'prunable'}")
+            for name, why in unprunable.items():
+                if name not in {s.name for s in sites}:
+                    print(f"{name[:48]:48s} {'':7s} {'':10s}  dense: {why}")
+            print(f"\n{len(chosen)} prunable, {len(excluded)} left dense")
+    except SpdyError as exc:
+        print(f"spdy-onnx: error: {exc}", file=sys.stderr)
+        from spdy_onnx.errors import TargetMissed
+        return EXIT_MISSED if isinstance(exc, TargetMissed) else EXIT_ERROR
+    except KeyboardInterrupt:
+        print("spdy-onnx: interrupted; no output written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The reconstruction database: for every site and level, the pruned weight to stitch in.
+
+Stitching a candidate profile is then only a lookup. Magnitude pruning is the cheap option; the
+second-order (OBS-class) reconstruction lives in `obs.py` and is stored on disk per site.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from spdy_onnx.passes.prune import n_pruned
+
+
+class MagnitudeDatabase:
+    """Magnitude pruning, computed on demand from one sort per site (masks are nested across levels)."""
+
+    method = "magnitude"
+
+    def __init__(self, sites, sources: dict[str, np.ndarray], levels: list[float]):
+        self.sites = {s.name: s for s in sites}
+        self.sources = sources
+        self.levels = list(levels)
+        self._order: dict[str, np.ndarray] = {}
+
+    def _sorted(self, name):
+        if name not in self._order:
+            flat = np.abs(self.sources[name].astype(np.float32)).ravel()
+            self._order[name] = np.argsort(flat, kind="stable").astype(np.int64)
+        return self._order[name]
+
+    def weight(self, name: str, j: int) -> np.ndarray:
+        src = self.sources[name]
+        k = n_pruned(src.size, self.levels[j])
+        if k == 0:
+            return src
+        out = src.copy().ravel()
+        out[self._sorted(name)[:k]] = 0
+        return out.reshape(src.shape)

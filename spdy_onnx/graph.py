@@ -1,0 +1,293 @@
+"""Which nodes can be pruned: Conv, Gemm and MatMul whose weight is a constant.
+
+A Site names one prunable node and says where its weight lives (an initializer, possibly behind
+Transpose/Cast/Identity) and how to view that weight as a matrix (outputs x reduction), which is the
+form the reconstruction and the 2:4 pattern work in.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from spdy_onnx.errors import SpdyError
+
+log = logging.getLogger(__name__)
+
+PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
+PASS_THROUGH_OPS = ("Transpose", "Cast", "Identity")
+DEFAULT_MIN_WEIGHTS = 4096
+
+
+@dataclass
+class Site:
+    name: str                      # stable key: node name (or its first output when unnamed)
+    op_type: str
+    output: str                    # the node's output tensor
+    weight: str                    # initializer that holds the weight data
+    weight_shape: tuple            # shape of the weight as the node consumes it
+    source_shape: tuple            # shape of the initializer
+    source_dtype: str
+    chain: list = field(default_factory=list)   # [("Transpose", perm) | ("Cast", dtype) | ("Identity", None)], source -> node
+    trans_b: bool = False          # Gemm transB
+    group: int = 1                 # Conv groups
+    kernel_shape: tuple = ()
+    strides: tuple = ()
+    pads: tuple = ()
+    dilations: tuple = ()
+    input: str = ""                # the activation input of the node
+
+    @property
+    def n_weights(self) -> int:
+        return int(np.prod(self.weight_shape))
+
+    @property
+    def reduction_size(self) -> int:
+        """Length of the dot products: in-channels x kernel for Conv, K for MatMul/Gemm."""
+        if self.op_type == "Conv":
+            return int(np.prod(self.weight_shape[1:]))
+        if self.op_type == "Gemm" and self.trans_b:
+            return int(self.weight_shape[1])
+        return int(self.weight_shape[0])
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "op_type": self.op_type, "output": self.output, "weight": self.weight,
+                "weight_shape": list(self.weight_shape), "n_weights": self.n_weights,
+                "reduction_size": self.reduction_size, "group": self.group}
+
+    # --- matrix view: rows = outputs, columns = reduction (channels-last for Conv) ---
+
+    def consumed(self, source: np.ndarray) -> np.ndarray:
+        """The weight as the node sees it, computed in float32."""
+        w = np.asarray(source)
+        for op, arg in self.chain:
+            if op == "Transpose":
+                w = np.transpose(w, arg)
+        return w.astype(np.float32)
+
+    def to_matrix(self, source: np.ndarray) -> np.ndarray:
+        w = self.consumed(source)
+        if self.op_type == "Conv":
+            if self.group != 1:
+                raise ValueError("matrix view of grouped convs is per group; not supported")
+            return np.ascontiguousarray(np.moveaxis(w, 1, -1).reshape(w.shape[0], -1))
+        if self.op_type == "Gemm" and self.trans_b:
+            return np.ascontiguousarray(w)
+        return np.ascontiguousarray(w.T)
+
+    def from_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        """Inverse of to_matrix, back to the initializer's layout and dtype."""
+        if self.op_type == "Conv":
+            o = self.weight_shape[0]
+            w = matrix.reshape((o,) + tuple(self.weight_shape[2:]) + (self.weight_shape[1],))
+            w = np.moveaxis(w, -1, 1)
+        elif self.op_type == "Gemm" and self.trans_b:
+            w = matrix
+        else:
+            w = matrix.T
+        for op, arg in reversed(self.chain):
+            if op == "Transpose":
+                w = np.transpose(w, np.argsort(arg))
+        return np.ascontiguousarray(w).astype(self.source_dtype)
+
+
+def _node_names(model: onnx.ModelProto) -> list[str]:
+    """Unique, stable names for nodes: their own name when unique, else their first output."""
+    names = [n.name for n in model.graph.node]
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return [name if name and counts[name] == 1 else (node.output[0] if node.output else f"node_{i}")
+            for i, (name, node) in enumerate(zip(names, model.graph.node))]
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn Constant nodes holding tensors into initializers, so every weight lives in one place."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = []
+    for node in out.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attrs = {a.name: a for a in node.attribute}
+            if "value" in attrs and attrs["value"].t is not None:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(attrs["value"].t)
+                tensor.name = node.output[0]
+                out.graph.initializer.append(tensor)
+                continue
+        keep.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    return out
+
+
+def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
+    """All prunable sites, and {node name: reason} for constant-weight nodes that cannot be pruned."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    names = _node_names(model)
+
+    sites: list[Site] = []
+    unprunable: dict[str, str] = {}
+    for node, name in zip(model.graph.node, names):
+        if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        chain = []
+        tensor = node.input[1]
+        quantized = False
+        while tensor not in inits and tensor in producers:
+            prod = producers[tensor]
+            if prod.op_type in PASS_THROUGH_OPS and prod.input:
+                if prod.op_type == "Transpose":
+                    perm = _attrs(prod).get("perm")
+                    chain.append(("Transpose", tuple(perm) if perm is not None else None))
+                else:
+                    chain.append((prod.op_type, None))
+                tensor = prod.input[0]
+            else:
+                quantized = prod.op_type == "DequantizeLinear"
+                break
+        if tensor not in inits:
+            if quantized:
+                unprunable[name] = "quantized weight (DequantizeLinear): left as is"
+            continue
+        init = inits[tensor]
+        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            unprunable[name] = f"weight '{tensor}' is not a float tensor"
+            continue
+        chain.reverse()
+        src_shape = tuple(int(d) for d in init.dims)
+        shape = src_shape
+        fixed_chain = []
+        for op, arg in chain:
+            if op == "Transpose":
+                perm = arg if arg is not None else tuple(reversed(range(len(shape))))
+                shape = tuple(shape[p] for p in perm)
+                arg = tuple(int(p) for p in perm)
+            fixed_chain.append((op, arg))
+        attrs = _attrs(node)
+        if node.op_type == "MatMul" and len(shape) != 2:
+            unprunable[name] = f"MatMul weight of rank {len(shape)} is not supported"
+            continue
+        if node.op_type == "Gemm" and len(shape) != 2:
+            continue
+        if node.op_type == "Conv" and len(shape) < 3:
+            continue
+        # a weight read by several nodes would have to be pruned once for all of them
+        uses = consumers.get(tensor, 0)
+        if uses > 1 or any(consumers.get(t, 0) > 1 for t in _chain_tensors(node.input[1], producers, tensor)):
+            unprunable[name] = f"weight '{tensor}' is shared by several nodes: left dense"
+            continue
+        site = Site(
+            name=name, op_type=node.op_type, output=node.output[0], weight=tensor, weight_shape=shape,
+            source_shape=src_shape, source_dtype=str(np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))),
+            chain=fixed_chain, input=node.input[0])
+        if node.op_type == "Gemm":
+            site.trans_b = bool(attrs.get("transB", 0))
+        if node.op_type == "Conv":
+            nd = len(shape) - 2
+            site.group = int(attrs.get("group", 1))
+            site.kernel_shape = tuple(attrs.get("kernel_shape", shape[2:]))
+            site.strides = tuple(attrs.get("strides", [1] * nd))
+            site.dilations = tuple(attrs.get("dilations", [1] * nd))
+            site.pads = tuple(attrs.get("pads", [0] * (2 * nd)))
+            if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                site.pads = ()  # resolved later from shapes; marks auto padding
+        sites.append(site)
+    return sites, unprunable
+
+
+def _chain_tensors(start: str, producers: dict, stop: str) -> list[str]:
+    tensors = []
+    t = start
+    while t != stop and t in producers:
+        tensors.append(t)
+        t = producers[t].input[0]
+    return tensors
+
+
+def select_sites(sites: list[Site], *, exclude: list[str] | None = None, include: list[str] | None = None,
+                 min_weights: int = DEFAULT_MIN_WEIGHTS) -> tuple[list[Site], dict[str, str]]:
+    """Apply default exclusions and the user's --exclude/--include patterns.
+
+    Defaults leave dense what rarely pays to prune: grouped/depthwise convs (tiny reductions, no sparse
+    speedup, large accuracy loss) and sites with fewer than `min_weights` weights. --include overrides
+    the defaults; --exclude always wins. Patterns are exact names or regular expressions (fullmatch).
+    """
+    def compile_all(patterns):
+        out = []
+        for p in patterns or []:
+            try:
+                out.append(re.compile(p))
+            except re.error as exc:
+                raise SpdyError(f"bad pattern '{p}': {exc}") from None
+        return out
+
+    excl, incl = compile_all(exclude), compile_all(include)
+
+    def matches(site, pats):
+        return any(site.name == p.pattern or p.fullmatch(site.name) or p.fullmatch(site.output) for p in pats)
+
+    chosen, excluded = [], {}
+    for site in sites:
+        if matches(site, excl):
+            excluded[site.name] = "excluded by --exclude"
+        elif matches(site, incl):
+            chosen.append(site)
+        elif site.op_type == "Conv" and site.group > 1:
+            excluded[site.name] = f"grouped conv (group={site.group}): left dense by default (--include to prune)"
+        elif site.n_weights < min_weights:
+            excluded[site.name] = f"tiny ({site.n_weights} weights < {min_weights}): left dense by default"
+        else:
+            chosen.append(site)
+    for pats, flag in ((excl, "--exclude"), (incl, "--include")):
+        for p in pats:
+            if not any(s.name == p.pattern or p.fullmatch(s.name) or p.fullmatch(s.output) for s in sites):
+                log.warning("%s pattern '%s' matches no prunable site", flag, p.pattern)
+    return chosen, excluded
+
+
+def read_weights(model: onnx.ModelProto, sites: list[Site]) -> dict[str, np.ndarray]:
+    """Source arrays (initializer layout and dtype) of each site's weight."""
+    wanted = {s.weight for s in sites}
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
+    return {s.name: arrays[s.weight] for s in sites}
+
+
+FOLDABLE_OPS = ("Add", "Sub", "Mul", "Div", "BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid",
+                "HardSigmoid", "HardSwish", "Tanh", "Erf", "Identity")
+
+
+def output_aliases(model: onnx.ModelProto, sites: list[Site]) -> dict[str, str]:
+    """{tensor name: site name} for each site's output and the outputs of ops an engine may fold into it.
+
+    Engines report a fused layer under the output of the last op they folded in (bias Add, BN, Mul,
+    activation); following single-consumer elementwise chains attributes that time to the site.
+    """
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    aliases: dict[str, str] = {}
+    for site in sites:
+        tensor = site.output
+        aliases[tensor] = site.name
+        for _ in range(4):
+            users = consumers.get(tensor, [])
+            if len(users) != 1 or users[0].op_type not in FOLDABLE_OPS or not users[0].output:
+                break
+            tensor = users[0].output[0]
+            aliases.setdefault(tensor, site.name)
+    return aliases

@@ -1,0 +1,153 @@
+"""How a profile is chosen under a time budget: SPDY's learned search or one of the baselines.
+
+Every strategy sees the same latency table and the same reconstruction database, so the measured
+speed check and the weights are identical across them; only the choice of levels differs.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from spdy_onnx import graph, modelio
+from spdy_onnx.errors import SpdyError
+from spdy_onnx.scores import magnitude_errors
+from spdy_onnx.solver import Infeasible, solve_dp
+
+log = logging.getLogger(__name__)
+
+
+class Chooser:
+    """Maps (times, budget) to level picks, and a profile to the weights to write."""
+
+    def __init__(self, *, sites, levels, database, evaluator=None, feeds=None):
+        self.sites = sites
+        self.names = [s.name for s in sites]
+        self.levels = levels
+        self.database = database
+        self.evaluator = evaluator
+        self._feeds = feeds
+        self.info: dict = {}
+
+    def choose(self, times: np.ndarray, budget: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def weights(self, profile: dict[str, int]) -> dict[str, np.ndarray]:
+        """{initializer name: source-layout array} for every site in the profile."""
+        by_name = {s.name: s for s in self.sites}
+        return {by_name[n].weight: self.database.weight(n, j) for n, j in profile.items()}
+
+    def timing_feeds(self):
+        return self._feeds
+
+    def quality(self, profile: dict[str, int]) -> dict:
+        out = dict(self.info)
+        if self.evaluator is not None:
+            out["calibration_loss"] = float(self.evaluator.loss(self.picks_of(profile)))
+            out["loss"] = self.evaluator.loss_name
+        return out
+
+    def picks_of(self, profile: dict[str, int]) -> np.ndarray:
+        return np.array([profile[n] for n in self.names], dtype=np.int64)
+
+
+class ErrorDP(Chooser):
+    """The DP on fixed per-site errors (data-free magnitude errors, or measured loss increases)."""
+
+    def __init__(self, errors: np.ndarray, **kw):
+        super().__init__(**kw)
+        self.errors = errors
+
+    def choose(self, times, budget):
+        return solve_dp(self.errors, times, budget)
+
+
+class Uniform(Chooser):
+    """One level for every site: the least sparse level whose total time fits the budget."""
+
+    def choose(self, times, budget):
+        totals = times.sum(axis=0)
+        order = np.argsort(self.levels, kind="stable")
+        for j in order:
+            if totals[j] <= budget:
+                return np.full(len(self.names), j, dtype=np.int64)
+        raise Infeasible("no single sparsity level for all sites meets the target")
+
+
+class GlobalMagnitude(Chooser):
+    """One magnitude threshold over all sites, raised until the profile fits the budget.
+
+    A site's level is the least sparse grid level removing at least the share of its weights below
+    the threshold.
+    """
+
+    def __init__(self, sources: dict, **kw):
+        super().__init__(**kw)
+        self.sorted = {n: np.sort(np.abs(sources[n].astype(np.float32)).ravel()) for n in self.names}
+        everything = np.concatenate(list(self.sorted.values()))
+        self.thresholds = np.quantile(everything, np.linspace(0.0, 0.999, 400))
+        self.grid = np.asarray(self.levels)
+
+    def picks_at(self, threshold: float) -> np.ndarray:
+        picks = []
+        for n in self.names:
+            w = self.sorted[n]
+            share = np.searchsorted(w, threshold, side="left") / w.size
+            j = int(np.searchsorted(self.grid, share - 1e-9, side="left"))
+            picks.append(min(j, len(self.grid) - 1))
+        return np.array(picks, dtype=np.int64)
+
+    def choose(self, times, budget):
+        rows = np.arange(len(self.names))
+        for threshold in self.thresholds:
+            picks = self.picks_at(threshold)
+            if times[rows, picks].sum() <= budget:
+                self.info["global_threshold"] = float(threshold)
+                return picks
+        raise Infeasible("no global magnitude threshold meets the target")
+
+
+def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
+                 cache_dir, progress) -> Chooser:
+    from spdy_onnx.database import MagnitudeDatabase
+
+    levels = list(table.levels)
+    sources = graph.read_weights(prep.model, sites)
+    if table.pattern == "2:4":
+        from spdy_onnx.database import SemiStructuredDatabase
+        database_cls = SemiStructuredDatabase
+    else:
+        database_cls = None
+
+    if data is None:
+        if strategy in ("spdy", "dp-loss"):
+            log.warning("NO CALIBRATION DATA (--data): accuracy is NOT being protected. The profile uses a "
+                        "data-free error model (share of weight magnitude removed) and plain magnitude pruning.")
+        if strategy == "dp-loss":
+            raise SpdyError("--strategy dp-loss measures losses and needs calibration data (--data)")
+        database = (database_cls or MagnitudeDatabase)(sites, sources, levels)
+        feeds = modelio.example_inputs(prep.specs)
+        common = dict(sites=sites, levels=levels, database=database, feeds=feeds)
+        if strategy == "uniform":
+            return Uniform(**common)
+        if strategy == "global-magnitude":
+            return GlobalMagnitude(sources, **common)
+        return ErrorDP(magnitude_errors(sources, [s.name for s in sites], levels), **common)
+
+    from spdy_onnx import calibrate, database as db, evaluate, search
+
+    calib = calibrate.load_data(data, prep.specs, samples=samples)
+    feeds = calibrate.timing_batch(calib, prep.specs)
+    database = db.build_database(prep, sites, sources, levels, calib, method=reconstruct,
+                                 pattern=table.pattern, cache_dir=cache_dir, progress=progress)
+    evaluator = evaluate.Evaluator(prep.model, sites, database, calib, loss=loss, specs=prep.specs)
+    common = dict(sites=sites, levels=levels, database=database, evaluator=evaluator, feeds=feeds)
+    if strategy == "uniform":
+        return Uniform(**common)
+    if strategy == "global-magnitude":
+        return GlobalMagnitude(sources, **common)
+    if strategy == "magnitude-dp":
+        return ErrorDP(magnitude_errors(sources, [s.name for s in sites], levels), **common)
+    if strategy == "dp-loss":
+        return ErrorDP(search.single_site_losses(evaluator, len(levels), progress=progress), **common)
+    return search.SpdySearch(search_budget=search_budget, seed=seed, progress=progress, **common)

@@ -1,0 +1,127 @@
+"""LatencyTable: per-site times at each sparsity level, the contract between measuring and solving.
+
+Model time = T_fixed + sum over prunable sites of t[site][level], where T_fixed is the dense total
+minus the dense time of the sites being chosen for. Sites left dense (excluded) stay inside T_fixed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spdy_onnx.errors import SpdyError
+
+SCHEMA = "spdy-onnx/latency-table/1"
+
+
+@dataclass
+class LatencyTable:
+    levels: list[float]                       # levels[0] == 0.0 is dense
+    times: dict[str, list[float]]             # site name -> ms at each level
+    dense_total_ms: float                     # whole model, dense, same engine and settings
+    runtime: str
+    pattern: str = "unstructured"
+    meta: dict = field(default_factory=dict)  # engine version, cpu, cores, batch, shapes, model digest, spread
+
+    def validate(self) -> "LatencyTable":
+        if not self.levels or self.levels[0] != 0.0:
+            raise SpdyError("latency table: levels must start with 0.0 (dense)")
+        if not (isinstance(self.dense_total_ms, (int, float)) and math.isfinite(self.dense_total_ms)
+                and self.dense_total_ms > 0):
+            raise SpdyError("latency table: dense_total_ms must be a positive number")
+        for name, row in self.times.items():
+            if len(row) != len(self.levels):
+                raise SpdyError(f"latency table: site '{name}' has {len(row)} times for {len(self.levels)} levels")
+            if not all(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0 for t in row):
+                raise SpdyError(f"latency table: site '{name}' has a negative or non-numeric time")
+        return self
+
+    def matrix(self, sites: list[str]) -> np.ndarray:
+        missing = [s for s in sites if s not in self.times]
+        if missing:
+            raise SpdyError(f"latency table has no times for site(s): {', '.join(missing[:5])}"
+                            + (" ..." if len(missing) > 5 else ""))
+        return np.array([self.times[s] for s in sites], dtype=np.float64).reshape(len(sites), len(self.levels))
+
+    def fixed_ms(self, sites: list[str]) -> float:
+        """Time of everything the solver does not choose for (excluded sites stay dense here)."""
+        return self.dense_total_ms - float(sum(self.times[s][0] for s in sites))
+
+    def budget_ms(self, sites: list[str], target: float) -> float:
+        return self.dense_total_ms / target - self.fixed_ms(sites)
+
+    def max_speedup(self, sites: list[str]) -> float:
+        fastest = self.fixed_ms(sites) + float(self.matrix(sites).min(axis=1).sum())
+        return self.dense_total_ms / fastest if fastest > 0 else math.inf
+
+    def predicted_ms(self, profile: dict[str, int]) -> float:
+        return self.fixed_ms(list(profile)) + sum(self.times[s][j] for s, j in profile.items())
+
+    def predicted_speedup(self, profile: dict[str, int]) -> float:
+        return self.dense_total_ms / self.predicted_ms(profile)
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "runtime": self.runtime, "pattern": self.pattern, "levels": self.levels,
+                "dense_total_ms": self.dense_total_ms, "meta": self.meta, "times": self.times}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LatencyTable":
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise SpdyError(f"not a latency table (expected schema '{SCHEMA}')")
+        try:
+            table = cls(levels=[float(v) for v in data["levels"]],
+                        times={str(k): [float(t) for t in v] for k, v in data["times"].items()},
+                        dense_total_ms=float(data["dense_total_ms"]), runtime=str(data["runtime"]),
+                        pattern=str(data.get("pattern", "unstructured")), meta=dict(data.get("meta", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SpdyError(f"latency table is malformed: {exc!r}") from None
+        return table.validate()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LatencyTable":
+        return cls.from_json(read_json(path, what="latency table"))
+
+
+def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SpdyError(f"no such {what}: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpdyError(f"cannot read {what} {path}: {exc}") from None
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=False, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
