@@ -98,7 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(args):
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", 0)
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root = logging.getLogger("spdy_onnx")
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    return handler
 
 
 def _fmt(v, spec=".3f", none="-"):
@@ -127,7 +133,14 @@ def _print_optimize(rep: dict):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args)
+    handler = _setup_logging(args)
+    try:
+        return _run(args)
+    finally:
+        logging.getLogger("spdy_onnx").removeHandler(handler)
+
+
+def _run(args) -> int:
     progress = not getattr(args, "quiet", False)
     try:
         if args.command == "optimize":

@@ -69,6 +69,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise SpdyError(f"{path} is not a valid ONNX file (truncated or not a protobuf model)") from None
     if not model.graph.node or not model.opset_import:
         raise SpdyError(f"{path} is not a valid ONNX model (no graph nodes or no opset)")
+    if model.ir_version > onnx.IR_VERSION:
+        raise SpdyError(
+            f"{path.name} has ONNX IR version {model.ir_version}; the installed onnx {onnx.__version__} reads IR "
+            f"version <= {onnx.IR_VERSION} (the pin DeepSparse 1.8 needs): re-export with an older opset")
     _check_external_data(model, path.parent)
     if any(True for _ in _external_tensors(model)):
         try:

@@ -1,0 +1,141 @@
+"""Every bad input: non-zero exit, one clear line on stderr, and nothing written."""
+import os
+
+import numpy as np
+import onnx
+import pytest
+import tiny
+from onnx import TensorProto, helper
+
+from spdy_onnx.cli import main
+from spdy_onnx.runtimes import REGISTRY
+
+
+def snapshot(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, [line for line in err if line.startswith("spdy-onnx: error")]
+
+
+@pytest.fixture
+def mlp_path(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(tiny.mlp(width=64, depth=2, seq=4), path)
+    return path
+
+
+def expect_error(capsys, folder, *argv, match):
+    before = snapshot(folder)
+    code, errors = run_cli(capsys, *argv)
+    assert code != 0
+    assert len(errors) == 1, errors
+    assert match in errors[0], errors[0]
+    assert snapshot(folder) == before
+    return errors[0]
+
+
+def test_missing_file(tmp_path, capsys):
+    expect_error(capsys, tmp_path, "optimize", str(tmp_path / "nope.onnx"), "--target", "2x", match="no such file")
+
+
+def test_directory_instead_of_file(tmp_path, capsys):
+    (tmp_path / "d.onnx").mkdir()
+    expect_error(capsys, tmp_path, "optimize", str(tmp_path / "d.onnx"), "--target", "2x", match="not a file")
+
+
+def test_not_onnx(tmp_path, capsys):
+    p = tmp_path / "junk.onnx"
+    p.write_bytes(os.urandom(4096))
+    expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="not a valid ONNX")
+
+
+def test_text_file(tmp_path, capsys):
+    p = tmp_path / "readme.onnx"
+    p.write_text("hello, I am not a model\n")
+    expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="not a valid ONNX")
+
+
+def test_truncated(tmp_path, capsys, mlp_path):
+    data = mlp_path.read_bytes()
+    p = tmp_path / "trunc.onnx"
+    p.write_bytes(data[: len(data) // 2])
+    expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="not a valid ONNX")
+
+
+def test_no_prunable_site(tmp_path, capsys):
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    p = tmp_path / "relu.onnx"
+    onnx.save(m, p)
+    expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="no prunable site")
+
+
+@pytest.mark.parametrize("target", ["abc", "1", "1x", "0.5x", "-2", "nan", "inf"])
+def test_bad_target(tmp_path, capsys, mlp_path, target):
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", target, match="target")
+
+
+def test_output_equal_to_input_refused(tmp_path, capsys, mlp_path):
+    before = mlp_path.read_bytes()
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "-o", str(mlp_path),
+                 match="refusing to overwrite")
+    assert mlp_path.read_bytes() == before
+
+
+def test_engine_not_installed(tmp_path, capsys, mlp_path, monkeypatch):
+    monkeypatch.setitem(REGISTRY, "deepsparse", ("spdy_onnx_missing_engine_module", "X", "pip install 'spdy-onnx[deepsparse]'"))
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", match="pip install")
+
+
+def test_unknown_runtime(tmp_path, capsys, mlp_path):
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--runtime", "tpu",
+                 match="unknown runtime")
+
+
+def test_dynamic_dims_need_input_shape(tmp_path, capsys):
+    m = tiny.mlp(width=64, depth=2, seq="seq", batch="batch")
+    p = tmp_path / "dyn.onnx"
+    onnx.save(m, p)
+    msg = expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="dynamic dimensions")
+    assert "--input-shape x:" in msg
+
+
+def test_bad_input_shape_spec(tmp_path, capsys, mlp_path):
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--input-shape", "x:1xq",
+                 match="bad --input-shape")
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--input-shape", "zz:1x4x64",
+                 match="unknown input")
+
+
+@pytest.mark.parametrize("ir,opset,what", [(10, 13, "IR version 10"), (8, 19, "opset 19")])
+def test_ir_or_opset_too_new_for_deepsparse(tmp_path, capsys, ir, opset, what):
+    m = tiny.mlp(width=64, depth=2, seq=4)
+    m.ir_version = ir
+    m.opset_import[0].version = opset
+    p = tmp_path / "new.onnx"
+    onnx.save(m, p)
+    pytest.importorskip("deepsparse")
+    msg = expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="DeepSparse")
+    assert what in msg
+
+
+def test_fails_checker(tmp_path, capsys):
+    m = tiny.mlp(width=64, depth=2, seq=4)
+    m.graph.node[0].input[1] = "does_not_exist"
+    p = tmp_path / "broken.onnx"
+    onnx.save(m, p)
+    expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="onnx.checker")
+
+
+def test_bad_latency_table(tmp_path, capsys, mlp_path):
+    t = tmp_path / "t.json"
+    t.write_text("{not json")
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--runtime", "table",
+                 "--latency-table", str(t), match="latency table")

@@ -1,0 +1,117 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tiny
+
+from spdy_onnx import graph
+from spdy_onnx.levels import log_density_grid, parse_levels
+from spdy_onnx.errors import SpdyError
+from spdy_onnx.passes import magnitude_prune, set_metadata, get_metadata, sparsity_of, write_weights
+from spdy_onnx.scores import removed_energy
+
+
+def run(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("form", ["initializer", "constant", "transpose", "fp16"])
+def test_sites_found_through_weight_forms(form):
+    model = graph.constants_to_initializers(tiny.mlp(width=64, depth=3, seq=4, weight_form=form))
+    sites, unprunable = graph.find_sites(model)
+    assert [s.name for s in sites] == ["matmul_0", "matmul_1", "matmul_2"]
+    assert not unprunable
+    weights = graph.read_weights(model, sites)
+    for s in sites:
+        m = s.to_matrix(weights[s.name])
+        assert m.shape == (64, 64)
+        back = s.from_matrix(m)
+        assert back.dtype == weights[s.name].dtype
+        np.testing.assert_array_equal(back, weights[s.name])
+
+
+def test_matrix_view_is_outputs_by_reduction():
+    model = tiny.cnn(channels=8, classes=10)
+    sites, _ = graph.find_sites(model)
+    by = {s.name: s for s in sites}
+    w = graph.read_weights(model, sites)
+    conv = by["conv1"]                       # (8, 16, 3, 3)
+    m = conv.to_matrix(w["conv1"])
+    assert m.shape == (8, 16 * 9) and conv.reduction_size == 144
+    # channels-last reduction order: column (kh*3+kw)*16 + c is weight[o, c, kh, kw]
+    assert m[3, (1 * 3 + 2) * 16 + 5] == w["conv1"][3, 5, 1, 2]
+    fc = by["classifier"]                    # Gemm transB=1, weight (10, 8)
+    assert fc.trans_b and fc.to_matrix(w["classifier"]).shape == (10, 8)
+    np.testing.assert_array_equal(fc.from_matrix(fc.to_matrix(w["classifier"])), w["classifier"])
+
+
+def test_default_exclusions_and_patterns():
+    model = tiny.cnn(channels=64, classes=100)
+    sites, _ = graph.find_sites(model)
+    chosen, excluded = graph.select_sites(sites)
+    assert "depthwise" in excluded and "grouped" in excluded["depthwise"]
+    assert "stem_conv" in excluded and "tiny" in excluded["stem_conv"]
+    assert {s.name for s in chosen} == {"conv1", "pointwise", "classifier"}
+    chosen, excluded = graph.select_sites(sites, exclude=["class.*"], include=["depthwise"])
+    assert {s.name for s in chosen} == {"conv1", "pointwise", "depthwise"}
+    assert excluded["classifier"] == "excluded by --exclude"
+    with pytest.raises(SpdyError):
+        graph.select_sites(sites, exclude=["("])
+
+
+def test_shared_weight_is_left_dense_with_reason():
+    model = tiny.mlp(width=32, depth=3, seq=2, weight_form="shared")
+    sites, unprunable = graph.find_sites(model)
+    assert not sites
+    assert all("shared" in why for why in unprunable.values()) and len(unprunable) == 3
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.97])
+def test_magnitude_prune_exact_count(sparsity):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((37, 53)).astype(np.float32)
+    p = magnitude_prune(w, sparsity)
+    assert np.count_nonzero(p == 0) == round(sparsity * w.size)
+    kept = np.abs(w[p != 0])
+    if kept.size and sparsity > 0:
+        assert kept.min() >= np.abs(w[p == 0]).max()
+
+
+def test_removed_energy_matches_pruning():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal(1000)
+    levels = [0.0, 0.5, 0.9]
+    e = removed_energy(w, levels)
+    for s, ej in zip(levels, e):
+        assert np.isclose(ej, np.sum((w - magnitude_prune(w, s)) ** 2) / np.sum(w**2))
+    assert e[0] == 0 and e[1] < e[2]
+
+
+def test_write_weights_keeps_model_and_zero_level_is_identity():
+    model = tiny.mlp(width=64, depth=2, seq=4, weight_form="fp16")
+    sites, _ = graph.find_sites(model)
+    weights = graph.read_weights(model, sites)
+    x = np.random.default_rng(0).standard_normal((1, 4, 64)).astype(np.float32)
+    same = write_weights(model, {s.weight: weights[s.name] for s in sites})
+    np.testing.assert_array_equal(run(same, x), run(model, x))
+    pruned = write_weights(model, {s.weight: magnitude_prune(weights[s.name], 0.5) for s in sites})
+    onnx.checker.check_model(pruned)
+    assert pruned.ir_version == model.ir_version and pruned.opset_import == model.opset_import
+    for s in graph.find_sites(pruned)[0]:
+        assert sparsity_of(graph.read_weights(pruned, [s])[s.name]) == pytest.approx(0.5, abs=1e-3)
+    assert not np.allclose(run(pruned, x), run(model, x))
+    tagged = set_metadata(pruned, {"target": 2.0})
+    assert get_metadata(tagged) == {"target": 2.0}
+
+
+def test_level_grid():
+    g = log_density_grid(5, 0.5, 0.9375)
+    assert g[0] == 0.0 and len(g) == 6
+    dens = 1 - np.array(g[1:])
+    assert np.allclose(dens[1:] / dens[:-1], dens[1] / dens[0], rtol=1e-2)
+    assert parse_levels("0.9,0.5") == [0.0, 0.5, 0.9]
+    assert len(parse_levels("8")) == 9
+    for bad in ["abc", "1.5", "0.5,x"]:
+        with pytest.raises(SpdyError):
+            parse_levels(bad)

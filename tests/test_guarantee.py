@@ -1,0 +1,111 @@
+"""The promise: success only on a measured speedup; re-solve when the additive model was optimistic."""
+import json
+
+import onnx
+import pytest
+import tiny
+
+from spdy_onnx import api
+from spdy_onnx.cli import EXIT_MISSED, main
+from spdy_onnx.errors import TargetMissed
+from spdy_onnx.runtimes import REGISTRY, Comparison
+from spdy_onnx.tables import LatencyTable
+
+LEVELS = [0.0, 0.5, 0.7, 0.9]
+
+
+class ScriptedRuntime:
+    """An engine whose real speed is the table's prediction times `efficiency` (a stand-in for the
+    gap between the additive timing model and the engine); everything else is the real pipeline."""
+    name = "scripted"
+    pattern = "unstructured"
+    efficiency = 1.0
+    calls: list = []
+
+    def __init__(self, **_):
+        pass
+
+    def default_levels(self):
+        return LEVELS
+
+    def check_model(self, model):
+        pass
+
+    def fingerprint(self):
+        return {"engine": "scripted"}
+
+    def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases):
+        times = {s.name: [1.0, 0.8, 0.5, 0.25][: len(levels)] for s in sites}
+        return LatencyTable(levels=levels, times=times, dense_total_ms=1.0 * len(sites) + 0.5,
+                            runtime="scripted", meta={"cores": 1, "engine": "scripted"})
+
+    def compare(self, baseline_path, candidate_path, *, batch_size, feeds):
+        from spdy_onnx import graph
+        from spdy_onnx.passes import sparsity_of
+        model = onnx.load(candidate_path)
+        sites, _ = graph.find_sites(model)
+        w = graph.read_weights(model, sites)
+        level_time = dict(zip(LEVELS, [1.0, 0.8, 0.5, 0.25]))
+        t = 0.5 + sum(level_time[min(LEVELS, key=lambda l: abs(l - sparsity_of(w[s.name])))] for s in sites)
+        dense = 0.5 + len(sites)
+        type(self).calls.append(dense / t)
+        return Comparison(baseline_ms=dense, candidate_ms=t / type(self).efficiency, rounds=1,
+                          iterations_per_round=1)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "scripted", (__name__, "ScriptedRuntime", None))
+    ScriptedRuntime.calls = []
+    return ScriptedRuntime
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    p = tmp_path / "m.onnx"
+    onnx.save(tiny.mlp(width=64, depth=6, seq=4), p)
+    return p
+
+
+def test_exact_engine_meets_target_first_time(scripted, model_path, tmp_path):
+    scripted.efficiency = 1.0
+    rep = api.optimize(model_path, target=2.0, runtime="scripted", output=tmp_path / "o.onnx",
+                       cache_dir=tmp_path / "c", progress=False)
+    assert rep["status"] == "met" and len(rep["attempts"]) == 1
+    assert rep["measured_speedup"] >= 2.0
+
+
+def test_optimistic_model_is_repaired_by_resolving(scripted, model_path, tmp_path):
+    scripted.efficiency = 0.9   # the engine is 10% slower than the sum of layer times says
+    rep = api.optimize(model_path, target=2.0, runtime="scripted", output=tmp_path / "o.onnx",
+                       cache_dir=tmp_path / "c", progress=False, max_attempts=5)
+    assert rep["status"] == "met"
+    assert len(rep["attempts"]) >= 2
+    aims = [a["aimed_speedup"] for a in rep["attempts"]]
+    assert aims == sorted(aims) and aims[-1] > aims[0]
+    assert rep["attempts"][0]["measured_speedup"] < 2.0 <= rep["measured_speedup"]
+
+
+def test_missed_target_fails_and_writes_no_model(scripted, model_path, tmp_path, capsys):
+    scripted.efficiency = 0.5   # nothing can meet 2x on this engine
+    out = tmp_path / "o.onnx"
+    code = main(["optimize", str(model_path), "--target", "2x", "--runtime", "scripted", "-o", str(out), "-q",
+                 "--cache-dir", str(tmp_path / "c"), "--max-attempts", "3"])
+    assert code == EXIT_MISSED
+    assert not out.exists()
+    assert "missed the target" in capsys.readouterr().err
+    rep = json.loads((tmp_path / "o.report.json").read_text())
+    assert rep["status"] == "missed" and rep["output"] is None
+    assert all(a["measured_speedup"] < 2.0 for a in rep["attempts"])
+    with pytest.raises(TargetMissed):
+        api.optimize(model_path, target=2.0, runtime="scripted", output=out, cache_dir=tmp_path / "c",
+                     progress=False, max_attempts=2)
+
+
+def test_tolerance_is_honoured(scripted, model_path, tmp_path):
+    scripted.efficiency = 0.97
+    kw = dict(runtime="scripted", cache_dir=tmp_path / "c", progress=False, max_attempts=1)
+    rep = api.optimize(model_path, target=2.0, output=tmp_path / "o.onnx", tolerance=0.05, **kw)
+    assert rep["status"] == "met" and 1.9 <= rep["measured_speedup"] < 2.0
+    with pytest.raises(TargetMissed):  # the same measurement without the tolerance is a miss
+        api.optimize(model_path, target=2.0, output=tmp_path / "p.onnx", tolerance=0.0, **kw)

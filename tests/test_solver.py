@@ -1,0 +1,68 @@
+"""The DP against brute force, on random small instances, including non-monotone times."""
+import itertools
+
+import numpy as np
+import pytest
+
+from spdy_onnx.solver import Infeasible, profile_time, solve_dp
+
+
+def brute_force(errors, times, budget):
+    best, best_err = None, np.inf
+    for picks in itertools.product(*[range(errors.shape[1])] * errors.shape[0]):
+        t = sum(times[l, j] for l, j in enumerate(picks))
+        e = sum(errors[l, j] for l, j in enumerate(picks))
+        if t <= budget and e < best_err - 1e-12:
+            best, best_err = picks, e
+    return best, best_err
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dp_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n_layers, n_levels = rng.integers(1, 5), rng.integers(2, 5)
+    times = rng.uniform(0.1, 2.0, (n_layers, n_levels))  # arbitrary: not monotone in the level
+    errors = np.sort(rng.uniform(0, 1, (n_layers, n_levels)), axis=1)
+    errors[:, 0] = 0.0
+    budget = rng.uniform(times.min(axis=1).sum(), times.max(axis=1).sum() * 1.1)
+    picks = solve_dp(errors, times, budget)
+    assert profile_time(times, picks) <= budget + 1e-9
+    _, best_err = brute_force(errors, times, budget)
+    got = errors[np.arange(n_layers), picks].sum()
+    # discretisation may cost a little: at most what rounding to 10,000 buckets can hide
+    assert got <= best_err + 1e-9 or np.isclose(got, best_err, rtol=1e-3, atol=1e-3)
+
+
+def test_dense_stays_an_option_when_slower_levels_exist():
+    # level 1 is slower than dense (seen on DeepSparse at moderate sparsity): never worth choosing
+    times = np.array([[1.0, 1.5, 0.4], [1.0, 1.2, 0.5]])
+    errors = np.array([[0.0, 0.1, 1.0], [0.0, 0.1, 1.0]])
+    assert list(solve_dp(errors, times, budget=2.0)) == [0, 0]
+    assert sorted(solve_dp(errors, times, budget=1.5)) == [0, 2]
+
+
+def test_infeasible_budget_raises():
+    times = np.array([[1.0, 0.5], [1.0, 0.5]])
+    with pytest.raises(Infeasible):
+        solve_dp(np.zeros_like(times), times, budget=0.9)
+
+
+def test_exactly_feasible_budget_picks_fastest():
+    times = np.array([[1.0, 0.3], [1.0, 0.2], [1.0, 0.5]])
+    errors = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    assert list(solve_dp(errors, times, budget=1.0)) == [1, 1, 1]
+
+
+def test_rounding_never_overshoots_real_budget():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        times = rng.uniform(0, 1, (60, 6))
+        errors = rng.uniform(0, 1, (60, 6))
+        budget = times.min(axis=1).sum() + 0.3 * (times.max(axis=1).sum() - times.min(axis=1).sum())
+        picks = solve_dp(errors, times, budget, buckets=500)
+        assert profile_time(times, picks) <= budget
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError):
+        solve_dp(np.zeros((2, 3)), np.zeros((2, 4)), 1.0)
