@@ -134,11 +134,12 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
             return GlobalMagnitude(sources, **common)
         return ErrorDP(magnitude_errors(sources, [s.name for s in sites], levels), **common)
 
-    from spdy_onnx import calibrate, database as db, evaluate, search
+    from spdy_onnx import calibrate, evaluate, search
+    from spdy_onnx.reconstruct import build_database
 
     calib = calibrate.load_data(data, prep.specs, samples=samples)
     feeds = calibrate.timing_batch(calib, prep.specs)
-    database = db.build_database(prep, sites, sources, levels, calib, method=reconstruct,
+    database = build_database(prep, sites, sources, levels, calib, method=reconstruct,
                                  pattern=table.pattern, cache_dir=cache_dir, progress=progress)
     evaluator = evaluate.Evaluator(prep.model, sites, database, calib, loss=loss, specs=prep.specs)
     common = dict(sites=sites, levels=levels, database=database, evaluator=evaluator, feeds=feeds)

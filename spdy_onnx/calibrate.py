@@ -1,0 +1,209 @@
+"""Calibration data: loading and checking it, and the per-site Hessians H = X^T X from activations.
+
+Data is an .npz (arrays keyed by input name, first axis = samples) or a folder of .npz files, one
+sample each. Activations are captured with onnxruntime, streamed batch by batch, so memory stays
+bounded by one batch of activations plus one K x K matrix per distinct site input.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from spdy_onnx.errors import SpdyError
+
+log = logging.getLogger(__name__)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise SpdyError(f"cannot read calibration file {path}: {exc}") from None
+
+
+def load_data(path, specs: dict, *, samples: int | None = None) -> dict[str, np.ndarray]:
+    """Arrays keyed by model input, first axis = samples, checked against the model's inputs."""
+    path = Path(path)
+    if samples is not None and samples < 1:
+        raise SpdyError(f"--samples must be >= 1, got {samples}")
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise SpdyError(f"calibration folder {path} has no .npz files")
+        if samples:
+            files = files[:samples]
+        per_sample = [_read_npz(f) for f in files]
+        names = set(per_sample[0])
+        for f, d in zip(files, per_sample):
+            if set(d) != names:
+                raise SpdyError(f"calibration file {f.name} has arrays {sorted(d)}, the first has {sorted(names)}")
+        data = {}
+        for name in names:
+            arrays = []
+            for f, d in zip(files, per_sample):
+                a = d[name]
+                want = specs[name][0][1:] if name in specs else None
+                if want is not None and a.shape == (1,) + tuple(want):
+                    a = a[0]          # a sample saved with its batch axis of 1
+                arrays.append(a)
+            shapes = {a.shape for a in arrays}
+            if len(shapes) != 1:
+                raise SpdyError(f"calibration input '{name}' has samples of different shapes: {sorted(shapes)[:3]}")
+            data[name] = np.stack(arrays)
+    elif path.is_file():
+        data = _read_npz(path)
+    else:
+        raise SpdyError(f"no such calibration data: {path}")
+    return check_data(data, specs, samples=samples, source=str(path))
+
+
+def check_data(data: dict, specs: dict, *, samples: int | None = None, source: str = "data") -> dict:
+    missing = [n for n in specs if n not in data]
+    if missing:
+        raise SpdyError(f"calibration data {source} lacks model input(s) {', '.join(missing)}; it has "
+                        f"{', '.join(sorted(data)) or 'no arrays'} (arrays must be keyed by the model's input names)")
+    extra = sorted(set(data) - set(specs))
+    if extra:
+        log.info("calibration data: ignoring arrays that are not model inputs: %s", ", ".join(extra))
+    out, count = {}, None
+    for name, (shape, dtype) in specs.items():
+        a = np.asarray(data[name])
+        if a.ndim == 0 or a.shape[0] == 0:
+            raise SpdyError(f"calibration input '{name}' in {source} is empty")
+        if tuple(a.shape[1:]) != tuple(shape[1:]):
+            raise SpdyError(f"calibration input '{name}' has samples of shape {tuple(a.shape[1:])}; the model "
+                            f"expects {tuple(shape[1:])} (first axis = samples)")
+        if np.issubdtype(dtype, np.floating):
+            if not np.issubdtype(a.dtype, np.floating):
+                raise SpdyError(f"calibration input '{name}' is {a.dtype}; the model expects {np.dtype(dtype)}")
+            if not np.isfinite(a).all():
+                raise SpdyError(f"calibration input '{name}' contains NaN or infinity")
+        elif np.issubdtype(dtype, np.integer):
+            if not np.issubdtype(a.dtype, np.integer):
+                raise SpdyError(f"calibration input '{name}' is {a.dtype}; the model expects {np.dtype(dtype)}")
+        elif a.dtype != dtype:
+            raise SpdyError(f"calibration input '{name}' is {a.dtype}; the model expects {np.dtype(dtype)}")
+        if count is not None and a.shape[0] != count:
+            raise SpdyError(f"calibration inputs have different sample counts ({count} and {a.shape[0]} for '{name}')")
+        count = a.shape[0]
+        out[name] = a.astype(dtype, copy=False)
+    if samples:
+        out = {k: v[:samples] for k, v in out.items()}
+    batch = next(iter(specs.values()))[0][0] if specs else 1
+    if count < batch:
+        raise SpdyError(f"calibration data has {count} sample(s), fewer than the batch size {batch}")
+    return out
+
+
+def data_digest(data: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(data):
+        a = np.ascontiguousarray(data[name])
+        h.update(f"{name}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def n_samples(data: dict) -> int:
+    return int(next(iter(data.values())).shape[0])
+
+
+def batches(data: dict, batch_size: int, limit: int | None = None):
+    """Feeds of exactly `batch_size` samples (the model may fix its batch); a remainder is dropped."""
+    n = n_samples(data) if limit is None else min(limit, n_samples(data))
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield {k: v[start:start + batch_size] for k, v in data.items()}
+
+
+def timing_batch(data: dict, specs: dict) -> dict:
+    """Real inputs for timing: the first batch of calibration samples."""
+    batch = next(iter(specs.values()))[0][0]
+    return next(batches(data, batch))
+
+
+# --- activations -> Hessians -------------------------------------------------------------------
+
+def _session(model: onnx.ModelProto, extra_outputs: list[str]):
+    import onnxruntime as ort
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for name in extra_outputs:
+        if name not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            have.add(name)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep site inputs visible
+    opts.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _conv_pads(site, in_hw):
+    nd = len(site.kernel_shape)
+    if site.pads:
+        return list(site.pads)
+    pads = [0] * (2 * nd)  # auto_pad SAME_*: resolve from the input size
+    for i in range(nd):
+        out = -(-in_hw[i] // site.strides[i])
+        total = max(0, (out - 1) * site.strides[i] + (site.kernel_shape[i] - 1) * site.dilations[i] + 1 - in_hw[i])
+        pads[i], pads[i + nd] = total // 2, total - total // 2
+    return pads
+
+
+def site_rows(site, x: np.ndarray) -> np.ndarray:
+    """The rows of the reduction: (n_rows, K), with K in the order of Site.to_matrix's columns."""
+    if site.op_type == "Conv":
+        if len(site.kernel_shape) != 2 or site.group != 1:
+            raise NotImplementedError("only 2-D convs with group 1 are reconstructed")
+        b, c, h, w = x.shape
+        kh, kw = site.kernel_shape
+        sh, sw = site.strides
+        dh, dw = site.dilations
+        pt, pl, pb, pr = _conv_pads(site, (h, w))
+        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        cols = [xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+                for i in range(kh) for j in range(kw)]
+        patches = np.stack(cols, axis=-1)                     # (b, c, ho, wo, kh*kw)
+        return patches.transpose(0, 2, 3, 4, 1).reshape(-1, kh * kw * c)
+    if site.op_type == "Gemm":
+        return x.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def hessians(model: onnx.ModelProto, sites, data: dict, batch_size: int, *,
+             progress=True) -> dict[str, np.ndarray]:
+    """{site name: H} with H = sum over rows of x x^T / n_rows, float64, sites sharing an input share H."""
+    inputs = sorted({s.input for s in sites})
+    sess = _session(model, inputs)
+    out_names = [o.name for o in sess.get_outputs()]
+    groups: dict[tuple, list] = {}
+    for s in sites:
+        geometry = (s.input, s.op_type == "Conv", s.kernel_shape, s.strides, s.pads, s.dilations)
+        groups.setdefault(geometry, []).append(s)
+    acc: dict[tuple, np.ndarray] = {}
+    rows_seen: dict[tuple, int] = {}
+    total = n_samples(data) // batch_size
+    for feed in tqdm(batches(data, batch_size), total=total, desc="activations", unit="batch",
+                     disable=not progress, leave=False):
+        values = dict(zip(out_names, sess.run(out_names, feed)))
+        for geometry, members in groups.items():
+            x = np.asarray(values[geometry[0]], dtype=np.float32)
+            rows = site_rows(members[0], x).astype(np.float64)
+            h = rows.T @ rows
+            acc[geometry] = acc.get(geometry, 0) + h
+            rows_seen[geometry] = rows_seen.get(geometry, 0) + rows.shape[0]
+    result = {}
+    for geometry, members in groups.items():
+        h = acc[geometry] / max(1, rows_seen[geometry])
+        for s in members:
+            result[s.name] = h
+    return result

@@ -1,0 +1,117 @@
+"""Label-free loss of a stitched candidate against the dense model, on calibration data.
+
+One onnxruntime session for the whole search: every site's weight becomes a graph input, so a
+candidate is evaluated by feeding its weights, never by building a new session.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from spdy_onnx import calibrate
+from spdy_onnx.errors import SpdyError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EVAL_SAMPLES = 64
+
+
+def weights_as_inputs(model: onnx.ModelProto, weight_names: list[str]) -> onnx.ModelProto:
+    """A copy where the named initializers are graph inputs instead (same name, dtype and shape)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    wanted = set(weight_names)
+    keep = []
+    for init in out.graph.initializer:
+        if init.name in wanted:
+            out.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            keep.append(init)
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    # an initializer may already have been listed as an input by old exporters: keep one entry
+    seen, inputs = set(), []
+    for value in out.graph.input:
+        if value.name not in seen:
+            seen.add(value.name)
+            inputs.append(value)
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
+    return out
+
+
+def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean KL(softmax(ref) || softmax(x)) over all leading positions."""
+    def log_softmax(z):
+        z = z.astype(np.float64)
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    lp, lq = log_softmax(ref_logits), log_softmax(logits)
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+
+
+def normalised_mse(ref: np.ndarray, out: np.ndarray) -> float:
+    ref = ref.astype(np.float64)
+    den = float(np.sum(ref ** 2))
+    num = float(np.sum((out.astype(np.float64) - ref) ** 2))
+    return num / den if den > 0 else num
+
+
+def choose_loss(loss: str, output_shape) -> str:
+    """auto: KL for class scores (rank-2 outputs with several columns), normalised MSE otherwise."""
+    if loss in ("kl", "mse"):
+        return loss
+    if loss != "auto":
+        raise SpdyError(f"unknown loss '{loss}'; choose kl, mse or auto")
+    return "kl" if len(output_shape) == 2 and output_shape[-1] > 1 else "mse"
+
+
+class Evaluator:
+    def __init__(self, model: onnx.ModelProto, sites, database, data: dict, *, loss: str = "auto",
+                 specs: dict, eval_samples: int = DEFAULT_EVAL_SAMPLES, threads: int | None = None):
+        import onnxruntime as ort
+        self.sites = sites
+        self.database = database
+        self.weight_names = [s.weight for s in sites]
+        m = weights_as_inputs(model, self.weight_names)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.output = self.session.get_outputs()[0].name
+        self.batch_size = next(iter(specs.values()))[0][0]
+        self.feeds = list(calibrate.batches(data, self.batch_size, limit=eval_samples))
+        dense = {s.weight: database.weight(s.name, 0) for s in sites}
+        self.reference = [self._run(f, dense) for f in self.feeds]
+        self.loss_name = choose_loss(loss, self.reference[0].shape)
+        self._memo: dict[tuple, float] = {}
+        self._cached: dict[str, tuple[int, np.ndarray]] = {}
+        self.evaluations = 0
+
+    def _run(self, feed, weights):
+        return self.session.run([self.output], {**feed, **weights})[0]
+
+    def _weights(self, picks) -> dict:
+        out = {}
+        for site, j in zip(self.sites, picks):
+            hit = self._cached.get(site.name)
+            if hit is None or hit[0] != int(j):
+                hit = (int(j), self.database.weight(site.name, int(j)))
+                self._cached[site.name] = hit
+            out[site.weight] = hit[1]
+        return out
+
+    def loss(self, picks) -> float:
+        key = tuple(int(j) for j in picks)
+        if key in self._memo:
+            return self._memo[key]
+        weights = self._weights(key)
+        fn = kl_divergence if self.loss_name == "kl" else normalised_mse
+        values = [fn(ref, self._run(feed, weights)) for feed, ref in zip(self.feeds, self.reference)]
+        value = float(np.mean(values))
+        self._memo[key] = value
+        self.evaluations += 1
+        return value

@@ -1,0 +1,116 @@
+"""Build the reconstruction database from calibration data, one site at a time, stored on disk.
+
+Each site's file holds its pruned weight at every level (source layout and dtype). Files are written
+atomically and checked when read, so a killed run resumes where it stopped and a damaged file is
+rebuilt. Only one site's weights are in memory while building; reading maps one level at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from spdy_onnx import cache, calibrate, obs
+from spdy_onnx.database import MagnitudeDatabase
+
+log = logging.getLogger(__name__)
+
+
+def _site_file(folder: Path, name: str) -> Path:
+    return folder / (hashlib.sha1(name.encode()).hexdigest()[:20] + ".npy")
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class StoredDatabase:
+    """Pruned weights per (site, level) read from per-site .npy files (memory-mapped)."""
+
+    def __init__(self, folder: Path, sites, levels, method: str):
+        self.folder = folder
+        self.sites = {s.name: s for s in sites}
+        self.levels = list(levels)
+        self.method = method
+
+    def _load(self, name: str):
+        return np.load(_site_file(self.folder, name), mmap_mode="r", allow_pickle=False)
+
+    def valid(self, name: str) -> bool:
+        site = self.sites[name]
+        try:
+            arr = self._load(name)
+        except (OSError, ValueError, EOFError):
+            return False
+        return arr.shape == (len(self.levels),) + tuple(site.source_shape) and arr.dtype == np.dtype(site.source_dtype)
+
+    def weight(self, name: str, j: int) -> np.ndarray:
+        return np.array(self._load(name)[j])
+
+
+def build_database(prep, sites, sources: dict, levels: list[float], data: dict, *, method: str = "obs",
+                   pattern: str = "unstructured", cache_dir=None, progress: bool = True, damp: float = 0.01):
+    """The database for `sites`: magnitude (in memory, no data needed) or OBS (on disk, cached)."""
+    if method == "magnitude":
+        if pattern == "2:4":
+            from spdy_onnx.database import SemiStructuredDatabase
+            return SemiStructuredDatabase(sites, sources, levels)
+        return MagnitudeDatabase(sites, sources, levels)
+    if method != "obs":
+        raise ValueError(f"unknown reconstruction method {method}")
+    key = cache.cache_key(model=prep.digest, sites=sorted(s.name for s in sites), levels=levels, method=method,
+                          pattern=pattern, data=calibrate.data_digest(data), damp=damp, version=1)
+    folder = Path(cache_dir or cache.default_cache_dir()) / "databases" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    db = StoredDatabase(folder, sites, levels, method)
+    todo = [s for s in sites if not db.valid(s.name)]
+    if not todo:
+        log.info("reconstruction database from cache %s", folder)
+        return db
+    log.info("building the %s database for %d sites x %d levels (%s)", method, len(todo), len(levels), folder)
+    supported = [s for s in todo if s.op_type != "Conv" or (s.group == 1 and len(s.kernel_shape) == 2)]
+    hess = calibrate.hessians(prep.model, supported, data, prep.batch_size, progress=progress) if supported else {}
+    for site in tqdm(todo, desc="reconstructing", unit="site", disable=not progress, leave=False):
+        stack = _reconstruct_site(site, sources[site.name], hess.get(site.name), levels, pattern, damp)
+        _save_npy_atomic(_site_file(folder, site.name), stack)
+    (folder / "manifest.json").write_text(json.dumps(
+        {"sites": [s.name for s in sites], "levels": levels, "method": method, "pattern": pattern}, indent=1))
+    return db
+
+
+def _reconstruct_site(site, source, h, levels, pattern, damp) -> np.ndarray:
+    out = np.empty((len(levels),) + tuple(source.shape), dtype=source.dtype)
+    out[0] = source
+    fallback = MagnitudeDatabase([site], {site.name: source}, levels)
+    w = site.to_matrix(source) if h is not None else None
+    if h is None or h.shape[0] != w.shape[1]:
+        log.info("site %s: no second-order reconstruction for this layout; magnitude pruning", site.name)
+        if pattern == "2:4":
+            from spdy_onnx.passes.semi_structured import prune_2_4
+            for j in range(1, len(levels)):
+                out[j] = prune_2_4(site, source)
+        else:
+            for j in range(1, len(levels)):
+                out[j] = fallback.weight(site.name, j)
+        return out
+    chol, dead = obs.inverse_cholesky(h, damp=damp)
+    for j in range(1, len(levels)):
+        if pattern == "2:4":
+            pruned = obs.prune(w, chol, dead, n=2, m=4)
+        else:
+            pruned = obs.prune(w, chol, dead, levels[j])
+        out[j] = site.from_matrix(pruned.astype(np.float32))
+    return out
