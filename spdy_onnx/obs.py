@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-BLOCK = 128
+BLOCK = 32
 
 
 def inverse_cholesky(h: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +86,52 @@ def prune(w: np.ndarray, hinv_chol: np.ndarray, dead: np.ndarray, sparsity: floa
 def reconstruction_error(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray) -> float:
     """|| (W_p - W) X ||^2 / || W X ||^2 written with H = X^T X."""
     d = (w_pruned - w_dense).astype(np.float64)
-    num = float(np.einsum("ij,jk,ik->", d, h, d))
-    den = float(np.einsum("ij,jk,ik->", w_dense, h, w_dense))
+    h = np.asarray(h, dtype=np.float64)
+    w = np.asarray(w_dense, dtype=np.float64)
+    num = float(np.sum((d @ h) * d))
+    den = float(np.sum((w @ h) * w))
     return num / den if den > 0 else num
+
+
+def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: int = 15,
+           damp: float = 1e-3) -> np.ndarray:
+    """Least-squares re-fit of the kept weights on a fixed mask, by conjugate gradients batched over rows.
+
+    Minimises || (V - W) X ||^2 with V zero wherever w_pruned is zero: the exact optimum the greedy
+    OBS sweep only approximates. Costs a few rows x K x K products; the mask (and zero count) is kept.
+    """
+    w0 = np.asarray(w_dense, dtype=np.float64)
+    v = np.array(w_pruned, dtype=np.float64, copy=True)
+    mask = v != 0
+    hd = np.asarray(h, dtype=np.float64) + damp * float(np.mean(np.diag(h))) * np.eye(h.shape[0])
+    target = w0 @ h                      # the undamped cross term W H
+    r = mask * (target - v @ hd)
+    p = r.copy()
+    rr = np.einsum("ij,ij->i", r, r)
+    for _ in range(iters):
+        ap = mask * (p @ hd)
+        pap = np.einsum("ij,ij->i", p, ap)
+        alpha = np.divide(rr, pap, out=np.zeros_like(rr), where=pap > 1e-30)
+        v += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        rr_new = np.einsum("ij,ij->i", r, r)
+        beta = np.divide(rr_new, rr, out=np.zeros_like(rr), where=rr > 1e-30)
+        p = r + beta[:, None] * p
+        rr = rr_new
+        if float(rr.max(initial=0.0)) < 1e-20:
+            break
+    return v * mask
+
+
+def best_reconstruction(w: np.ndarray, h: np.ndarray, chol: np.ndarray, dead: np.ndarray, sparsity: float = 0.0,
+                        *, n: int = 0, m: int = 0, iters: int = 15) -> np.ndarray:
+    """OBS sweep, then least-squares refit; also refit the magnitude mask and keep the better of the two."""
+    from spdy_onnx.passes.prune import magnitude_prune
+    candidates = [obs_pruned := prune(w, chol, dead, sparsity, n=n, m=m)]
+    if not m:
+        candidates.append(magnitude_prune(np.asarray(w, dtype=np.float64), sparsity))
+    else:
+        del obs_pruned
+    refined = [refine(w, c, h, iters=iters) for c in candidates]
+    errors = [reconstruction_error(w, r, h) for r in refined]
+    return refined[int(np.argmin(errors))]

@@ -109,8 +109,8 @@ def _reconstruct_site(site, source, h, levels, pattern, damp) -> np.ndarray:
     chol, dead = obs.inverse_cholesky(h, damp=damp)
     for j in range(1, len(levels)):
         if pattern == "2:4":
-            pruned = obs.prune(w, chol, dead, n=2, m=4)
+            pruned = obs.best_reconstruction(w, h, chol, dead, n=2, m=4)
         else:
-            pruned = obs.prune(w, chol, dead, levels[j])
+            pruned = obs.best_reconstruction(w, h, chol, dead, levels[j])
         out[j] = site.from_matrix(pruned.astype(np.float32))
     return out

@@ -1,0 +1,194 @@
+"""Calibration, Hessians, OBS reconstruction, the evaluator and the SPDY search."""
+import itertools
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tiny
+
+from spdy_onnx import calibrate, graph, obs
+from spdy_onnx.errors import SpdyError
+from spdy_onnx.evaluate import Evaluator, kl_divergence, normalised_mse
+from spdy_onnx.database import MagnitudeDatabase
+from spdy_onnx.passes import magnitude_prune
+from spdy_onnx.search import error_shape, parse_budget, spdy_search
+from spdy_onnx.solver import solve_dp
+
+
+def test_im2col_rows_reproduce_conv_output():
+    model = tiny.cnn(channels=8, size=9, classes=5)
+    sites, _ = graph.find_sites(model)
+    conv = next(s for s in sites if s.name == "conv1")       # 3x3, stride 2, pad 1
+    x = np.random.default_rng(0).standard_normal((2, 16, 9, 9)).astype(np.float32)
+    w = graph.read_weights(model, [conv])["conv1"]
+    rows = calibrate.site_rows(conv, x)
+    y = rows @ conv.to_matrix(w).T                            # (b*ho*wo, out)
+    g = onnx.helper.make_graph([onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])],
+                               "c", [onnx.helper.make_tensor_value_info("x", 1, list(x.shape))],
+                               [onnx.helper.make_tensor_value_info("y", 1, None)], [onnx.numpy_helper.from_array(w, "w")])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y.reshape(2, 5, 5, 8).transpose(0, 3, 1, 2), ref, rtol=1e-4, atol=1e-4)
+
+
+def _layer_problem(seed=0, rows=48, cols=96, n=2000):
+    rng = np.random.default_rng(seed)
+    # correlated inputs: the case where second-order information matters
+    mix = rng.standard_normal((cols, cols)) * 0.3 + np.eye(cols)
+    x = rng.standard_normal((n, cols)) @ mix
+    w = rng.standard_normal((rows, cols))
+    return w, x, x.T @ x / n
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.95])
+def test_obs_exact_zeros_and_beats_magnitude(sparsity):
+    w, x, h = _layer_problem()
+    chol, dead = obs.inverse_cholesky(h)
+    p = obs.prune(w, chol, dead, sparsity)
+    assert np.count_nonzero(p == 0) == round(sparsity * w.size)
+    err_obs = obs.reconstruction_error(w, p, h)
+    err_mag = obs.reconstruction_error(w, magnitude_prune(w, sparsity), h)
+    assert err_obs < err_mag
+    best = obs.best_reconstruction(w, h, chol, dead, sparsity)
+    assert np.count_nonzero(best == 0) == round(sparsity * w.size)
+    assert obs.reconstruction_error(w, best, h) < min(err_obs, err_mag)
+
+
+def test_obs_n_m_pattern():
+    w, x, h = _layer_problem(cols=64)
+    chol, dead = obs.inverse_cholesky(h)
+    p = obs.prune(w, chol, dead, n=2, m=4)
+    groups = (p == 0).reshape(w.shape[0], -1, 4).sum(axis=-1)
+    assert (groups >= 2).all()
+    mag = w.copy().reshape(w.shape[0], -1, 4)
+    order = np.argsort(np.abs(mag), axis=-1)[..., :2]
+    np.put_along_axis(mag, order, 0.0, axis=-1)
+    assert obs.reconstruction_error(w, p, h) < obs.reconstruction_error(w, mag.reshape(w.shape), h)
+
+
+def test_dead_inputs_are_handled():
+    w, x, h = _layer_problem(cols=32)
+    h[5, :] = h[:, 5] = 0.0
+    chol, dead = obs.inverse_cholesky(h)
+    assert dead[5] and np.isfinite(chol).all()
+    assert np.isfinite(obs.prune(w, chol, dead, 0.5)).all()
+
+
+def _mlp_and_data(tmp_path, n=16):
+    model = tiny.mlp(width=32, depth=3, seq=4)
+    rng = np.random.default_rng(0)
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=rng.standard_normal((n, 4, 32)).astype(np.float32))
+    specs = {"x": ((1, 4, 32), np.dtype(np.float32))}
+    return model, path, specs
+
+
+def test_load_data_file_and_folder(tmp_path):
+    model, path, specs = _mlp_and_data(tmp_path)
+    data = calibrate.load_data(path, specs, samples=10)
+    assert data["x"].shape == (10, 4, 32)
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i in range(5):
+        np.savez(folder / f"{i:03d}.npz", x=data["x"][i:i + 1])   # with a batch axis of 1
+    again = calibrate.load_data(folder, specs)
+    np.testing.assert_array_equal(again["x"], data["x"][:5])
+
+
+@pytest.mark.parametrize("arrays,match", [
+    ({"y": np.zeros((4, 4, 32), np.float32)}, "lacks model input"),
+    ({"x": np.zeros((4, 4, 31), np.float32)}, "expects (4, 32)"),
+    ({"x": np.zeros((4, 4, 32), np.int64)}, "expects float32"),
+    ({"x": np.zeros((0, 4, 32), np.float32)}, "empty"),
+    ({"x": np.full((4, 4, 32), np.nan, np.float32)}, "NaN"),
+])
+def test_bad_calibration_data(tmp_path, arrays, match):
+    p = tmp_path / "bad.npz"
+    np.savez(p, **arrays)
+    with pytest.raises(SpdyError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        calibrate.load_data(p, {"x": ((1, 4, 32), np.dtype(np.float32))})
+
+
+def test_corrupt_calibration_file(tmp_path):
+    p = tmp_path / "bad.npz"
+    p.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(SpdyError, match="cannot read calibration file"):
+        calibrate.load_data(p, {"x": ((1, 4, 32), np.dtype(np.float32))})
+
+
+def test_hessians_match_direct_computation(tmp_path):
+    model, path, specs = _mlp_and_data(tmp_path)
+    data = calibrate.load_data(path, specs)
+    sites, _ = graph.find_sites(model)
+    hs = calibrate.hessians(model, sites, data, 1, progress=False)
+    x = data["x"].reshape(-1, 32).astype(np.float64)
+    np.testing.assert_allclose(hs["matmul_0"], x.T @ x / x.shape[0], rtol=1e-6)
+    assert hs["matmul_1"].shape == (32, 32)
+
+
+def test_evaluator_single_session_and_losses(tmp_path):
+    model, path, specs = _mlp_and_data(tmp_path)
+    data = calibrate.load_data(path, specs)
+    sites, _ = graph.find_sites(model)
+    levels = [0.0, 0.5, 0.9]
+    db = MagnitudeDatabase(sites, graph.read_weights(model, sites), levels)
+    ev = Evaluator(model, sites, db, data, loss="auto", specs=specs, eval_samples=8)
+    assert ev.loss_name == "mse"
+    assert ev.loss([0, 0, 0]) == pytest.approx(0.0, abs=1e-12)
+    light, heavy = ev.loss([1, 0, 0]), ev.loss([2, 2, 2])
+    assert 0 < light < heavy
+    session = ev.session
+    ev.loss([1, 1, 1])
+    assert ev.session is session and ev.evaluations == 4
+    ev.loss([1, 1, 1])
+    assert ev.evaluations == 4  # memoised
+
+
+def test_losses():
+    ref = np.random.default_rng(0).standard_normal((4, 10))
+    assert kl_divergence(ref, ref) == pytest.approx(0.0, abs=1e-12)
+    assert kl_divergence(ref, ref + 1.0) == pytest.approx(0.0, abs=1e-12)   # softmax shift invariance
+    assert kl_divergence(ref, -ref) > 0
+    assert normalised_mse(ref, ref) == 0 and normalised_mse(ref, 0 * ref) == pytest.approx(1.0)
+
+
+def test_search_finds_brute_force_optimum_on_small_instance():
+    rng = np.random.default_rng(3)
+    n_sites, n_levels = 4, 4
+    times = np.sort(rng.uniform(0.2, 1.0, (n_sites, n_levels)), axis=1)[:, ::-1]
+    sensitivity = rng.uniform(0.1, 5.0, n_sites)
+    budget = times[:, 0].sum() * 0.6
+
+    def true_loss(picks):  # a separable, site-dependent loss the search must discover
+        return float(sum(sensitivity[i] * (j / 3) ** 1.5 for i, j in enumerate(picks)))
+
+    shape = error_shape(n_levels)
+
+    def profile_of(c):
+        return solve_dp(np.asarray(c)[:, None] * shape[None, :], times, budget)
+
+    c, picks, loss, stats = spdy_search(n_sites, n_levels, profile_of, true_loss, seed=0, progress=False)
+    feasible = [p for p in itertools.product(range(n_levels), repeat=n_sites)
+                if times[np.arange(n_sites), p].sum() <= budget]
+    best = min(true_loss(p) for p in feasible)
+    assert times[np.arange(n_sites), picks].sum() <= budget
+    assert loss <= best * 1.02 + 1e-9
+    assert stats["evaluations"] >= 100
+    # seeded: the same seed gives the same result
+    c2, picks2, loss2, _ = spdy_search(n_sites, n_levels, profile_of, true_loss, seed=0, progress=False)
+    assert list(picks2) == list(picks) and np.array_equal(c, c2)
+
+
+def test_search_budget():
+    assert parse_budget("600") == (600, None)
+    assert parse_budget("5m") == (None, 300)
+    assert parse_budget("90s") == (None, 90)
+    for bad in ["abc", "-3", "0"]:
+        with pytest.raises(SpdyError):
+            parse_budget(bad)
+    calls = []
+    spdy_search(5, 3, lambda c: np.argsort(c) % 3, lambda p: calls.append(1) or float(np.sum(p)), max_evals=37,
+                progress=False)
+    assert len(calls) <= 37
