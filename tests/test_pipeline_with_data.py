@@ -1,0 +1,115 @@
+"""optimize with calibration data, on a replayed table (deterministic) and on DeepSparse."""
+import numpy as np
+import onnx
+import pytest
+import tiny
+
+from spdy_onnx import api, graph
+from spdy_onnx.cli import main
+from spdy_onnx.tables import LatencyTable
+
+LEVELS = [0.0, 0.5, 0.7, 0.9]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = tiny.mlp(width=64, depth=4, seq=8)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.standard_normal((24, 8, 64)).astype(np.float32))
+    sites, _ = graph.find_sites(model)
+    table = LatencyTable(levels=LEVELS, times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
+                         dense_total_ms=4.5, runtime="table", meta={"cores": 1})
+    table_path = table.save(tmp_path / "table.json")
+    return path, data, table_path
+
+
+def run(path, data, table_path, out, **kw):
+    args = dict(target=2.0, runtime="table", latency_table=table_path, output=out, data=data, progress=False,
+                cache_dir=out.parent / "cache", search_budget="150")
+    args.update(kw)
+    return api.optimize(path, **args)
+
+
+def test_strategies_share_table_and_spdy_is_best_on_calibration_loss(setup, tmp_path):
+    path, data, table_path = setup
+    losses = {}
+    for strategy in ("spdy", "uniform", "global-magnitude", "dp-loss", "magnitude-dp"):
+        rep = run(path, data, table_path, tmp_path / f"{strategy}.onnx", strategy=strategy)
+        assert rep["predicted_speedup"] >= 2.0 - 1e-9
+        assert rep["status"] == "not_measured"
+        losses[strategy] = rep["quality"]["calibration_loss"]
+    assert losses["spdy"] <= min(losses.values()) + 1e-12
+
+
+def test_reproducible_byte_identical(setup, tmp_path):
+    path, data, table_path = setup
+    a = run(path, data, table_path, tmp_path / "a.onnx", seed=3)
+    b = run(path, data, table_path, tmp_path / "b.onnx", seed=3, cache_dir=tmp_path / "other-cache")
+    assert [s["sparsity"] for s in a["sites"]] == [s["sparsity"] for s in b["sites"]]
+    wa = {t.name: t.raw_data for t in onnx.load(tmp_path / "a.onnx").graph.initializer}
+    wb = {t.name: t.raw_data for t in onnx.load(tmp_path / "b.onnx").graph.initializer}
+    assert wa == wb
+
+
+def test_database_is_cached_and_damage_is_rebuilt(setup, tmp_path, caplog):
+    path, data, table_path = setup
+    run(path, data, table_path, tmp_path / "a.onnx")
+    files = sorted((tmp_path / "cache" / "databases").glob("*/*.npy"))
+    assert len(files) == 4
+    files[0].write_bytes(b"\x93NUMPY garbage")
+    with caplog.at_level("INFO", logger="spdy_onnx"):
+        run(path, data, table_path, tmp_path / "b.onnx")
+    assert "building the obs database for 1 sites" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="spdy_onnx"):
+        run(path, data, table_path, tmp_path / "c.onnx")
+    assert "database from cache" in caplog.text
+
+
+def test_obs_beats_magnitude_reconstruction_on_calibration_loss(setup, tmp_path):
+    path, data, table_path = setup
+    obs = run(path, data, table_path, tmp_path / "o.onnx", strategy="uniform", reconstruct="obs")
+    mag = run(path, data, table_path, tmp_path / "mag.onnx", strategy="uniform", reconstruct="magnitude")
+    assert obs["quality"]["calibration_loss"] < mag["quality"]["calibration_loss"]
+
+
+def test_bad_calibration_data_writes_nothing(setup, tmp_path, capsys):
+    path, data, table_path = setup
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input_ids=np.zeros((4, 8), np.int64))
+    out = tmp_path / "x.onnx"
+    code = main(["optimize", str(path), "--target", "2x", "--runtime", "table", "--latency-table", str(table_path),
+                 "--data", str(bad), "-o", str(out), "-q"])
+    assert code == 2
+    assert "lacks model input" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "x.report.json").exists()
+
+
+def test_without_data_warns_loudly(setup, tmp_path, caplog):
+    path, _, table_path = setup
+    with caplog.at_level("WARNING", logger="spdy_onnx"):
+        rep = api.optimize(path, target=2.0, runtime="table", latency_table=table_path,
+                           output=tmp_path / "n.onnx", progress=False)
+    assert "NO CALIBRATION DATA" in caplog.text and rep["predicted_speedup"] >= 2.0 - 1e-9
+
+
+@pytest.mark.deepsparse
+def test_deepsparse_with_data(tmp_path):
+    pytest.importorskip("deepsparse")
+    model = tiny.mlp(width=512, depth=3, seq=64)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 64, 512)).astype(np.float32))
+    try:
+        rep = api.optimize(path, target=1.4, cores=1, levels="0.5,0.7,0.9", output=tmp_path / "o.onnx", data=data,
+                           cache_dir=tmp_path / "c", progress=False, search_budget="60", tolerance=0.05,
+                           runtime_options={"repeats": 1, "rounds": 5})
+    except api.TargetMissed as exc:
+        assert not (tmp_path / "o.onnx").exists()
+        pytest.skip(f"machine too noisy here: {exc}")
+    assert rep["status"] == "met" and rep["quality"]["loss"] == "mse"
+    assert rep["measured_speedup"] >= 1.4 * 0.95
