@@ -35,3 +35,29 @@ class MagnitudeDatabase:
         out = src.copy().ravel()
         out[self._sorted(name)[:k]] = 0
         return out.reshape(src.shape)
+
+
+class SemiStructuredDatabase:
+    """2:4 by magnitude: j == 0 is the dense source, any j >= 1 the 2:4-pruned source (computed once)."""
+
+    method = "magnitude-2:4"
+
+    def __init__(self, sites, sources: dict[str, np.ndarray], levels: list[float]):
+        from spdy_onnx.passes.semi_structured import eligible
+
+        self.sites = {s.name: s for s in sites}
+        self.sources = sources
+        self.levels = list(levels)
+        self._pruned: dict[str, np.ndarray] = {}
+        for site in sites:
+            ok, why = eligible(site)
+            if not ok:
+                raise ValueError(f"site '{site.name}' cannot be made 2:4: {why}")
+
+    def weight(self, name: str, j: int) -> np.ndarray:
+        if j == 0 or self.levels[j] == 0.0:
+            return self.sources[name]
+        if name not in self._pruned:
+            from spdy_onnx.passes.semi_structured import prune_2_4
+            self._pruned[name] = prune_2_4(self.sites[name], self.sources[name])
+        return self._pruned[name]
