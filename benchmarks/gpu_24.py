@@ -132,21 +132,24 @@ def _all_24(model, sites):
 
 
 def run(pack_dir: Path, out: Path, targets: list[float], fixtures: Path | None, max_targets: int,
-        budget_s: float) -> None:
+        budget_s: float, device: str = "cuda") -> None:
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU here: run this on the GPU machine")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here: run this on the GPU machine (or --device cpu for a dry run)")
     t_start = time.perf_counter()
-    gpu_full = torch.cuda.get_device_name()
-    gpu = gpu_short_name(gpu_full)
+    if device == "cuda":
+        gpu_full = torch.cuda.get_device_name()
+        gpu = gpu_short_name(gpu_full)
+    else:
+        gpu_full, gpu = "CPU DRY RUN (not a GPU measurement)", "cpu-dryrun"
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu24-"))
     results = {"gpu": gpu_full, "torch": torch.__version__, "cuda": torch.version.cuda, "models": []}
     print(f"GPU: {gpu_full}; torch {torch.__version__}, CUDA {torch.version.cuda}")
     for skel in sorted(pack_dir.glob("*.skel.onnx")):
         try:
-            _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_start, results)
+            _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_start, results, device)
         except Exception:  # noqa: BLE001 - one model failing must not lose the others' numbers
             import traceback
             traceback.print_exc()
@@ -158,7 +161,7 @@ def run(pack_dir: Path, out: Path, targets: list[float], fixtures: Path | None, 
     print("\n" + results["markdown"])
 
 
-def _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_start, results):
+def _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_start, results, device):
     from spdy_onnx import api, modelio
     from spdy_onnx.errors import InfeasibleTarget, SpdyError, TargetMissed
     from spdy_onnx.runtimes.cuda_sparse import CudaSemiStructuredRuntime
@@ -174,13 +177,14 @@ def _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_s
     print(f"\n== {name}: batch {batch}")
     t0 = time.perf_counter()
     table_path = out / f"gpu_{name}_{gpu}.json"
+    options = {"device": device}
     table, _ = api.profile(path, runtime="cuda-2:4", batch_size=batch, output=table_path, use_cache=False,
-                           cache_dir=work / "cache", progress=False)
+                           cache_dir=work / "cache", progress=False, runtime_options=options)
     table.meta.update({"model": meta.get(f"{MARK}.source", name), "model_sha256": meta.get(f"{MARK}.sha256"),
                        "weights": "random values of the real shapes and scales (GPU times do not depend "
                                   "on values)", "profile_seconds": time.perf_counter() - t0})
     table.save(table_path)
-    if fixtures:
+    if fixtures and device == "cuda":
         fixtures.mkdir(parents=True, exist_ok=True)
         shutil.copy(table_path, fixtures / table_path.name)
     chosen, all_sites = _selected(model, table)
@@ -190,7 +194,7 @@ def _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_s
     paying = [n for n in names if table.times[n][1] < table.times[n][0]]
     max_pred = table.max_speedup(names)
     # every eligible site 2:4, measured end to end: what the model really gets at most
-    rt = CudaSemiStructuredRuntime(progress=False)
+    rt = CudaSemiStructuredRuntime(progress=False, device=device)
     feeds = modelio.example_inputs(modelio.input_specs(model, batch))
     all_path = work / f"{name}.all24.onnx"
     onnx.save(_all_24(model, chosen), str(all_path))
@@ -202,6 +206,7 @@ def _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_s
              "all_eligible_24_measured": comp_all.speedup if comp_all else None,
              "all_eligible_24_ms": [comp_all.baseline_ms, comp_all.candidate_ms] if comp_all else None,
              "sum_sites_dense_ms": table.meta.get("sites_dense_ms"), "table": table_path.name,
+             "dtype": table.meta.get("dtype"), "cuda_graph": table.meta.get("cuda_graph"),
              "backends": {n: table.meta["sites"][n].get("backend") for n in names},
              "runs": []}
     print(f"dense {total:.3f} ms; eligible sites {len(names)}/{len(all_sites)} = {100 * eligible_ms / total:.1f}% "
@@ -226,7 +231,8 @@ def _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_s
         try:
             rep = api.optimize(path, target=target, runtime="cuda-2:4", batch_size=batch,
                                latency_table=table_path, output=work / f"{name}.{target:g}.onnx",
-                               report=rep_path, progress=False, cache_dir=work / "cache")
+                               report=rep_path, progress=False, cache_dir=work / "cache",
+                               runtime_options=options)
         except TargetMissed:
             rep = json.loads(rep_path.read_text())
         except InfeasibleTarget as exc:
@@ -253,7 +259,10 @@ def _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_s
 
 
 def markdown(results: dict) -> str:
-    lines = [f"GPU: {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}), fp16, CUDA graphs", "",
+    dtypes = sorted({m.get("dtype", "?") for m in results["models"] if "error" not in m})
+    graphs = sorted({str(m.get("cuda_graph")) for m in results["models"] if "error" not in m})
+    lines = [f"GPU: {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}); dtype {', '.join(dtypes)}; "
+             f"CUDA graphs: {', '.join(graphs)}", "",
              "| model | batch | dense ms | 2:4-eligible share of time | max speedup (predicted / measured, all eligible 2:4) "
              "| target | predicted | measured | status | sites 2:4 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -286,13 +295,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-targets", type=int, default=4, help="at most N feasible targets per model, spread over the feasible range")
     p.add_argument("--fixtures", type=Path, default=None, help="also copy the tables here")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new targets after this long")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a dry run of this script's code path (times are not GPU times)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s", stream=sys.stderr)
     if args.cmd == "pack":
         pack(args.models, args.out)
     else:
         run(args.pack, args.out, [float(t) for t in args.targets.split(",")], args.fixtures, args.max_targets,
-            args.budget_s)
+            args.budget_s, args.device)
     return 0
 
 

@@ -39,6 +39,23 @@ def cuda_available() -> bool:
         return False
 
 
+class _HostEvent:
+    """perf_counter stand-in for torch.cuda.Event in the CPU dry run."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def record(self):
+        import time
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        return None
+
+    def elapsed_time(self, other) -> float:
+        return (other.t - self.t) * 1000.0
+
+
 def _median(xs) -> float:
     return float(np.median(np.asarray(xs, dtype=np.float64)))
 
@@ -49,7 +66,10 @@ class CudaSemiStructuredRuntime:
 
     def __init__(self, cores: int | None = None, progress: bool = True, dtype: str = "float16",
                  rounds: int = 15, site_rounds: int = 11, backends=None, target_round_ms: float = 2.0,
-                 **_ignored):
+                 device: str = "cuda", **_ignored):
+        """device="cpu" is a dry run of the whole code path for tests on machines without a GPU: the
+        2:4 GEMMs run densely (backend "reference"), in float32, timed on the host. Its numbers are
+        labelled as such and are never GPU measurements."""
         if str(dtype).lower() not in DTYPES:
             raise SpdyError(f"cuda-2:4: unknown dtype '{dtype}'; choose float16 or bfloat16")
         self.dtype_name = DTYPES[str(dtype).lower()]
@@ -58,6 +78,13 @@ class CudaSemiStructuredRuntime:
         self.backends = list(backends) if backends else None
         self.target_round_ms = float(target_round_ms)
         self.progress = progress
+        if device not in ("cuda", "cpu"):
+            raise SpdyError(f"cuda-2:4: device must be cuda (or cpu for a dry run), got '{device}'")
+        self.device = device
+        self.dry_run = device == "cpu"
+        if self.dry_run:
+            self.dtype_name = "float32"
+            log.warning("cuda-2:4 with device=cpu: a DRY RUN of the code path; its times are not GPU times")
         self._best: dict[str, str] = {}      # site -> fastest 2:4 backend, learnt in this process
 
     # --- protocol ------------------------------------------------------------------------------
@@ -72,10 +99,12 @@ class CudaSemiStructuredRuntime:
 
     def fingerprint(self) -> dict:
         info = {"engine": "torch-cuda-2:4", "dtype": self.dtype_name}
+        if self.dry_run:
+            info.update({"device": "cpu", "dry_run": True})
         try:
             import torch
             info.update({"torch": torch.__version__, "cuda": torch.version.cuda})
-            if cuda_available():
+            if cuda_available() and not self.dry_run:
                 info.update({"gpu": torch.cuda.get_device_name(), "capability": ".".join(
                     str(v) for v in torch.cuda.get_device_capability())})
         except ImportError:
@@ -88,16 +117,18 @@ class CudaSemiStructuredRuntime:
         except ImportError:
             raise SpdyError("the cuda-2:4 runtime needs a CUDA build of PyTorch to measure; on a machine without "
                             "a GPU, pass a recorded GPU table with --latency-table") from None
-        if not cuda_available():
+        if not self.dry_run and not cuda_available():
             raise SpdyError("the cuda-2:4 runtime needs an NVIDIA GPU to measure and none is visible here; pass a "
                             "table recorded on a GPU with --latency-table")
         return torch
 
     def _dtype(self, torch):
-        return {"float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype_name]
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[self.dtype_name]
 
     def _backends(self):
         from spdy_onnx.runtimes import torch_onnx as tx
+        if self.dry_run:
+            return ["reference"]
         have = tx.sparse_backends()
         if self.backends:
             have = [b for b in self.backends if b in have]
@@ -108,6 +139,11 @@ class CudaSemiStructuredRuntime:
     # --- timing helpers --------------------------------------------------------------------------
     def _graphed(self, torch, fn, reps: int):
         """A replayable callable running fn `reps` times: a CUDA graph, or eager if capture fails."""
+        def eager():
+            for _ in range(reps):
+                fn()
+        if self.dry_run:
+            return eager, False
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -125,14 +161,19 @@ class CudaSemiStructuredRuntime:
         except Exception as exc:  # noqa: BLE001
             log.debug("graph capture failed (%s); eager timing", exc)
             torch.cuda.synchronize()
-
-            def eager():
-                for _ in range(reps):
-                    fn()
             return eager, False
 
+    def _events(self, torch):
+        if self.dry_run:
+            return _HostEvent(), _HostEvent()
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def _free(self, torch):
+        if not self.dry_run:
+            torch.cuda.empty_cache()
+
     def _one_ms(self, torch, fn) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = self._events(torch)
         fn()
         start.record()
         fn()
@@ -158,7 +199,7 @@ class CudaSemiStructuredRuntime:
                 ok = False
             runners[key] = (runner, reps)
             graphed[key] = ok
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = self._events(torch)
         keys = list(fns)
         out = {k: [] for k in keys}
         for key in keys:  # warm-up of the replays themselves
@@ -188,7 +229,7 @@ class CudaSemiStructuredRuntime:
         backends = self._backends()
         model = graph.constants_to_initializers(modelio.load_model(model_path))
         inferred = inferred_shapes(model)
-        ex = tx.GraphExecutor(model, feeds, device="cuda", dtype=dtype)
+        ex = tx.GraphExecutor(model, feeds, device=self.device, dtype=dtype)
         graphed = ex.capture()
         whole, _ = self._time_interleaved(torch, {"model": ex.replay}, self.rounds, capture=False)
         dense_total = _median(whole["model"])
@@ -197,7 +238,7 @@ class CudaSemiStructuredRuntime:
         times: dict[str, list[float]] = {}
         meta_sites: dict[str, dict] = {}
         ineligible, failed, untimed = {}, {}, {}
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        gen = torch.Generator(device=self.device).manual_seed(0)
         bar = tqdm(total=len(sites), desc="timing sites (dense vs 2:4)", unit="site", disable=not self.progress,
                    leave=False)
         for site in sites:
@@ -210,7 +251,7 @@ class CudaSemiStructuredRuntime:
             if site.input in inferred and tuple(inferred[site.input]) != shape:
                 log.warning("site %s: shape inference says %s, the executor saw %s; using the latter",
                             site.name, inferred[site.input], shape)
-            x = torch.randn(shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+            x = torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32).to(dtype)
             if info["in_format_cl"]:
                 x = x.contiguous(memory_format=torch.channels_last)
             fns = {"dense": _bind(ex.site_op(site.name, None), x)}
@@ -240,7 +281,7 @@ class CudaSemiStructuredRuntime:
                                      "backend": best, "cuda_graph": all(site_graphed.values())}
             del fns
         bar.close()
-        torch.cuda.empty_cache()
+        self._free(torch)
         sites_dense = float(sum(v[0] for v in times.values()))
         meta = {**self.fingerprint(), "version": torch.__version__, "batch_size": int(batch_size),
                 "cusparselt": _cusparselt_version(torch), "backends_available": backends,
@@ -250,7 +291,7 @@ class CudaSemiStructuredRuntime:
                 "unmapped_sites": sorted(untimed), "sites": meta_sites, "cores": None,
                 "note": "levels: 0.0 = dense, 0.5 = 2:4; ineligible sites carry their dense time twice"}
         del ex
-        torch.cuda.empty_cache()
+        self._free(torch)
         return LatencyTable(levels=[0.0, LEVEL_2_4], times=times, dense_total_ms=dense_total, runtime=self.name,
                             pattern=self.pattern, meta=meta)
 
@@ -271,7 +312,7 @@ class CudaSemiStructuredRuntime:
             sparse = self._chooser(torch, names)
         elif sparse == "dense":
             sparse = {}
-        return tx.GraphExecutor(model, feeds, device="cuda", dtype=self._dtype(torch), sparse=sparse)
+        return tx.GraphExecutor(model, feeds, device=self.device, dtype=self._dtype(torch), sparse=sparse)
 
     def _chooser(self, torch, names: set):
         backends = self._backends()
@@ -299,7 +340,7 @@ class CudaSemiStructuredRuntime:
         return choose
 
     def compare(self, baseline_path, candidate_path, *, batch_size, feeds) -> Comparison | None:
-        if not cuda_available():
+        if not self.dry_run and not cuda_available():
             return None
         torch = self._torch()
         base = self.executor(baseline_path, feeds)
@@ -310,7 +351,7 @@ class CudaSemiStructuredRuntime:
         # ABBA rounds of whole-model replays; each round ~ target_round_ms * 25
         one = self._one_ms(torch, base.replay)
         iters = int(min(200, max(3, 25 * self.target_round_ms / one)))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = self._events(torch)
         per = [[], []]
         runners = [base.replay, cand.replay]
         for r in runners:
@@ -332,7 +373,7 @@ class CudaSemiStructuredRuntime:
         extra = {**self.fingerprint(), "batch_size": int(batch_size), "cuda_graph": ok, "sparse_sites": n_sparse,
                  "sparse_backends": backends}
         del base, cand
-        torch.cuda.empty_cache()
+        self._free(torch)
         return Comparison(baseline_ms=float(np.median(b)), candidate_ms=float(np.median(c)), rounds=self.rounds,
                           iterations_per_round=iters, ratio_p25=float(np.percentile(ratios, 25)),
                           ratio_p75=float(np.percentile(ratios, 75)), foreign_load_cores=0.0, extra=extra)

@@ -473,3 +473,43 @@ def test_gpu_executor_conv_variants_on_cpu():
                    [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
         pruned, names = _pruned_2_4(m)
         _executor_vs_ort(pruned, sparse={n: "reference" for n in names})
+
+
+def test_cuda_runtime_dry_run_on_cpu(tmp_path):
+    """device='cpu' walks measure -> optimize -> compare with the 'reference' backend (no GPU numbers)."""
+    pytest.importorskip("torch")
+    from spdy_onnx.runtimes.cuda_sparse import CudaSemiStructuredRuntime
+
+    model = tiny.mlp(width=64, depth=3, seq=16, batch="N")
+    src = tmp_path / "mlp.onnx"
+    onnx.save(model, src)
+    opts = {"device": "cpu", "rounds": 3, "site_rounds": 3, "target_round_ms": 0.2}
+    table, table_path = api.profile(src, runtime="cuda-2:4", batch_size=2, output=tmp_path / "t.json",
+                                    cache_dir=tmp_path / "cache", progress=False, runtime_options=opts)
+    assert table.levels == [0.0, 0.5] and table.pattern == "2:4" and len(table.times) == 3
+    assert table.meta["dry_run"] is True and "gpu" not in table.meta
+    assert all(v["backend"] == "reference" for v in table.meta["sites"].values())
+    assert table.meta["sites"]["matmul_0"]["gemm_mnk"] == [32, 64, 64]
+    # a synthetic table where 2:4 pays, so that the target is feasible whatever the CPU timed
+    synth = LatencyTable(levels=[0.0, 0.5], times={n: [1.0, 0.5] for n in table.times}, dense_total_ms=4.0,
+                         runtime="cuda-2:4", pattern="2:4", meta={})
+    synth.save(tmp_path / "synth.json")
+    out = tmp_path / "out.onnx"
+    try:
+        rep = api.optimize(src, target=1.2, runtime="cuda-2:4", batch_size=2, latency_table=tmp_path / "synth.json",
+                           output=out, progress=False, max_attempts=1, min_weights=0, runtime_options=opts)
+    except Exception as exc:  # a missed target on a noisy CPU is fine; the measurement must be there
+        from spdy_onnx.errors import TargetMissed
+        assert isinstance(exc, TargetMissed) and exc.measured is not None
+        return
+    assert rep["status"] == "met" and rep["measurement"]["dry_run"] is True
+    assert rep["measurement"]["sparse_sites"] == sum(1 for s in rep["sites"] if s["sparsity"] == 0.5)
+    rt = CudaSemiStructuredRuntime(**opts)
+    ex = rt.executor(out, modelio_feeds(model, 2))
+    assert {n for n, i in ex.site_info.items() if i["backend"]} == \
+        {s["name"] for s in rep["sites"] if s["sparsity"] == 0.5}
+
+
+def modelio_feeds(model, batch):
+    from spdy_onnx import modelio
+    return modelio.example_inputs(modelio.input_specs(model, batch))
