@@ -51,7 +51,8 @@ class Runtime(Protocol):
         """Everything besides the model and shapes that timings depend on: engine version, CPU, cores."""
 
     def measure(self, model_path: str, sites: list, *, levels: list[float], batch_size: int,
-                feeds: dict, aliases: dict) -> "LatencyTable": ...  # noqa: F821
+                feeds: dict, aliases: dict, checkpoint=None) -> "LatencyTable":  # noqa: F821
+        """Per-site times at each level; finished runs may be journaled to `checkpoint` to resume."""
 
     def compare(self, baseline_path: str, candidate_path: str, *, batch_size: int,
                 feeds: dict) -> Comparison | None:

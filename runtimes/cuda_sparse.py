@@ -215,7 +215,7 @@ class CudaSemiStructuredRuntime:
         return out, graphed
 
     # --- per-site table ------------------------------------------------------------------------
-    def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases=None) -> LatencyTable:
+    def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases=None, checkpoint=None) -> LatencyTable:
         if [float(v) for v in levels] != [0.0, LEVEL_2_4]:
             raise SpdyError(f"the cuda-2:4 runtime times two levels: dense (0) and 2:4 (0.5); got {list(levels)}")
         torch = self._torch()

@@ -19,6 +19,7 @@ from deepsparse.engine import Engine, model_debug_analysis  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from spdy_onnx.errors import SpdyError  # noqa: E402
+from spdy_onnx.journal import Journal  # noqa: E402
 from spdy_onnx.levels import log_density_grid  # noqa: E402
 from spdy_onnx.runtimes import Comparison  # noqa: E402
 from spdy_onnx.runtimes.cpu_load import ForeignLoad  # noqa: E402
@@ -46,7 +47,7 @@ class DeepSparseRuntime:
     name = "deepsparse"
     pattern = "unstructured"
 
-    def __init__(self, cores: int | None = None, repeats: int = 3, iterations: int = 20,
+    def __init__(self, cores: int | None = None, repeats: int = 2, iterations: int = 20,
                  rounds: int = 15, progress: bool = True, **_ignored):
         self.cores = int(cores) if cores else None
         self.repeats = max(1, int(repeats))
@@ -98,22 +99,34 @@ class DeepSparseRuntime:
                 times[owner] = times.get(owner, 0.0) + ms * weights.get(owner, 1) / total_w
         return times
 
-    def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases) -> LatencyTable:
+    def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases, checkpoint=None) -> LatencyTable:
+        """One engine run per (repeat, level); each finished run is journaled to `checkpoint`, so a killed
+        profiling resumes where it stopped."""
         inputs = [np.ascontiguousarray(a) for a in feeds.values()]
         weights = {s.name: s.n_weights for s in sites}
         runs: dict[float, list[dict]] = {lvl: [] for lvl in levels}
         totals: list[float] = []
         order = list(levels)
+        journal = Journal(checkpoint)
+        done = {(e.get("repeat"), e.get("level")): e for e in journal.read()
+                if isinstance(e.get("times"), dict) and isinstance(e.get("total"), (int, float))}
+        if done:
+            log.info("resuming profiling: %d of %d runs already measured", len(done), self.repeats * len(order))
         bar = tqdm(total=self.repeats * len(order), desc="profiling", unit="run", disable=not self.progress,
                    leave=False)
         with ForeignLoad() as load:
             for rep in range(self.repeats):
                 # alternate the order of levels between repeats so drift does not bias one end of the grid
                 for lvl in (order if rep % 2 == 0 else order[::-1]):
-                    result = self._analyse(model_path, inputs, batch_size, lvl)
-                    runs[lvl].append(self.attribute(result["layer_info"], aliases, weights))
+                    entry = done.get((rep, lvl))
+                    if entry is None:
+                        result = self._analyse(model_path, inputs, batch_size, lvl)
+                        entry = {"repeat": rep, "level": lvl, "total": float(result["average_total_time"]),
+                                 "times": self.attribute(result["layer_info"], aliases, weights)}
+                        journal.append(entry)
+                    runs[lvl].append(entry["times"])
                     if lvl == 0.0:
-                        totals.append(float(result["average_total_time"]))
+                        totals.append(entry["total"])
                     bar.update(1)
         bar.close()
         measured = [s.name for s in sites if all(s.name in r for r in runs[0.0])]

@@ -14,6 +14,7 @@ import numpy as np
 
 from spdy_onnx import cache, graph, modelio
 from spdy_onnx.errors import InfeasibleTarget, SpdyError, TargetMissed
+from spdy_onnx.journal import Journal
 from spdy_onnx.levels import parse_levels
 from spdy_onnx.passes.metadata import set_metadata
 from spdy_onnx.passes.prune import sparsity_of, write_weights
@@ -112,12 +113,14 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     aliases = graph.output_aliases(prep.model, prep.all_sites)
     log.info("profiling %d sites at %d levels on %s", len(prep.all_sites), len(level_list), prep.runtime.name)
     t0 = time.perf_counter()
+    partial = path.with_suffix(".partial.jsonl")
     table = prep.runtime.measure(str(prep.dense_static()), prep.all_sites, levels=level_list,
-                                 batch_size=prep.batch_size, feeds=feeds, aliases=aliases)
+                                 batch_size=prep.batch_size, feeds=feeds, aliases=aliases, checkpoint=partial)
     table.meta.update({"model_sha256": prep.digest, "input_shapes": shapes, "seconds": time.perf_counter() - t0,
                        "model": prep.path.name})
     table.validate()
     table.save(path)
+    Journal(partial).remove()
     return table
 
 

@@ -16,6 +16,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from spdy_onnx.errors import SpdyError
+from spdy_onnx.ort_session import make_session, run
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,6 @@ def timing_batch(data: dict, specs: dict) -> dict:
 # --- activations -> Hessians -------------------------------------------------------------------
 
 def _session(model: onnx.ModelProto, extra_outputs: list[str]):
-    import onnxruntime as ort
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
@@ -139,10 +139,7 @@ def _session(model: onnx.ModelProto, extra_outputs: list[str]):
         if name not in have:
             m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
             have.add(name)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep site inputs visible
-    opts.log_severity_level = 3
-    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return make_session(m, optimize=False)
 
 
 def _conv_pads(site, in_hw):
@@ -194,11 +191,11 @@ def hessians(model: onnx.ModelProto, sites, data: dict, batch_size: int, *,
     total = n_samples(data) // batch_size
     for feed in tqdm(batches(data, batch_size), total=total, desc="activations", unit="batch",
                      disable=not progress, leave=False):
-        values = dict(zip(out_names, sess.run(out_names, feed)))
+        values = dict(zip(out_names, run(sess, out_names, feed)))
         for geometry, members in groups.items():
             x = np.asarray(values[geometry[0]], dtype=np.float32)
-            rows = site_rows(members[0], x).astype(np.float64)
-            h = rows.T @ rows
+            rows = site_rows(members[0], x)
+            h = (rows.T @ rows).astype(np.float64)   # float32 GEMM per batch, float64 accumulation
             acc[geometry] = acc.get(geometry, 0) + h
             rows_seen[geometry] = rows_seen.get(geometry, 0) + rows.shape[0]
     result = {}

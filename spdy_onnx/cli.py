@@ -31,7 +31,8 @@ def _table_opts(p):
     p.add_argument("--cache-dir", default=None, help="where latency tables and databases are cached "
                                                      "(default: $SPDY_ONNX_CACHE or ~/.cache/spdy-onnx)")
     p.add_argument("--no-cache", action="store_true", help="re-measure even if a cached table exists")
-    p.add_argument("--repeats", type=int, default=3, help="profiling repeats per level; medians are kept")
+    p.add_argument("--repeats", type=int, default=2, help="profiling repeats per level; medians are kept "
+                                                        "(default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", default="auto", choices=["auto", "kl", "mse"],
                    help="label-free calibration loss against the dense model (default: auto)")
     p.add_argument("--search-budget", default=None,
-                   help="SPDY search budget: a number of evaluations (600) or minutes (5m)")
+                   help="SPDY search budget: a number of evaluations (600) or a time (5m, 90s); "
+                        "default: the paper's schedule, stopped after 90 s")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     p.add_argument("--max-attempts", type=int, default=4,
                    help="re-solves with a tightened budget when the measured speedup misses (default: 4)")

@@ -12,10 +12,12 @@ import onnx
 
 from spdy_onnx import calibrate
 from spdy_onnx.errors import SpdyError
+from spdy_onnx.journal import Journal
+from spdy_onnx.ort_session import make_session, run
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EVAL_SAMPLES = 64
+DEFAULT_EVAL_SAMPLES = 16  # per candidate; the same samples for all, so comparisons are paired
 
 
 def weights_as_inputs(model: onnx.ModelProto, weight_names: list[str]) -> onnx.ModelProto:
@@ -70,17 +72,13 @@ def choose_loss(loss: str, output_shape) -> str:
 
 class Evaluator:
     def __init__(self, model: onnx.ModelProto, sites, database, data: dict, *, loss: str = "auto",
-                 specs: dict, eval_samples: int = DEFAULT_EVAL_SAMPLES, threads: int | None = None):
-        import onnxruntime as ort
+                 specs: dict, eval_samples: int = DEFAULT_EVAL_SAMPLES, threads: int | None = None,
+                 journal=None):
         self.sites = sites
         self.database = database
         self.weight_names = [s.weight for s in sites]
         m = weights_as_inputs(model, self.weight_names)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.session = make_session(m, threads=threads)
         self.output = self.session.get_outputs()[0].name
         self.batch_size = next(iter(specs.values()))[0][0]
         self.feeds = list(calibrate.batches(data, self.batch_size, limit=eval_samples))
@@ -88,11 +86,17 @@ class Evaluator:
         self.reference = [self._run(f, dense) for f in self.feeds]
         self.loss_name = choose_loss(loss, self.reference[0].shape)
         self._memo: dict[tuple, float] = {}
+        # evaluations of earlier (possibly killed) runs on the same model, data and database
+        self.journal = Journal(journal)
+        for entry in self.journal.read():
+            picks, value = entry.get("picks"), entry.get("loss")
+            if isinstance(picks, list) and len(picks) == len(sites) and isinstance(value, (int, float)):
+                self._memo[tuple(int(j) for j in picks)] = float(value)
         self._cached: dict[str, tuple[int, np.ndarray]] = {}
         self.evaluations = 0
 
     def _run(self, feed, weights):
-        return self.session.run([self.output], {**feed, **weights})[0]
+        return run(self.session, [self.output], {**feed, **weights})[0]
 
     def _weights(self, picks) -> dict:
         out = {}
@@ -113,5 +117,6 @@ class Evaluator:
         values = [fn(ref, self._run(feed, weights)) for feed, ref in zip(self.feeds, self.reference)]
         value = float(np.mean(values))
         self._memo[key] = value
+        self.journal.append({"picks": list(key), "loss": value})
         self.evaluations += 1
         return value

@@ -125,13 +125,8 @@ def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: i
 
 def best_reconstruction(w: np.ndarray, h: np.ndarray, chol: np.ndarray, dead: np.ndarray, sparsity: float = 0.0,
                         *, n: int = 0, m: int = 0, iters: int = 15) -> np.ndarray:
-    """OBS sweep, then least-squares refit; also refit the magnitude mask and keep the better of the two."""
-    from spdy_onnx.passes.prune import magnitude_prune
-    candidates = [obs_pruned := prune(w, chol, dead, sparsity, n=n, m=m)]
-    if not m:
-        candidates.append(magnitude_prune(np.asarray(w, dtype=np.float64), sparsity))
-    else:
-        del obs_pruned
-    refined = [refine(w, c, h, iters=iters) for c in candidates]
-    errors = [reconstruction_error(w, r, h) for r in refined]
-    return refined[int(np.argmin(errors))]
+    """OBS sweep to choose the mask, then an exact least-squares refit of the kept weights.
+
+    (On MiniLM-L6 this beat both plain OBS and a refit magnitude mask at every site and level tried.)
+    """
+    return refine(w, prune(w, chol, dead, sparsity, n=n, m=m), h, iters=iters)

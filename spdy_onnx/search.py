@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 N_INIT = 100
 PATIENCE = 100
+DEFAULT_SECONDS = 90.0
+RESOLVE_EVALS = 30   # a re-solve under a tighter budget re-maps the best c and refines it briefly  # the paper's schedule, capped in time unless --search-budget says otherwise
 
 
 def parse_budget(text) -> tuple[int | None, float | None]:
@@ -108,6 +110,8 @@ class SpdySearch(Chooser):
     def __init__(self, *, search_budget=None, seed=0, progress=True, **kw):
         super().__init__(**kw)
         self.max_evals, self.max_seconds = parse_budget(search_budget)
+        if search_budget is None:
+            self.max_seconds = DEFAULT_SECONDS
         self.seed = seed
         self.progress = progress
         self.best_c = None
@@ -122,8 +126,8 @@ class SpdySearch(Chooser):
         refine = self.best_c is not None
         c, picks, loss, stats = spdy_search(
             times.shape[0], times.shape[1], profile_of, self.evaluator.loss, seed=self.seed + (1 if refine else 0),
-            max_evals=self.max_evals if not refine else min(self.max_evals or 200, 200),
-            max_seconds=self.max_seconds, start=self.best_c, patience=PATIENCE if not refine else 30,
+            max_evals=self.max_evals if not refine else RESOLVE_EVALS,
+            max_seconds=self.max_seconds, start=self.best_c, patience=PATIENCE if not refine else RESOLVE_EVALS,
             progress=self.progress)
         self.best_c = c
         self.info.setdefault("search", []).append(stats)

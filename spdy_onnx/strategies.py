@@ -6,6 +6,7 @@ speed check and the weights are identical across them; only the choice of levels
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -141,7 +142,12 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
     feeds = calibrate.timing_batch(calib, prep.specs)
     database = build_database(prep, sites, sources, levels, calib, method=reconstruct,
                                  pattern=table.pattern, cache_dir=cache_dir, progress=progress)
-    evaluator = evaluate.Evaluator(prep.model, sites, database, calib, loss=loss, specs=prep.specs)
+    from spdy_onnx import cache
+    memo = cache.cache_key(model=prep.digest, sites=[s.name for s in sites], levels=levels, loss=loss,
+                           database=getattr(database, "folder", type(database).__name__), pattern=table.pattern,
+                           data=calibrate.data_digest(calib), samples=evaluate.DEFAULT_EVAL_SAMPLES)
+    journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
+    evaluator = evaluate.Evaluator(prep.model, sites, database, calib, loss=loss, specs=prep.specs, journal=journal)
     common = dict(sites=sites, levels=levels, database=database, evaluator=evaluator, feeds=feeds)
     if strategy == "uniform":
         return Uniform(**common)

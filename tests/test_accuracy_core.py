@@ -53,7 +53,7 @@ def test_obs_exact_zeros_and_beats_magnitude(sparsity):
     assert err_obs < err_mag
     best = obs.best_reconstruction(w, h, chol, dead, sparsity)
     assert np.count_nonzero(best == 0) == round(sparsity * w.size)
-    assert obs.reconstruction_error(w, best, h) < min(err_obs, err_mag)
+    assert obs.reconstruction_error(w, best, h) < err_obs
 
 
 def test_obs_n_m_pattern():
@@ -124,7 +124,7 @@ def test_hessians_match_direct_computation(tmp_path):
     sites, _ = graph.find_sites(model)
     hs = calibrate.hessians(model, sites, data, 1, progress=False)
     x = data["x"].reshape(-1, 32).astype(np.float64)
-    np.testing.assert_allclose(hs["matmul_0"], x.T @ x / x.shape[0], rtol=1e-6)
+    np.testing.assert_allclose(hs["matmul_0"], x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
     assert hs["matmul_1"].shape == (32, 32)
 
 

@@ -34,7 +34,7 @@ class ScriptedRuntime:
     def fingerprint(self):
         return {"engine": "scripted"}
 
-    def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases):
+    def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases, checkpoint=None):
         times = {s.name: [1.0, 0.8, 0.5, 0.25][: len(levels)] for s in sites}
         return LatencyTable(levels=levels, times=times, dense_total_ms=1.0 * len(sites) + 0.5,
                             runtime="scripted", meta={"cores": 1, "engine": "scripted"})

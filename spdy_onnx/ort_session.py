@@ -1,0 +1,32 @@
+"""onnxruntime sessions for calibration and evaluation, with the engine's errors turned into one line."""
+from __future__ import annotations
+
+import onnx
+
+from spdy_onnx.errors import SpdyError
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int | None = None):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor visible
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise SpdyError(f"onnxruntime cannot load the model for calibration: {_first_line(exc)}") from None
+
+
+def run(session, outputs, feeds):
+    try:
+        return session.run(outputs, feeds)
+    except Exception as exc:
+        raise SpdyError(f"onnxruntime failed to run the model on the calibration data: {_first_line(exc)}") from None

@@ -1,0 +1,71 @@
+"""A run killed during profiling, database building or search resumes from its caches."""
+import numpy as np
+import onnx
+import pytest
+import tiny
+
+from spdy_onnx import api, evaluate, graph
+from spdy_onnx.tables import LatencyTable
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(monkeypatch, cls, method, n):
+    real = getattr(cls, method)
+    calls = []
+
+    def wrapper(self, *a, **k):
+        if len(calls) >= n:
+            raise Killed()
+        calls.append(1)
+        return real(self, *a, **k)
+    monkeypatch.setattr(cls, method, wrapper)
+    return calls
+
+
+@pytest.mark.deepsparse
+def test_profiling_resumes_from_journal(tmp_path, monkeypatch):
+    pytest.importorskip("deepsparse")
+    from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime
+    path = tmp_path / "m.onnx"
+    onnx.save(tiny.mlp(width=256, depth=2, seq=16), path)
+    kw = dict(cores=1, levels="0.5,0.9", cache_dir=tmp_path / "c", progress=False, runtime_options={"repeats": 2})
+    _kill_after(monkeypatch, DeepSparseRuntime, "_analyse", 4)
+    with pytest.raises(Killed):
+        api.profile(path, output=tmp_path / "t.json", **kw)
+    assert not (tmp_path / "t.json").exists()
+    assert len(list((tmp_path / "c" / "tables").glob("*.partial.jsonl"))) == 1
+    monkeypatch.undo()
+    calls = _kill_after(monkeypatch, DeepSparseRuntime, "_analyse", 100)
+    table, out = api.profile(path, output=tmp_path / "t.json", **kw)
+    assert len(calls) == 2 * 3 - 4          # only the runs the killed profiling had not finished
+    assert set(table.times) == {"matmul_0", "matmul_1"}
+    assert not list((tmp_path / "c" / "tables").glob("*.partial.jsonl"))
+
+
+def test_search_resumes_and_gives_the_same_profile(tmp_path, monkeypatch):
+    model = tiny.mlp(width=64, depth=5, seq=4)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((8, 4, 64)).astype(np.float32))
+    sites, _ = graph.find_sites(model)
+    table = LatencyTable(levels=[0.0, 0.5, 0.7, 0.9], times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
+                         dense_total_ms=5.5, runtime="table").save(tmp_path / "t.json")
+    kw = dict(target=2.0, runtime="table", latency_table=table, data=tmp_path / "d.npz", progress=False,
+              search_budget="160", seed=1)
+    fresh = api.optimize(path, output=tmp_path / "fresh.onnx", cache_dir=tmp_path / "c1", **kw)
+
+    _kill_after(monkeypatch, evaluate.Evaluator, "_run", 40)   # dies in the middle of the search
+    with pytest.raises(Killed):
+        api.optimize(path, output=tmp_path / "r.onnx", cache_dir=tmp_path / "c2", **kw)
+    assert not (tmp_path / "r.onnx").exists()
+    monkeypatch.undo()
+    calls = _kill_after(monkeypatch, evaluate.Evaluator, "_run", 10**6)
+    resumed = api.optimize(path, output=tmp_path / "r.onnx", cache_dir=tmp_path / "c2", **kw)
+    distinct = fresh["quality"]["search"][0]["distinct_profiles"]
+    assert [s["sparsity"] for s in resumed["sites"]] == [s["sparsity"] for s in fresh["sites"]]
+    # the killed run finished 4 evaluations (8 reference runs + 4 x 8 batches): they are not repeated
+    assert len(calls) == 8 + 8 * (distinct - 4)
+    assert resumed["quality"]["calibration_loss"] == pytest.approx(fresh["quality"]["calibration_loss"])
