@@ -264,12 +264,31 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                 "strategy": strategy, "pattern": table.pattern,
                 "profile": {n: table.levels[j] for n, j in profile.items()}}
         modelio.save_model_atomic(set_metadata(pruned, meta), output)
+    rep["warnings"] = _noise_warnings(table, comparison)
     rep["seconds_total"] = time.perf_counter() - t_start
     write_json_atomic(report_path, rep)
     rep["report_path"] = str(report_path)
     if status == "missed":
         raise TargetMissed(target, measured, len(attempts))
     return rep
+
+
+NOISY_CORES = 0.5
+NOISY_SPREAD = 1.10
+
+
+def _noise_warnings(table, comparison) -> list[str]:
+    """What in the measurements a reader should distrust: other processes on the cores, wide spread."""
+    out = []
+    if table.meta.get("foreign_load_cores", 0) > NOISY_CORES:
+        out.append(f"other processes used {table.meta['foreign_load_cores']:.1f} cores while profiling")
+    if comparison is not None:
+        if comparison.foreign_load_cores > NOISY_CORES:
+            out.append(f"other processes used {comparison.foreign_load_cores:.1f} cores while benchmarking")
+        if comparison.ratio_p25 > 0 and comparison.ratio_p75 / comparison.ratio_p25 > NOISY_SPREAD:
+            out.append(f"per-round speedups spread from {comparison.ratio_p25:.3f}x to {comparison.ratio_p75:.3f}x "
+                       "(p25-p75): the machine was noisy")
+    return out
 
 
 def _report(prep, table, sites, profile, *, target, predicted, comparison, status, attempts, strategy, tolerance,

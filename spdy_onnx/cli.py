@@ -126,6 +126,8 @@ def _print_optimize(rep: dict):
     q = rep.get("quality") or {}
     if "calibration_loss" in q:
         print(f"calibration {q.get('loss')} vs dense: {q['calibration_loss']:.5f}")
+    for warning in rep.get("warnings", []):
+        print(f"warning: {warning}")
     if rep["status"] == "met":
         print(f"target met: wrote {rep['output']} (report {rep['report_path']})")
     elif rep["status"] == "not_measured":

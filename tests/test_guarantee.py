@@ -109,3 +109,18 @@ def test_tolerance_is_honoured(scripted, model_path, tmp_path):
     assert rep["status"] == "met" and 1.9 <= rep["measured_speedup"] < 2.0
     with pytest.raises(TargetMissed):  # the same measurement without the tolerance is a miss
         api.optimize(model_path, target=2.0, output=tmp_path / "p.onnx", tolerance=0.0, **kw)
+
+
+def test_noisy_measurements_are_flagged_in_the_report(scripted, model_path, tmp_path, monkeypatch):
+    scripted.efficiency = 1.0
+    real = ScriptedRuntime.compare
+
+    def noisy(self, *a, **k):
+        c = real(self, *a, **k)
+        c.foreign_load_cores, c.ratio_p25, c.ratio_p75 = 1.3, c.speedup * 0.8, c.speedup * 1.2
+        return c
+    monkeypatch.setattr(ScriptedRuntime, "compare", noisy)
+    rep = api.optimize(model_path, target=2.0, runtime="scripted", output=tmp_path / "o.onnx",
+                       cache_dir=tmp_path / "c", progress=False)
+    text = " ".join(rep["warnings"])
+    assert "1.3 cores while benchmarking" in text and "spread" in text
