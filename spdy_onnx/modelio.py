@@ -1,8 +1,21 @@
-"""Loading untrusted ONNX files safely, describing their inputs, and writing outputs atomically."""
+"""Loading untrusted ONNX files safely, describing their inputs, and writing outputs atomically.
+
+What `load_model` refuses, each with one line (SpdyError): a missing/empty/non-protobuf file, a single
+file over 2 GB (protobuf cannot hold it: weights must be external data), an IR version newer than the
+installed onnx reads, a graph that fails onnx.checker, external data outside the model's folder
+(absolute paths, `..`, links leaving it), missing or short external data files, bad offset/length
+fields, and tensors whose stored data does not match their shape and type.
+
+Models with external data are checked by path (onnx.checker.check_model(path), which works above 2 GB),
+then their data is read into memory. Such a model is written back by `save_model_atomic` with external
+data too: the model file plus `<name>.data` beside it.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -16,45 +29,190 @@ from spdy_onnx.errors import SpdyError
 log = logging.getLogger(__name__)
 
 TWO_GB = 2**31 - 1
+# metadata_props key marking an in-memory model that was loaded with external data; it holds the
+# external files that were read (JSON list), so an output never overwrites them. Never written to disk.
+EXTERNAL_MARK = "spdy_onnx.loaded_external_data"
+MAX_INPUT_BYTES = 2**31        # one timing/calibration input larger than this is surely a wrong shape
+EXTERNAL_SIZE_THRESHOLD = 1024   # tensors of at least this many bytes go to the .data file
+
+_T = onnx.TensorProto
+# bytes per element in raw_data, and (typed field, values per element) otherwise
+_RAW_ITEMSIZE = {_T.FLOAT: 4, _T.UINT8: 1, _T.INT8: 1, _T.UINT16: 2, _T.INT16: 2, _T.INT32: 4, _T.INT64: 8,
+                 _T.BOOL: 1, _T.FLOAT16: 2, _T.DOUBLE: 8, _T.UINT32: 4, _T.UINT64: 8, _T.COMPLEX64: 8,
+                 _T.COMPLEX128: 16, _T.BFLOAT16: 2}
+_TYPED_FIELD = {_T.FLOAT: ("float_data", 1), _T.COMPLEX64: ("float_data", 2), _T.DOUBLE: ("double_data", 1),
+                _T.COMPLEX128: ("double_data", 2), _T.INT64: ("int64_data", 1), _T.UINT32: ("uint64_data", 1),
+                _T.UINT64: ("uint64_data", 1), _T.STRING: ("string_data", 1)}
+for _name in ("INT32", "INT16", "INT8", "UINT16", "UINT8", "BOOL", "FLOAT16", "BFLOAT16"):
+    _TYPED_FIELD[getattr(_T, _name)] = ("int32_data", 1)
+for _name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ"):  # onnx >= 1.14
+    if hasattr(_T, _name):
+        _RAW_ITEMSIZE[getattr(_T, _name)] = 1
+        _TYPED_FIELD[getattr(_T, _name)] = ("int32_data", 1)
+
+
+def _label(node, index: int) -> str:
+    return node.name or (node.output[0] if node.output else f"{node.op_type}#{index}")
+
+
+def _graph_tensors(graph: onnx.GraphProto, where: str = ""):
+    """(tensor, description, loadable) for every tensor stored in the graph and its subgraphs.
+
+    `loadable` is False for the parts of sparse tensors, whose external data onnx does not load.
+    """
+    for t in graph.initializer:
+        yield t, f"initializer '{t.name}'{where}", True
+    for s in graph.sparse_initializer:
+        yield s.values, f"sparse initializer '{s.values.name}'{where}", False
+        yield s.indices, f"indices of sparse initializer '{s.values.name}'{where}", False
+    for i, node in enumerate(graph.node):
+        label = _label(node, i)
+        for a in node.attribute:
+            what = f"attribute '{a.name}' of node '{label}'{where}"
+            if a.HasField("t"):
+                yield a.t, what, True
+            for t in a.tensors:
+                yield t, what, True
+            sparse = ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors)
+            for s in sparse:
+                yield s.values, what, False
+                yield s.indices, what, False
+            inner = f" in a subgraph of node '{label}'{where}"
+            if a.HasField("g"):
+                yield from _graph_tensors(a.g, inner)
+            for g in a.graphs:
+                yield from _graph_tensors(g, inner)
+
+
+def _model_tensors(model: onnx.ModelProto):
+    yield from _graph_tensors(model.graph)
+    for f in model.functions:
+        for i, node in enumerate(f.node):
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t, f"attribute '{a.name}' of node '{_label(node, i)}' in function '{f.name}'", True
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
 def _external_tensors(model: onnx.ModelProto):
-    for tensor in external_data_helper._get_all_tensors(model):
-        if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL:
+    for tensor, _, _ in _model_tensors(model):
+        if _is_external(tensor):
             yield tensor
 
 
-def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
-    """Refuse external-data references that leave the model's folder or point at short files."""
+def _external_int(info: dict, key: str, tensor_name: str) -> int | None:
+    if key not in info or info[key] == "":
+        return None
+    try:
+        value = int(info[key])
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise SpdyError(f"tensor '{tensor_name}' has a bad external data {key} '{info[key][:40]}' "
+                        "(expected a whole number >= 0)")
+    return value
+
+
+def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[str]:
+    """Refuse external-data references that leave the model's folder or point at missing/short files.
+
+    Returns the files that will be read (resolved paths).
+    """
     base = base_dir.resolve()
-    for tensor in _external_tensors(model):
+    files = set()
+    for tensor, what, loadable in _model_tensors(model):
+        if not _is_external(tensor):
+            continue
+        name = tensor.name or what
+        if not loadable:
+            raise SpdyError(f"{what} keeps its data in an external file; external data is only supported "
+                            "for dense initializers and constants")
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
-        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+        shown = location[:200]
+        try:
+            outside = (not location or "\0" in location or os.path.isabs(location)
+                       or ".." in Path(location).parts)
+            target = None if outside else (base / location).resolve()
+        except (OSError, ValueError, RuntimeError):
+            outside, target = True, None
+        if outside or (base not in target.parents):
             raise SpdyError(
-                f"tensor '{tensor.name}' refers to external data '{location}' outside the model's "
-                "folder; only relative paths inside it are read")
-        target = (base / location).resolve()
-        if base not in target.parents and target != base:
-            raise SpdyError(f"tensor '{tensor.name}' refers to external data outside the model's folder")
+                f"tensor '{name}' refers to external data '{shown}' outside the model's folder; only "
+                "relative paths inside it are read")
         if not target.is_file():
-            raise SpdyError(f"external data file '{location}' of tensor '{tensor.name}' is missing")
-        offset = int(info.get("offset", 0) or 0)
-        length = info.get("length")
+            raise SpdyError(f"external data file '{shown}' of tensor '{name}' is missing (or not a file)")
+        offset = _external_int(info, "offset", name) or 0
+        length = _external_int(info, "length", name)
         size = target.stat().st_size
-        if length is not None and offset + int(length) > size:
-            raise SpdyError(f"external data file '{location}' is shorter than tensor '{tensor.name}' needs")
-        if offset > size:
-            raise SpdyError(f"external data file '{location}' is shorter than tensor '{tensor.name}' needs")
+        if offset > size or (length is not None and offset + length > size):
+            raise SpdyError(f"external data file '{shown}' is shorter than tensor '{name}' needs "
+                            f"({size} bytes; it needs {offset + (length or 0)})")
+        files.add(str(target))
+    return sorted(files)
+
+
+def _check_tensor_data(model: onnx.ModelProto, name: str) -> None:
+    """Every stored tensor's data must match its dims and type (raw_data bytes or typed values).
+
+    Only lengths are compared: nothing is converted to arrays, so giant tensors cost no extra memory.
+    """
+    for tensor, what, _ in _model_tensors(model):
+        if _is_external(tensor):
+            continue  # sparse parts refused above; the rest are loaded by now
+        dims = [int(d) for d in tensor.dims]
+        if any(d < 0 for d in dims):
+            raise SpdyError(f"{name}: {what} has a negative dimension {tuple(dims)}")
+        count = math.prod(dims)
+        dtype = tensor.data_type
+        if dtype not in _TYPED_FIELD:
+            raise SpdyError(f"{name}: {what} has an unknown data type {dtype}")
+        shape = "x".join(str(d) for d in dims) or "scalar"
+        type_name = onnx.TensorProto.DataType.Name(dtype)
+        if tensor.HasField("raw_data"):
+            if dtype == onnx.TensorProto.STRING:
+                raise SpdyError(f"{name}: {what} is a STRING tensor with raw data, which ONNX does not allow")
+            have, need = len(tensor.raw_data), count * _RAW_ITEMSIZE[dtype]
+            if have != need:
+                raise SpdyError(f"{name}: {what} has {have} bytes of data, but its shape {shape} of "
+                                f"{type_name} needs {need} (corrupt or truncated weights)")
+        else:
+            field, per = _TYPED_FIELD[dtype]
+            have, need = len(getattr(tensor, field)), count * per
+            if have != need:
+                raise SpdyError(f"{name}: {what} has {have} values, but its shape {shape} of "
+                                f"{type_name} needs {need} (corrupt or truncated weights)")
+
+
+def _checker_message(exc: Exception) -> str:
+    """The checker's message on one line (it spreads node descriptions over several)."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return "invalid graph"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and validate an ONNX file; every failure becomes one clear SpdyError."""
+    """Load and validate an ONNX file; every failure becomes one clear SpdyError.
+
+    Nothing outside the model's folder is read: external data must be relative paths inside it.
+    """
     path = Path(path)
     if not path.exists():
         raise SpdyError(f"no such file: {path}")
     if not path.is_file():
         raise SpdyError(f"not a file: {path}")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise SpdyError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if size > TWO_GB:
+        raise SpdyError(
+            f"{path} is {size / 2**30:.1f} GiB in one file; an ONNX protobuf cannot exceed 2 GB: save the "
+            "weights as external data (onnx.save_model(model, path, save_as_external_data=True))")
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -67,32 +225,69 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         model.ParseFromString(data)
     except Exception:
         raise SpdyError(f"{path} is not a valid ONNX file (truncated or not a protobuf model)") from None
+    del data
     if not model.graph.node or not model.opset_import:
         raise SpdyError(f"{path} is not a valid ONNX model (no graph nodes or no opset)")
     if model.ir_version > onnx.IR_VERSION:
         raise SpdyError(
             f"{path.name} has ONNX IR version {model.ir_version}; the installed onnx {onnx.__version__} reads IR "
             f"version <= {onnx.IR_VERSION} (the pin DeepSparse 1.8 needs): re-export with an older opset")
-    _check_external_data(model, path.parent)
-    if any(True for _ in _external_tensors(model)):
+    _drop_mark(model)  # only we set it, and only in memory
+    external_files = _check_external_data(model, path.parent)
+    if external_files:
+        # the checker by path reads the file itself and works for models whose weights exceed 2 GB
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as exc:
+            raise SpdyError(f"{path} fails onnx.checker: {_checker_message(exc)}") from None
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
             raise SpdyError(f"cannot load the external data of {path}: {exc}") from None
-    check_model(model, str(path))
+        if any(True for _ in _external_tensors(model)):
+            raise SpdyError(f"{path}: some external data could not be loaded")
+        _check_tensor_data(model, str(path))
+        _set_mark(model, external_files)
+    else:
+        check_model(model, str(path))
+        _check_tensor_data(model, str(path))
     return model
+
+
+def _set_mark(model: onnx.ModelProto, files: list[str]) -> None:
+    entry = model.metadata_props.add()
+    entry.key = EXTERNAL_MARK
+    entry.value = json.dumps(files)
+
+
+def _drop_mark(model: onnx.ModelProto) -> None:
+    kept = [p for p in model.metadata_props if p.key != EXTERNAL_MARK]
+    if len(kept) != len(model.metadata_props):
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+
+
+def _mark(model: onnx.ModelProto) -> list[str] | None:
+    for p in model.metadata_props:
+        if p.key == EXTERNAL_MARK:
+            try:
+                return [str(f) for f in json.loads(p.value)]
+            except (ValueError, TypeError):
+                return []
+    return None
+
+
+def loaded_with_external_data(model: onnx.ModelProto) -> bool:
+    return _mark(model) is not None
 
 
 def check_model(model: onnx.ModelProto, name: str = "model") -> None:
     try:
         if model.ByteSize() > TWO_GB:
-            return  # the in-memory checker refuses >2GB protos; the file was checked on save
+            return  # the in-memory checker refuses >2GB protos; load_model checks those by path
         onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
-        raise SpdyError(f"{name} fails onnx.checker: {first}") from None
-    except Exception as exc:  # protobuf/size errors from the checker
-        raise SpdyError(f"{name} fails onnx.checker: {exc}") from None
+    except Exception as exc:  # ValidationError, and protobuf/size errors from the checker
+        raise SpdyError(f"{name} fails onnx.checker: {_checker_message(exc)}") from None
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -102,29 +297,68 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write into a temporary folder beside the target, then rename into place: never half-written.
 
-    Models over 2 GB (or loaded with external data) are written with their weights in `<name>.data`;
-    the data file is moved first and the model last, so a visible model always has its data.
+    Models over 2 GB, or loaded with external data, are written with their weights in `<name>.data`
+    beside the model (tensors of 1 KiB or more). The data file is renamed into place first and the model
+    last; if the last rename fails, the data file is removed again. An interruption (Ctrl-C, disk full)
+    leaves no output and no temporary files. `model` itself is not modified. Write errors become one
+    SpdyError line.
     """
     path = Path(path)
     folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    external = model.ByteSize() > TWO_GB or any(True for _ in _external_tensors(model))
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=folder) as tmpdir:
-        tmp = Path(tmpdir) / path.name
-        if external:
-            data_name = path.name + ".data"
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            os.replace(Path(tmpdir) / data_name, folder / data_name)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+    if any(True for _ in _external_tensors(model)):
+        raise SpdyError(f"cannot write {path}: the model still refers to external data that was not loaded")
+    read_from = _mark(model)
+    external = read_from is not None or model.ByteSize() > TWO_GB
+    data_name = path.name + ".data"
+    data_path = folder / data_name
+    if external and read_from:
+        try:
+            clash = data_path.exists() and any(os.path.samefile(data_path, f) for f in read_from if os.path.exists(f))
+        except OSError:
+            clash = False
+        if clash:
+            raise SpdyError(f"the output's data file {data_path} is an external data file of the input; "
+                            "refusing to overwrite it (choose another output name)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=folder) as tmpdir:
+            tmp = Path(tmpdir) / path.name
+            if external:
+                out = onnx.ModelProto()
+                out.CopyFrom(model)   # onnx.save_model moves the weights out of the proto it is given
+                _drop_mark(out)
+                onnx.save_model(out, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=data_name, size_threshold=EXTERNAL_SIZE_THRESHOLD)
+                del out
+                tmp_data = Path(tmpdir) / data_name
+                if tmp_data.exists():
+                    _fsync(tmp_data)
+                    _fsync(tmp)
+                    os.replace(tmp_data, data_path)
+                    try:
+                        os.replace(tmp, path)
+                    except BaseException:
+                        data_path.unlink(missing_ok=True)
+                        raise
+                else:  # no tensor was big enough to go out
+                    _fsync(tmp)
+                    os.replace(tmp, path)
+            else:
+                with open(tmp, "wb") as f:
+                    f.write(model.SerializeToString())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+    except OSError as exc:
+        raise SpdyError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 
@@ -179,7 +413,13 @@ def input_specs(model: onnx.ModelProto, batch_size: int,
         ttype = value.type.tensor_type
         if not value.type.HasField("tensor_type"):
             raise SpdyError(f"input '{value.name}' is not a tensor; only tensor inputs are supported")
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        except (KeyError, TypeError, ValueError):
+            dtype = None
+        if dtype is None or ttype.elem_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+            raise SpdyError(f"input '{value.name}' has element type {ttype.elem_type}, which cannot be fed "
+                            "(numeric and bool tensor inputs only)")
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim]
         if value.name in overrides:
             shape = overrides.pop(value.name)
@@ -197,7 +437,13 @@ def input_specs(model: onnx.ModelProto, batch_size: int,
                     f"input '{value.name}' has dynamic dimensions ({pretty}); give them with "
                     f"--input-shape {value.name}:" + "x".join(str(d or 1) if i == 0 else str(d or 'N') for i, d in enumerate(dims)))
             shape = tuple([batch_size] + dims[1:]) if dims else ()
-        specs[value.name] = (tuple(int(d) for d in shape), dtype)
+        shape = tuple(int(d) for d in shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > MAX_INPUT_BYTES:
+            raise SpdyError(f"input '{value.name}' of shape {'x'.join(map(str, shape))} would take "
+                            f"{nbytes / 2**30:.1f} GiB per batch; inputs over {MAX_INPUT_BYTES >> 30} GiB are "
+                            "refused (check the model's input shape, --input-shape and --batch-size)")
+        specs[value.name] = (shape, dtype)
     if overrides:
         raise SpdyError(f"--input-shape names unknown input(s): {', '.join(sorted(overrides))}; "
                         f"the model's inputs are: {', '.join(specs)}")
