@@ -129,14 +129,64 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _subgraphs(node):
+    for a in node.attribute:
+        if a.HasField("g"):
+            yield a.name, a.g
+        for g in a.graphs:
+            yield a.name, g
+
+
+def _subgraph_reads(graph: onnx.GraphProto, counts: dict[str, int]) -> None:
+    """Count every tensor name read anywhere inside `graph` (nested subgraphs too).
+
+    ONNX names are unique across a graph and its subgraphs, so a name read inside a subgraph that is
+    a main-graph tensor is that tensor (an implicit, outer-scope input).
+    """
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                counts[name] = counts.get(name, 0) + 1
+        for _, sub in _subgraphs(node):
+            _subgraph_reads(sub, counts)
+    for out in graph.output:
+        counts[out.name] = counts.get(out.name, 0) + 1
+
+
+def _subgraph_nodes(graph: onnx.GraphProto, prefix: str):
+    """(qualified name, node, container op) for every node inside subgraphs of `graph`'s nodes."""
+    for i, node in enumerate(graph.node):
+        label = node.name or (node.output[0] if node.output else f"node_{i}")
+        for attr, sub in _subgraphs(node):
+            inner = f"{prefix}{label}/{attr}/"
+            for j, n in enumerate(sub.node):
+                yield inner + (n.name or (n.output[0] if n.output else f"node_{j}")), n, node.op_type
+            yield from _subgraph_nodes(sub, inner)
+
+
 def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
-    """All prunable sites, and {node name: reason} for constant-weight nodes that cannot be pruned."""
+    """All prunable sites, and {node name: reason} for constant-weight nodes that cannot be pruned.
+
+    Only main-graph nodes are sites. Conv/Gemm/MatMul inside control-flow subgraphs (If/Loop/Scan) are
+    left dense and listed with that reason. A weight read by more than one node (including reads from
+    inside a subgraph) or that is also a graph output is left dense at every node that uses it: it is
+    never pruned for one user and silently changed for another.
+    """
     inits = {t.name: t for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
+    subgraph_reads: dict[str, int] = {}
+    for node in model.graph.node:
+        for _, sub in _subgraphs(node):
+            _subgraph_reads(sub, subgraph_reads)
+    graph_outputs = {o.name for o in model.graph.output}
+    for name, count in subgraph_reads.items():
+        consumers[name] = consumers.get(name, 0) + count
+    for name in graph_outputs:
+        consumers[name] = consumers.get(name, 0) + 1
     names = _node_names(model)
 
     sites: list[Site] = []
@@ -147,7 +197,9 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
         chain = []
         tensor = node.input[1]
         quantized = False
-        while tensor not in inits and tensor in producers:
+        seen = set()
+        while tensor not in inits and tensor in producers and tensor not in seen:
+            seen.add(tensor)
             prod = producers[tensor]
             if prod.op_type in PASS_THROUGH_OPS and prod.input:
                 if prod.op_type == "Transpose":
@@ -171,12 +223,20 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
         src_shape = tuple(int(d) for d in init.dims)
         shape = src_shape
         fixed_chain = []
+        bad_perm = None
         for op, arg in chain:
             if op == "Transpose":
                 perm = arg if arg is not None else tuple(reversed(range(len(shape))))
+                if sorted(int(p) for p in perm) != list(range(len(shape))):
+                    bad_perm = perm
+                    break
                 shape = tuple(shape[p] for p in perm)
                 arg = tuple(int(p) for p in perm)
             fixed_chain.append((op, arg))
+        if bad_perm is not None:
+            unprunable[name] = (f"weight '{tensor}' goes through a Transpose with perm {list(bad_perm)}, "
+                                f"which does not fit its rank {len(src_shape)}: left dense")
+            continue
         attrs = _attrs(node)
         if node.op_type == "MatMul" and len(shape) != 2:
             unprunable[name] = f"MatMul weight of rank {len(shape)} is not supported"
@@ -185,9 +245,16 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
             continue
         if node.op_type == "Conv" and len(shape) < 3:
             continue
-        # a weight read by several nodes would have to be pruned once for all of them
-        uses = consumers.get(tensor, 0)
-        if uses > 1 or any(consumers.get(t, 0) > 1 for t in _chain_tensors(node.input[1], producers, tensor)):
+        # a weight read by several nodes would have to be pruned once for all of them: left dense
+        chain_tensors = [tensor] + _chain_tensors(node.input[1], producers, tensor)
+        if any(t in graph_outputs for t in chain_tensors):
+            unprunable[name] = f"weight '{tensor}' is also a graph output: left dense"
+            continue
+        if any(subgraph_reads.get(t, 0) for t in chain_tensors):
+            unprunable[name] = (f"weight '{tensor}' is shared with a node inside a control-flow subgraph: "
+                                "left dense")
+            continue
+        if any(consumers.get(t, 0) > 1 for t in chain_tensors):
             unprunable[name] = f"weight '{tensor}' is shared by several nodes: left dense"
             continue
         site = Site(
@@ -206,13 +273,17 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
             if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 site.pads = ()  # resolved later from shapes; marks auto padding
         sites.append(site)
+    for qualified, node, container in _subgraph_nodes(model.graph, ""):
+        if node.op_type in PRUNABLE_OPS and node.domain in ("", "ai.onnx") and len(node.input) >= 2:
+            unprunable[qualified] = (f"inside a control-flow subgraph ({container}): nodes in subgraphs are "
+                                     "not pruned")
     return sites, unprunable
 
 
 def _chain_tensors(start: str, producers: dict, stop: str) -> list[str]:
     tensors = []
     t = start
-    while t != stop and t in producers:
+    while t != stop and t in producers and t not in tensors and producers[t].input:
         tensors.append(t)
         t = producers[t].input[0]
     return tensors
