@@ -1,0 +1,208 @@
+"""Outputs (issue #5, item 2): written to a temporary file in the target folder and renamed into
+place; the input is never modified; an interrupted or failed write leaves no output and no temporary
+files; nothing is written outside the output's folder and the tool's own (removed) work folder."""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tiny
+
+from spdy_onnx import graph, modelio
+from spdy_onnx.cli import main
+from spdy_onnx.errors import SpdyError
+from spdy_onnx.tables import LatencyTable
+
+_EVENTS: list | None = None
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _audit(event, args):
+    if _EVENTS is None:
+        return
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        mode, flags = args[1], args[2]
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (mode is None and flags & _WRITE_FLAGS):
+            _EVENTS.append(("write", os.fsdecode(args[0])))
+    elif event in ("os.rename", "os.replace"):
+        _EVENTS.append((event, _resolve(args[1], args[3])))
+    elif event in ("os.mkdir", "os.remove", "os.rmdir"):
+        _EVENTS.append((event, _resolve(args[0], args[-1])))
+
+
+def _resolve(path, dir_fd) -> str:
+    """Paths relative to a directory descriptor (shutil.rmtree works that way) made absolute."""
+    path = os.fsdecode(path)
+    if isinstance(dir_fd, int) and not os.path.isabs(path):
+        return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+    return path
+
+
+sys.addaudithook(_audit)
+
+
+class recorded_writes:
+    def __enter__(self):
+        global _EVENTS
+        _EVENTS = []
+        return _EVENTS
+
+    def __exit__(self, *exc):
+        global _EVENTS
+        _EVENTS = None
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """A tiny model, its latency table, an output folder, and a private system temp folder."""
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    model = tiny.mlp(width=64, depth=2, seq=4)
+    path = inp / "m.onnx"
+    onnx.save(model, str(path))
+    sites, _ = graph.find_sites(model)
+    table = LatencyTable(levels=[0.0, 0.5, 0.9], times={s.name: [1.0, 0.6, 0.3] for s in sites},
+                         dense_total_ms=2.5, runtime="table").save(inp / "t.json")
+    out = tmp_path / "out"
+    out.mkdir()
+    return path, table, out, systmp
+
+
+def optimize(path, table, out_path, *extra):
+    return main(["optimize", str(path), "--target", "1.5x", "--runtime", "table", "--latency-table", str(table),
+                 "-q", "--min-weights", "0", "-o", str(out_path), *extra])
+
+
+def test_input_unchanged_and_writes_stay_in_the_output_folder(setup, capsys):
+    path, table, out, systmp = setup
+    stat, data = path.stat(), path.read_bytes()
+    with recorded_writes() as writes:
+        assert optimize(path, table, out / "pruned.onnx") == 0
+    assert path.read_bytes() == data
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
+    assert listing(out) == ["pruned.onnx", "pruned.report.json"]
+    assert listing(systmp) == []                      # the work folder is gone
+    for kind, target in writes:
+        p = Path(target).resolve()
+        assert p == out or out in p.parents or systmp in p.parents, (kind, target)
+    assert not any(Path(t).resolve() == path.resolve() for _, t in writes)
+    final = [t for k, t in writes if k in ("os.rename", "os.replace") and Path(t).name == "pruned.onnx"]
+    assert final == [str(out / "pruned.onnx")]       # renamed into place, not written there directly
+    assert not any(k == "write" and Path(t) == out / "pruned.onnx" for k, t in writes)
+
+
+def _fail_on(monkeypatch, exc, *, when):
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if when(Path(os.fsdecode(dst))):
+            raise exc
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("exc,code", [(KeyboardInterrupt(), 130), (OSError(28, "No space left on device"), 2)])
+def test_interrupted_final_rename_leaves_nothing(setup, capsys, monkeypatch, exc, code):
+    path, table, out, systmp = setup
+    data = path.read_bytes()
+    _fail_on(monkeypatch, exc, when=lambda dst: dst.name == "pruned.onnx")
+    assert optimize(path, table, out / "pruned.onnx") == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if code == 2:
+        assert [line for line in err.splitlines() if line.startswith("spdy-onnx: error")] == [
+            f"spdy-onnx: error: cannot write {out / 'pruned.onnx'}: No space left on device"]
+    assert listing(out) == []                         # no output, no report, no temporary files
+    assert listing(systmp) == []
+    assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(5, "Input/output error")])
+def test_interrupted_mid_write_leaves_nothing(setup, capsys, monkeypatch, exc):
+    """The model bytes are in the temporary file when the interruption comes (at fsync)."""
+    path, table, out, systmp = setup
+    real = os.fsync
+    seen = []
+
+    def fsync(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if Path(name).name == "pruned.onnx":
+            seen.append(os.path.getsize(name))
+            raise exc
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert optimize(path, table, out / "pruned.onnx") in (2, 130)
+    assert seen and seen[0] > 0                       # it was interrupted half-way, with data written
+    assert "Traceback" not in capsys.readouterr().err
+    assert listing(out) == []
+    assert listing(systmp) == []
+
+
+def test_external_data_save_interrupted_between_renames_leaves_nothing(tmp_path, monkeypatch):
+    """The .data goes into place first; if the model's rename then fails, the .data is taken back."""
+    model = tiny.mlp(width=64, depth=2, seq=4)
+    monkeypatch.setattr(modelio, "TWO_GB", 1024)      # take the external-data path
+    _fail_on(monkeypatch, KeyboardInterrupt(), when=lambda dst: dst.name == "big.onnx")
+    with pytest.raises(KeyboardInterrupt):
+        modelio.save_model_atomic(model, tmp_path / "big.onnx")
+    assert listing(tmp_path) == []
+
+
+def test_external_data_save_failure_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+    model = tiny.mlp(width=64, depth=2, seq=4)
+    monkeypatch.setattr(modelio, "TWO_GB", 1024)
+    _fail_on(monkeypatch, OSError(13, "Permission denied"), when=lambda dst: dst.name == "big.onnx.data")
+    with pytest.raises(SpdyError, match="cannot write .*big.onnx: Permission denied"):
+        modelio.save_model_atomic(model, tmp_path / "big.onnx")
+    assert listing(tmp_path) == []
+
+
+def test_existing_output_is_replaced_whole_or_kept(setup, capsys, monkeypatch):
+    """A failed run never leaves a mix: the previous output stays byte for byte."""
+    path, table, out, systmp = setup
+    assert optimize(path, table, out / "pruned.onnx") == 0
+    old = (out / "pruned.onnx").read_bytes()
+    _fail_on(monkeypatch, OSError(28, "No space left on device"), when=lambda dst: dst.name == "pruned.onnx")
+    assert optimize(path, table, out / "pruned.onnx", "--target", "1.2x") == 2
+    assert (out / "pruned.onnx").read_bytes() == old
+    assert listing(out) == ["pruned.onnx", "pruned.report.json"]
+
+
+def test_output_folder_that_cannot_be_created_is_one_error(setup, capsys):
+    path, table, out, systmp = setup
+    (out / "blocker").write_text("a file where a folder is needed")
+    assert optimize(path, table, out / "blocker" / "pruned.onnx") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spdy-onnx: error")]
+    assert len(errors) == 1 and "blocker" in errors[0], errors
+    assert listing(out) == ["blocker"]
+
+
+def test_external_data_input_unchanged(tmp_path, capsys):
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    model = tiny.mlp(width=64, depth=2, seq=4)
+    path = folder / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    sites, _ = graph.find_sites(model)
+    table = LatencyTable(levels=[0.0, 0.5, 0.9], times={s.name: [1.0, 0.6, 0.3] for s in sites},
+                         dense_total_ms=2.5, runtime="table").save(tmp_path / "t.json")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+    assert optimize(path, table, folder / "pruned.onnx") == 0
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+    assert {k: after[k] for k in before} == before
+    assert sorted(after) == ["m.data", "m.onnx", "pruned.onnx", "pruned.onnx.data", "pruned.report.json"]
+    pruned = onnx.load(str(folder / "pruned.onnx"))   # its data file holds the pruned weights
+    weights = graph.read_weights(pruned, graph.find_sites(pruned)[0])
+    assert sorted(float(np.mean(w == 0)) for w in weights.values()) == pytest.approx([0.5, 0.9], abs=1e-3)
