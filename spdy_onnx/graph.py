@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from spdy_onnx.errors import SpdyError
+from spdy_onnx.modelio import printable
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
             continue
         init = inits[tensor]
         if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
-            unprunable[name] = f"weight '{tensor}' is not a float tensor"
+            unprunable[name] = f"weight '{printable(tensor, 80)}' is not a float tensor"
             continue
         chain.reverse()
         src_shape = tuple(int(d) for d in init.dims)
@@ -234,7 +235,8 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
                 arg = tuple(int(p) for p in perm)
             fixed_chain.append((op, arg))
         if bad_perm is not None:
-            unprunable[name] = (f"weight '{tensor}' goes through a Transpose with perm {list(bad_perm)}, "
+            unprunable[name] = (f"weight '{printable(tensor, 80)}' goes through a Transpose with perm "
+                                f"{list(bad_perm)}, "
                                 f"which does not fit its rank {len(src_shape)}: left dense")
             continue
         attrs = _attrs(node)
@@ -248,14 +250,14 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
         # a weight read by several nodes would have to be pruned once for all of them: left dense
         chain_tensors = [tensor] + _chain_tensors(node.input[1], producers, tensor)
         if any(t in graph_outputs for t in chain_tensors):
-            unprunable[name] = f"weight '{tensor}' is also a graph output: left dense"
+            unprunable[name] = f"weight '{printable(tensor, 80)}' is also a graph output: left dense"
             continue
         if any(subgraph_reads.get(t, 0) for t in chain_tensors):
-            unprunable[name] = (f"weight '{tensor}' is shared with a node inside a control-flow subgraph: "
-                                "left dense")
+            unprunable[name] = (f"weight '{printable(tensor, 80)}' is shared with a node inside a control-flow "
+                                "subgraph: left dense")
             continue
         if any(consumers.get(t, 0) > 1 for t in chain_tensors):
-            unprunable[name] = f"weight '{tensor}' is shared by several nodes: left dense"
+            unprunable[name] = f"weight '{printable(tensor, 80)}' is shared by several nodes: left dense"
             continue
         site = Site(
             name=name, op_type=node.op_type, output=node.output[0], weight=tensor, weight_shape=shape,
@@ -275,8 +277,8 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
         sites.append(site)
     for qualified, node, container in _subgraph_nodes(model.graph, ""):
         if node.op_type in PRUNABLE_OPS and node.domain in ("", "ai.onnx") and len(node.input) >= 2:
-            unprunable[qualified] = (f"inside a control-flow subgraph ({container}): nodes in subgraphs are "
-                                     "not pruned")
+            unprunable[qualified] = (f"inside a control-flow subgraph ({printable(container, 40)}): nodes in "
+                                     "subgraphs are not pruned")
     return sites, unprunable
 
 

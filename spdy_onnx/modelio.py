@@ -51,8 +51,14 @@ for _name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ"):
         _TYPED_FIELD[getattr(_T, _name)] = ("int32_data", 1)
 
 
+def printable(text, limit: int = 200) -> str:
+    """Names from an untrusted file, safe for one terminal line: control characters escaped, length capped."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    return out if len(out) <= limit else out[:limit - 3] + "..."
+
+
 def _label(node, index: int) -> str:
-    return node.name or (node.output[0] if node.output else f"{node.op_type}#{index}")
+    return printable(node.name or (node.output[0] if node.output else f"{node.op_type}#{index}"), 80)
 
 
 def _graph_tensors(graph: onnx.GraphProto, where: str = ""):
@@ -61,14 +67,14 @@ def _graph_tensors(graph: onnx.GraphProto, where: str = ""):
     `loadable` is False for the parts of sparse tensors, whose external data onnx does not load.
     """
     for t in graph.initializer:
-        yield t, f"initializer '{t.name}'{where}", True
+        yield t, f"initializer '{printable(t.name, 80)}'{where}", True
     for s in graph.sparse_initializer:
-        yield s.values, f"sparse initializer '{s.values.name}'{where}", False
-        yield s.indices, f"indices of sparse initializer '{s.values.name}'{where}", False
+        yield s.values, f"sparse initializer '{printable(s.values.name, 80)}'{where}", False
+        yield s.indices, f"indices of sparse initializer '{printable(s.values.name, 80)}'{where}", False
     for i, node in enumerate(graph.node):
         label = _label(node, i)
         for a in node.attribute:
-            what = f"attribute '{a.name}' of node '{label}'{where}"
+            what = f"attribute '{printable(a.name, 40)}' of node '{label}'{where}"
             if a.HasField("t"):
                 yield a.t, what, True
             for t in a.tensors:
@@ -90,7 +96,8 @@ def _model_tensors(model: onnx.ModelProto):
         for i, node in enumerate(f.node):
             for a in node.attribute:
                 if a.HasField("t"):
-                    yield a.t, f"attribute '{a.name}' of node '{_label(node, i)}' in function '{f.name}'", True
+                    yield a.t, (f"attribute '{printable(a.name, 40)}' of node '{_label(node, i)}' in function "
+                                f"'{printable(f.name, 80)}'"), True
 
 
 def _is_external(tensor: onnx.TensorProto) -> bool:
@@ -111,7 +118,7 @@ def _external_int(info: dict, key: str, tensor_name: str) -> int | None:
     except ValueError:
         value = -1
     if value < 0:
-        raise SpdyError(f"tensor '{tensor_name}' has a bad external data {key} '{info[key][:40]}' "
+        raise SpdyError(f"tensor '{tensor_name}' has a bad external data {key} '{printable(info[key], 40)}' "
                         "(expected a whole number >= 0)")
     return value
 
@@ -126,13 +133,13 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[str]:
     for tensor, what, loadable in _model_tensors(model):
         if not _is_external(tensor):
             continue
-        name = tensor.name or what
+        name = printable(tensor.name, 80) or what
         if not loadable:
             raise SpdyError(f"{what} keeps its data in an external file; external data is only supported "
                             "for dense initializers and constants")
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
-        shown = location[:200]
+        shown = printable(location)
         try:
             outside = (not location or "\0" in location or os.path.isabs(location)
                        or ".." in Path(location).parts)
@@ -187,12 +194,30 @@ def _check_tensor_data(model: onnx.ModelProto, name: str) -> None:
                                 f"{type_name} needs {need} (corrupt or truncated weights)")
 
 
+def _check_text(message, where: str, name: str) -> None:
+    """Every string field must be text: protobuf hands back `bytes` for invalid UTF-8 (a corrupt name),
+    which would break every later use of the name. Bytes fields (weights) are never touched."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+    for fd in message.DESCRIPTOR.fields:
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == F.LABEL_REPEATED
+        if fd.type == F.TYPE_STRING:
+            values = getattr(message, fd.name) if repeated else [getattr(message, fd.name)]
+            for i, v in enumerate(values):
+                if not isinstance(v, str):
+                    at = f"{where}.{fd.name}" + (f"[{i}]" if repeated else "")
+                    raise SpdyError(f"{name}: {at} is not valid UTF-8 text ({printable(v, 60)}): corrupt file")
+        elif fd.type == F.TYPE_MESSAGE:
+            if repeated:
+                for i, v in enumerate(getattr(message, fd.name)):
+                    _check_text(v, f"{where}.{fd.name}[{i}]", name)
+            elif message.HasField(fd.name):
+                _check_text(getattr(message, fd.name), f"{where}.{fd.name}", name)
+
+
 def _checker_message(exc: Exception) -> str:
     """The checker's message on one line (it spreads node descriptions over several)."""
     text = " ".join(str(exc).split())
-    if not text:
-        return "invalid graph"
-    return text if len(text) <= 300 else text[:297] + "..."
+    return printable(text, 300) if text else "invalid graph"
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -226,6 +251,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     except Exception:
         raise SpdyError(f"{path} is not a valid ONNX file (truncated or not a protobuf model)") from None
     del data
+    _check_text(model, "model", str(path))
     if not model.graph.node or not model.opset_import:
         raise SpdyError(f"{path} is not a valid ONNX model (no graph nodes or no opset)")
     if model.ir_version > onnx.IR_VERSION:
@@ -243,7 +269,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
-            raise SpdyError(f"cannot load the external data of {path}: {exc}") from None
+            raise SpdyError(f"cannot load the external data of {path}: {printable(exc, 300)}") from None
         if any(True for _ in _external_tensors(model)):
             raise SpdyError(f"{path}: some external data could not be loaded")
         _check_tensor_data(model, str(path))
@@ -410,43 +436,44 @@ def input_specs(model: onnx.ModelProto, batch_size: int,
     overrides = dict(overrides or {})
     specs = {}
     for value in graph_inputs(model):
+        shown = printable(value.name, 80)
         ttype = value.type.tensor_type
         if not value.type.HasField("tensor_type"):
-            raise SpdyError(f"input '{value.name}' is not a tensor; only tensor inputs are supported")
+            raise SpdyError(f"input '{shown}' is not a tensor; only tensor inputs are supported")
         try:
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
         except (KeyError, TypeError, ValueError):
             dtype = None
         if dtype is None or ttype.elem_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
-            raise SpdyError(f"input '{value.name}' has element type {ttype.elem_type}, which cannot be fed "
+            raise SpdyError(f"input '{shown}' has element type {ttype.elem_type}, which cannot be fed "
                             "(numeric and bool tensor inputs only)")
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim]
         if value.name in overrides:
             shape = overrides.pop(value.name)
             if len(shape) != len(dims):
-                raise SpdyError(f"--input-shape for '{value.name}' has {len(shape)} dims, the model has {len(dims)}")
+                raise SpdyError(f"--input-shape for '{shown}' has {len(shape)} dims, the model has {len(dims)}")
             for i, (given, static) in enumerate(zip(shape, dims)):
                 if i > 0 and static is not None and given != static:
-                    raise SpdyError(f"--input-shape for '{value.name}' sets dim {i} to {given}, the model fixes it to {static}")
+                    raise SpdyError(f"--input-shape for '{shown}' sets dim {i} to {given}, the model fixes it to {static}")
             shape = (batch_size,) + tuple(shape[1:]) if shape else shape
         else:
             missing = [i for i, d in enumerate(dims) if d is None and i > 0]
             if missing:
                 pretty = "x".join(str(d) if d else "?" for d in dims)
                 raise SpdyError(
-                    f"input '{value.name}' has dynamic dimensions ({pretty}); give them with "
-                    f"--input-shape {value.name}:" + "x".join(str(d or 1) if i == 0 else str(d or 'N') for i, d in enumerate(dims)))
+                    f"input '{shown}' has dynamic dimensions ({pretty}); give them with "
+                    f"--input-shape {shown}:" + "x".join(str(d or 1) if i == 0 else str(d or 'N') for i, d in enumerate(dims)))
             shape = tuple([batch_size] + dims[1:]) if dims else ()
         shape = tuple(int(d) for d in shape)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > MAX_INPUT_BYTES:
-            raise SpdyError(f"input '{value.name}' of shape {'x'.join(map(str, shape))} would take "
+            raise SpdyError(f"input '{shown}' of shape {'x'.join(map(str, shape))} would take "
                             f"{nbytes / 2**30:.1f} GiB per batch; inputs over {MAX_INPUT_BYTES >> 30} GiB are "
                             "refused (check the model's input shape, --input-shape and --batch-size)")
         specs[value.name] = (shape, dtype)
     if overrides:
         raise SpdyError(f"--input-shape names unknown input(s): {', '.join(sorted(overrides))}; "
-                        f"the model's inputs are: {', '.join(specs)}")
+                        f"the model's inputs are: {printable(', '.join(specs))}")
     return specs
 
 
