@@ -149,6 +149,33 @@ def test_graph_failing_checker(work, capsys):
     assert "input 'never_produced' of node: name: relu_0 OpType: Relu is not output of any previous" in msg
 
 
+def test_name_that_is_not_utf8_text(work, capsys):
+    """protobuf hands back bytes for such a name; every later use of it would crash."""
+    data = mlp().SerializeToString()
+    assert data.count(b"matmul_0") == 1
+    path = work / "m.onnx"
+    path.write_bytes(data.replace(b"matmul_0", b"matmul\x80_"))
+    table = table_for(mlp(), work / "t.json")
+    for argv in (lambda: optimize(capsys, path, table), lambda: cli(capsys, "sites", path)):
+        msg = expect_one_error(capsys, work, argv, "model.graph.node[0].name is not valid UTF-8 text")
+        assert msg.endswith("(b'matmul\\x80_'): corrupt file")
+
+
+def test_control_characters_in_names_stay_on_one_escaped_line(work, capsys, tmp_path):
+    model = mlp()
+    evil = "w0\n\x1b[2Jspdy-onnx: error: fake"
+    model.graph.initializer[0].name = evil
+    model.graph.node[0].input[1] = evil
+    path = external_model(work, model)
+    edit_external(path, location="/etc/hostname")
+    table = table_for(mlp(), work / "t.json")
+    code = main(["optimize", str(path), "--target", "1.5x", "--runtime", "table", "--latency-table", str(table)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "\x1b" not in err
+    assert err.strip() == ("spdy-onnx: error: tensor 'w0\\n\\x1b[2Jspdy-onnx: error: fake' refers to external data "
+                           "'/etc/hostname' outside the model's folder; only relative paths inside it are read")
+
+
 # --- external data ---------------------------------------------------------------------------------
 
 @pytest.fixture
