@@ -378,6 +378,7 @@ def test_npy_header_cut_inside_the_shape_is_one_error(work, capsys):
 @pytest.mark.xfail(strict=True, reason="finite float32 calibration values near 1e30 overflow the float32 "
                                        "Hessian GEMM (calibrate.hessians) and obs.inverse_cholesky's "
                                        "LinAlgError escapes reconstruct.build_database as a traceback")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_calibration_values_overflowing_float32_are_one_error(work, capsys):
     np.savez(work / "calib.npz", x=np.full((8,) + SHAPE, 1e30, np.float32))
     assert _optimize_with_data(work, capsys, work / "calib.npz") == 2
@@ -386,6 +387,7 @@ def test_calibration_values_overflowing_float32_are_one_error(work, capsys):
 @pytest.mark.xfail(strict=True, reason="calibrate.check_data tests finiteness before casting to the model's "
                                        "dtype: float64 1e300 passes, becomes inf in float32, and the "
                                        "LinAlgError from obs.inverse_cholesky escapes as a traceback")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_float64_calibration_values_beyond_float32_are_one_error(work, capsys):
     np.savez(work / "calib.npz", x=np.full((8,) + SHAPE, 1e300, np.float64))
     assert _optimize_with_data(work, capsys, work / "calib.npz") == 2

@@ -615,3 +615,31 @@ def test_external_data_model_profiles_on_deepsparse(work, capsys):
     assert code == 0 and not errors
     table = LatencyTable.load(work / "table.json")
     assert set(table.times) == {"matmul_0", "matmul_1"}
+
+
+# --- inputs and weight chains that would otherwise crash later ------------------------------------
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", TensorProto.STRING),
+     "input 'x' has element type 8, which cannot be fed (numeric and bool tensor inputs only)"),
+    (lambda m: setattr(m.graph.input[0].type.tensor_type.shape.dim[1], "dim_value", 2**30),
+     "input 'x' of shape 1x1073741824x64 would take 256.0 GiB per batch; inputs over 2 GiB are refused"),
+])
+def test_inputs_that_cannot_be_fed(work, capsys, edit, match):
+    model = mlp()
+    edit(model)
+    path = work / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    table = table_for(mlp(), work / "t.json")
+    expect_one_error(capsys, work, lambda: optimize(capsys, path, table), match)
+
+
+def test_transpose_perm_not_fitting_the_weight_leaves_it_dense():
+    model = mlp(weight_form="transpose")
+    for node in model.graph.node:
+        if node.op_type == "Transpose":
+            node.attribute[0].ints[:] = [0, 1, 2]
+    sites, unprunable = graph.find_sites(model)
+    assert not sites
+    assert unprunable["matmul_0"] == ("weight 'w0_t' goes through a Transpose with perm [0, 1, 2], which does not "
+                                      "fit its rank 2: left dense")
