@@ -327,6 +327,7 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
         "measurement": comparison.to_json() if comparison else None,
         "attempts": attempts, "phases_s": phases,
         "sites": per_site,
+        "left_dense": dict(sorted(prep.excluded.items())),
     }
 
 

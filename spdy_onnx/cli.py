@@ -204,11 +204,13 @@ def _run(args) -> int:
                     print(f"{name[:48]:48s} {'':7s} {'':10s}  dense: {why}")
             print(f"\n{len(chosen)} prunable, {len(excluded)} left dense")
     except SpdyError as exc:
-        print(f"spdy-onnx: error: {exc}", file=sys.stderr)
+        from spdy_onnx.modelio import printable
+        print(f"spdy-onnx: error: {printable(exc, limit=2000)}", file=sys.stderr)
         from spdy_onnx.errors import TargetMissed
         return EXIT_MISSED if isinstance(exc, TargetMissed) else EXIT_ERROR
     except KeyboardInterrupt:
-        print("spdy-onnx: interrupted; no output written", file=sys.stderr)
+        print("spdy-onnx: interrupted (outputs are only ever renamed into place complete; caches keep "
+              "finished work for the next run)", file=sys.stderr)
         return 130
     return 0
 

@@ -106,7 +106,11 @@ def _reconstruct_site(site, source, h, levels, pattern, damp) -> np.ndarray:
             for j in range(1, len(levels)):
                 out[j] = fallback.weight(site.name, j)
         return out
-    chol, dead = obs.inverse_cholesky(h, damp=damp)
+    try:
+        chol, dead = obs.inverse_cholesky(h, damp=damp)
+    except np.linalg.LinAlgError:
+        log.warning("site %s: Hessian is singular even with damping; magnitude pruning instead", site.name)
+        return _reconstruct_site(site, source, None, levels, pattern, damp)
     for j in range(1, len(levels)):
         if pattern == "2:4":
             pruned = obs.best_reconstruction(w, h, chol, dead, n=2, m=4)

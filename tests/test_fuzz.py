@@ -53,14 +53,9 @@ def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-# Crashes this fuzzer found in modules outside modelio/graph (owned elsewhere), as
-# (exception type, function it escapes from): each is pinned by a strict xfail reproducer at the end of
-# this file, and tolerated here only so that the fuzzer keeps checking every other input (a failed run
-# must still write nothing). Remove an entry once its reproducer passes.
-KNOWN_CRASHES = {
-    ("TokenError", "_read_npz"): "calibrate._read_npz: numpy's tokenize.TokenError on a broken .npy header",
-    ("LinAlgError", "inverse_cholesky"): "calibration values that overflow float32: Hessian not positive definite",
-}
+# Crashes to tolerate while a fix is pending, as (exception type, function it escapes from) -> why.
+# Empty: every crash the fuzzer found is fixed and pinned by a reproducer at the end of this file.
+KNOWN_CRASHES: dict = {}
 KNOWN = "known-crash"
 
 
@@ -346,7 +341,7 @@ def test_mutated_calibration_data_never_crashes_and_writes_nothing_on_failure(ca
                            "--cache-dir", cache, "--no-cache", "-o", out], out, capsys)
 
 
-# --- reproducers of the crashes in KNOWN_CRASHES (strict: they flip to failures once fixed) --------
+# --- reproducers of crashes the fuzzer once found (now each is one clear error) --------
 
 @pytest.fixture
 def work(tmp_path):
@@ -364,8 +359,6 @@ def _optimize_with_data(work: Path, capsys, data: Path):
                      out, capsys)
 
 
-@pytest.mark.xfail(strict=True, reason="calibrate._read_npz does not catch tokenize.TokenError raised by "
-                                       "np.load for a .npy header that is cut inside the shape tuple")
 def test_npy_header_cut_inside_the_shape_is_one_error(work, capsys):
     header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4, 16"
     header += " " * (64 - 10 - len(header) - 1) + "\n"
@@ -375,18 +368,12 @@ def test_npy_header_cut_inside_the_shape_is_one_error(work, capsys):
     assert _optimize_with_data(work, capsys, work / "calib.npz") == 2
 
 
-@pytest.mark.xfail(strict=True, reason="finite float32 calibration values near 1e30 overflow the float32 "
-                                       "Hessian GEMM (calibrate.hessians) and obs.inverse_cholesky's "
-                                       "LinAlgError escapes reconstruct.build_database as a traceback")
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_calibration_values_overflowing_float32_are_one_error(work, capsys):
     np.savez(work / "calib.npz", x=np.full((8,) + SHAPE, 1e30, np.float32))
     assert _optimize_with_data(work, capsys, work / "calib.npz") == 2
 
 
-@pytest.mark.xfail(strict=True, reason="calibrate.check_data tests finiteness before casting to the model's "
-                                       "dtype: float64 1e300 passes, becomes inf in float32, and the "
-                                       "LinAlgError from obs.inverse_cholesky escapes as a traceback")
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_float64_calibration_values_beyond_float32_are_one_error(work, capsys):
     np.savez(work / "calib.npz", x=np.full((8,) + SHAPE, 1e300, np.float64))
