@@ -124,6 +124,30 @@ def batches(data: dict, batch_size: int, limit: int | None = None):
         yield {k: v[start:start + batch_size] for k, v in data.items()}
 
 
+MASK_NAMES = ("attention_mask", "input_mask", "mask")
+
+
+def token_mask(feed: dict) -> np.ndarray | None:
+    """The (batch, seq) padding mask of a transformer encoder's feed, if it has one.
+
+    Padded positions are computed but never used; with short sentences padded to a fixed length they
+    are most of the activations, so Hessians and losses count only real tokens (1 in the mask).
+    """
+    for name, value in feed.items():
+        if name.lower() in MASK_NAMES and value.ndim == 2 and \
+                (np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_):
+            mask = value != 0
+            return mask if mask.any() else None
+    return None
+
+
+def masked_rows(x: np.ndarray, rows: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Keep the rows of real tokens when x is laid out (batch, seq, ...) like the mask."""
+    if mask is None or x.ndim < 3 or x.shape[:2] != mask.shape or rows.shape[0] != mask.size:
+        return rows
+    return rows[mask.ravel()]
+
+
 def timing_batch(data: dict, specs: dict) -> dict:
     """Real inputs for timing: the first batch of calibration samples."""
     batch = next(iter(specs.values()))[0][0]
@@ -193,9 +217,10 @@ def hessians(model: onnx.ModelProto, sites, data: dict, batch_size: int, *,
     for feed in tqdm(batches(data, batch_size), total=total, desc="activations", unit="batch",
                      disable=not progress, leave=False):
         values = dict(zip(out_names, run(sess, out_names, feed)))
+        mask = token_mask(feed)
         for geometry, members in groups.items():
             x = np.asarray(values[geometry[0]], dtype=np.float32)
-            rows = site_rows(members[0], x)
+            rows = masked_rows(x, site_rows(members[0], x), mask)
             h = (rows.T @ rows).astype(np.float64)   # float32 GEMM per batch, float64 accumulation
             acc[geometry] = acc.get(geometry, 0) + h
             rows_seen[geometry] = rows_seen.get(geometry, 0) + rows.shape[0]

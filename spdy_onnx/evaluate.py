@@ -70,6 +70,13 @@ def choose_loss(loss: str, output_shape) -> str:
     return "kl" if len(output_shape) == 2 and output_shape[-1] > 1 else "mse"
 
 
+def _real_tokens(ref: np.ndarray, out: np.ndarray, mask):
+    """Compare only real-token positions of (batch, seq, ...) outputs when the feed has a padding mask."""
+    if mask is None or ref.ndim < 3 or ref.shape[:2] != mask.shape:
+        return ref, out
+    return ref[mask], out[mask]
+
+
 class Evaluator:
     def __init__(self, model: onnx.ModelProto, sites, database, data: dict, *, loss: str = "auto",
                  specs: dict, eval_samples: int = DEFAULT_EVAL_SAMPLES, threads: int | None = None,
@@ -84,6 +91,7 @@ class Evaluator:
         self.feeds = list(calibrate.batches(data, self.batch_size, limit=eval_samples))
         dense = {s.weight: database.weight(s.name, 0) for s in sites}
         self.reference = [self._run(f, dense) for f in self.feeds]
+        self.masks = [calibrate.token_mask(f) for f in self.feeds]
         self.loss_name = choose_loss(loss, self.reference[0].shape)
         self._memo: dict[tuple, float] = {}
         # evaluations of earlier (possibly killed) runs on the same model, data and database
@@ -114,7 +122,8 @@ class Evaluator:
             return self._memo[key]
         weights = self._weights(key)
         fn = kl_divergence if self.loss_name == "kl" else normalised_mse
-        values = [fn(ref, self._run(feed, weights)) for feed, ref in zip(self.feeds, self.reference)]
+        values = [fn(*_real_tokens(ref, self._run(feed, weights), mask))
+                  for feed, ref, mask in zip(self.feeds, self.reference, self.masks)]
         value = float(np.mean(values))
         self._memo[key] = value
         self.journal.append({"picks": list(key), "loss": value})

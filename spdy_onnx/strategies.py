@@ -145,7 +145,7 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
     from spdy_onnx import cache
     memo = cache.cache_key(model=prep.digest, sites=[s.name for s in sites], levels=levels, loss=loss,
                            database=getattr(database, "folder", type(database).__name__), pattern=table.pattern,
-                           data=calibrate.data_digest(calib), samples=evaluate.DEFAULT_EVAL_SAMPLES)
+                           data=calibrate.data_digest(calib), samples=evaluate.DEFAULT_EVAL_SAMPLES, version=2)
     journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
     evaluator = evaluate.Evaluator(prep.model, sites, database, calib, loss=loss, specs=prep.specs, journal=journal)
     common = dict(sites=sites, levels=levels, database=database, evaluator=evaluator, feeds=feeds)

@@ -192,3 +192,41 @@ def test_search_budget():
     spdy_search(5, 3, lambda c: np.argsort(c) % 3, lambda p: calls.append(1) or float(np.sum(p)), max_evals=37,
                 progress=False)
     assert len(calls) <= 37
+
+
+def _masked_model():
+    """x (1,4,32) * mask -> MatMul: a stand-in for an encoder fed padded sentences."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    nodes = [helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "axes"], ["m3"]),
+             helper.make_node("Mul", ["x", "m3"], ["xm"]),
+             helper.make_node("MatMul", ["xm", "w"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 32]),
+                                       helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([2], np.int64), "axes")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_padding_tokens_are_left_out_of_hessians_and_losses():
+    model = _masked_model()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 4, 32)).astype(np.float32)
+    mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]], np.int64)
+    data = {"x": x, "attention_mask": mask}
+    sites, _ = graph.find_sites(model)
+    h = calibrate.hessians(model, sites, data, 1, progress=False)["mm"]
+    real = x[mask.astype(bool)].astype(np.float64)
+    np.testing.assert_allclose(h, real.T @ real / real.shape[0], rtol=1e-4, atol=1e-6)
+    specs = {"x": ((1, 4, 32), np.dtype(np.float32)), "attention_mask": ((1, 4), np.dtype(np.int64))}
+    db = MagnitudeDatabase(sites, graph.read_weights(model, sites), [0.0, 0.5])
+    ev = Evaluator(model, sites, db, data, specs=specs)
+    assert all(m is not None for m in ev.masks)
+    # a loss computed over real tokens only equals the one computed by hand
+    out = [ev._run(f, {"w": db.weight("mm", 1)}) for f in ev.feeds]
+    by_hand = np.mean([normalised_mse(r[m], o[m]) for r, o, m in zip(ev.reference, out, ev.masks)])
+    assert ev.loss([1]) == pytest.approx(by_hand)
+    assert calibrate.token_mask({"x": x[:1]}) is None

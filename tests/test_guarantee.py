@@ -102,13 +102,13 @@ def test_missed_target_fails_and_writes_no_model(scripted, model_path, tmp_path,
                      progress=False, max_attempts=2)
 
 
-def test_tolerance_is_honoured(scripted, model_path, tmp_path):
+def test_margin_is_honoured(scripted, model_path, tmp_path):
     scripted.efficiency = 0.97
     kw = dict(runtime="scripted", cache_dir=tmp_path / "c", progress=False, max_attempts=1)
-    rep = api.optimize(model_path, target=2.0, output=tmp_path / "o.onnx", tolerance=0.05, **kw)
+    rep = api.optimize(model_path, target=2.0, output=tmp_path / "o.onnx", margin=-0.05, **kw)
     assert rep["status"] == "met" and 1.9 <= rep["measured_speedup"] < 2.0
-    with pytest.raises(TargetMissed):  # the same measurement without the tolerance is a miss
-        api.optimize(model_path, target=2.0, output=tmp_path / "p.onnx", tolerance=0.0, **kw)
+    with pytest.raises(TargetMissed):  # the same measurement without the margin is a miss
+        api.optimize(model_path, target=2.0, output=tmp_path / "p.onnx", margin=0.0, **kw)
 
 
 def test_noisy_measurements_are_flagged_in_the_report(scripted, model_path, tmp_path, monkeypatch):

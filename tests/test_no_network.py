@@ -74,7 +74,7 @@ def test_optimize_on_deepsparse_opens_no_socket(tmp_path):
         import deepsparse
         from spdy_onnx.cli import main
         code = main(["optimize", {str(model)!r}, "--target", "1.2x", "--cores", "1", "--levels", "0.5,0.9",
-                     "--repeats", "1", "--tolerance", "0.4", "--max-attempts", "1", "-q",
+                     "--repeats", "1", "--margin", "-0.4", "--max-attempts", "1", "-q",
                      "--cache-dir", {str(tmp_path / "cache")!r}, "-o", {str(tmp_path / "out.onnx")!r}])
         report(value=value, code=code)
     """, tmp_path)

@@ -106,7 +106,7 @@ def test_deepsparse_with_data(tmp_path):
     np.savez(data, x=np.random.default_rng(0).standard_normal((8, 64, 512)).astype(np.float32))
     try:
         rep = api.optimize(path, target=1.4, cores=1, levels="0.5,0.7,0.9", output=tmp_path / "o.onnx", data=data,
-                           cache_dir=tmp_path / "c", progress=False, search_budget="60", tolerance=0.05,
+                           cache_dir=tmp_path / "c", progress=False, search_budget="60", margin=-0.05,
                            runtime_options={"repeats": 1, "rounds": 5})
     except api.TargetMissed as exc:
         assert not (tmp_path / "o.onnx").exists()
