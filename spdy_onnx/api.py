@@ -153,7 +153,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
              min_weights: int = graph.DEFAULT_MIN_WEIGHTS, latency_table=None, cache_dir=None,
              use_cache: bool = True, strategy: str = "spdy", data=None, samples: int | None = None,
              reconstruct: str = "obs", loss: str = "auto", search_budget=None, seed: int = 0,
-             max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, progress: bool = True,
+             max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = True,
+             progress: bool = True,
              runtime_options: dict | None = None) -> dict:
     """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report."""
     t_start = time.perf_counter()
@@ -180,13 +181,13 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
                          latency_table_path=latency_table, cache_dir=cache_dir, use_cache=use_cache,
                          strategy=strategy, data=data, samples=samples, reconstruct=reconstruct, loss=loss,
                          search_budget=search_budget, seed=seed, max_attempts=max_attempts,
-                         margin=margin, progress=progress, t_start=t_start)
+                         margin=margin, refit=refit, progress=progress, t_start=t_start)
     finally:
         prep.close()
 
 
 def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_table_path, cache_dir, use_cache,
-              strategy, data, samples, reconstruct, loss, search_budget, seed, max_attempts, margin,
+              strategy, data, samples, reconstruct, loss, search_budget, seed, max_attempts, margin, refit,
               progress, t_start) -> dict:
     from spdy_onnx import strategies  # the accuracy side: calibration, database, search
 
@@ -210,7 +211,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     t0 = time.perf_counter()
     chooser = strategies.make_chooser(
         strategy, prep=prep, sites=sites, table=table, data=data, samples=samples, reconstruct=reconstruct,
-        loss=loss, search_budget=search_budget, seed=seed, cache_dir=cache_dir, progress=progress)
+        loss=loss, search_budget=search_budget, seed=seed, cache_dir=cache_dir, progress=progress,
+        refit=refit)
     phases["calibration_s"] = time.perf_counter() - t0
 
     attempts = []
@@ -227,7 +229,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         phases[f"choose_s_{attempt}"] = time.perf_counter() - t0
         profile = {n: int(j) for n, j in zip(names, picks)}
         predicted = table.predicted_speedup(profile)
-        pruned = write_weights(prep.model, chooser.weights(profile))
+        pruned = write_weights(prep.model, chooser.final_weights(profile))
         candidate = prep.static_copy(pruned, f"candidate{attempt}")
         t0 = time.perf_counter()
         comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
@@ -299,7 +301,7 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
             seed, max_speedup, quality, chooser, phases, output) -> dict:
     levels = table.levels
     per_site = []
-    weights = chooser.weights(profile)
+    weights = chooser.final_weights(profile)
     for site in prep.all_sites:
         if site.name in profile:
             j = profile[site.name]

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-budget", default=None,
                    help="SPDY search budget: a number of evaluations (600) or a time (5m, 90s); "
                         "default: the paper's schedule, stopped after 90 s")
+    p.add_argument("--no-refit", action="store_true",
+                   help="skip the sequential correction of the chosen profile's weights (with --data)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     p.add_argument("--max-attempts", type=int, default=4,
                    help="re-solves with a tightened budget when the measured speedup misses (default: 4)")
@@ -157,7 +159,7 @@ def _run(args) -> int:
                 latency_table=args.latency_table, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                 strategy=args.strategy, data=args.data, samples=args.samples, reconstruct=args.reconstruct,
                 loss=args.loss, search_budget=args.search_budget, seed=args.seed,
-                max_attempts=args.max_attempts, margin=args.margin, progress=progress,
+                max_attempts=args.max_attempts, margin=args.margin, refit=not args.no_refit, progress=progress,
                 runtime_options={"repeats": args.repeats})
             _print_optimize(rep)
         elif args.command == "profile":

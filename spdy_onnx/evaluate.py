@@ -88,6 +88,7 @@ class Evaluator:
         self.session = make_session(m, threads=threads)
         self.output = self.session.get_outputs()[0].name
         self.batch_size = next(iter(specs.values()))[0][0]
+        self.data = data
         self.feeds = list(calibrate.batches(data, self.batch_size, limit=eval_samples))
         dense = {s.weight: database.weight(s.name, 0) for s in sites}
         self.reference = [self._run(f, dense) for f in self.feeds]
@@ -115,6 +116,12 @@ class Evaluator:
                 self._cached[site.name] = hit
             out[site.weight] = hit[1]
         return out
+
+    def loss_of_weights(self, weights: dict) -> float:
+        """The loss of arbitrary weights {initializer: array} (not memoised)."""
+        fn = kl_divergence if self.loss_name == "kl" else normalised_mse
+        return float(np.mean([fn(*_real_tokens(ref, self._run(feed, weights), mask))
+                              for feed, ref, mask in zip(self.feeds, self.reference, self.masks)]))
 
     def loss(self, picks) -> float:
         key = tuple(int(j) for j in picks)

@@ -94,17 +94,19 @@ def reconstruction_error(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarra
 
 
 def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: int = 15,
-           damp: float = 1e-3) -> np.ndarray:
+           damp: float = 1e-3, cross: np.ndarray | None = None) -> np.ndarray:
     """Least-squares re-fit of the kept weights on a fixed mask, by conjugate gradients batched over rows.
 
-    Minimises || (V - W) X ||^2 with V zero wherever w_pruned is zero: the exact optimum the greedy
-    OBS sweep only approximates. Costs a few rows x K x K products; the mask (and zero count) is kept.
+    Minimises || V X - W X ||^2 with V zero wherever w_pruned is zero: the exact optimum the greedy
+    OBS sweep only approximates. With `cross` = X_dense^T X, it minimises || V X - W X_dense ||^2
+    instead, where X are the inputs of the pruned model (the sequential correction). Costs a few
+    rows x K x K products; the mask (and zero count) is kept.
     """
     w0 = np.asarray(w_dense, dtype=np.float64)
     v = np.array(w_pruned, dtype=np.float64, copy=True)
     mask = v != 0
     hd = np.asarray(h, dtype=np.float64) + damp * float(np.mean(np.diag(h))) * np.eye(h.shape[0])
-    target = w0 @ h                      # the undamped cross term W H
+    target = w0 @ (h if cross is None else np.asarray(cross, dtype=np.float64))  # undamped cross term
     r = mask * (target - v @ hd)
     p = r.copy()
     rr = np.einsum("ij,ij->i", r, r)

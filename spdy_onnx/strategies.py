@@ -29,6 +29,8 @@ class Chooser:
         self.evaluator = evaluator
         self._feeds = feeds
         self.info: dict = {}
+        self.refit = None          # callable {initializer: weight} -> corrected weights, set with data
+        self._final: tuple = (None, None)
 
     def choose(self, times: np.ndarray, budget: float) -> np.ndarray:
         raise NotImplementedError
@@ -38,6 +40,16 @@ class Chooser:
         by_name = {s.name: s for s in self.sites}
         return {by_name[n].weight: self.database.weight(n, j) for n, j in profile.items()}
 
+    def final_weights(self, profile: dict[str, int]) -> dict[str, np.ndarray]:
+        """The weights to write: the database's, after the sequential correction when there is one."""
+        weights = self.weights(profile)
+        if self.refit is None:
+            return weights
+        key = tuple(sorted(profile.items()))
+        if self._final[0] != key:
+            self._final = (key, self.refit(weights))
+        return self._final[1]
+
     def timing_feeds(self):
         return self._feeds
 
@@ -46,6 +58,9 @@ class Chooser:
         if self.evaluator is not None:
             out["calibration_loss"] = float(self.evaluator.loss(self.picks_of(profile)))
             out["loss"] = self.evaluator.loss_name
+            if self.refit is not None:
+                out["calibration_loss_before_refit"] = out["calibration_loss"]
+                out["calibration_loss"] = float(self.evaluator.loss_of_weights(self.final_weights(profile)))
         return out
 
     def picks_of(self, profile: dict[str, int]) -> np.ndarray:
@@ -109,7 +124,21 @@ class GlobalMagnitude(Chooser):
 
 
 def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
-                 cache_dir, progress) -> Chooser:
+                 cache_dir, progress, refit: bool = True) -> Chooser:
+    chooser = _make_chooser(strategy, prep=prep, sites=sites, table=table, data=data, samples=samples,
+                            reconstruct=reconstruct, loss=loss, search_budget=search_budget, seed=seed,
+                            cache_dir=cache_dir, progress=progress)
+    if refit and chooser.evaluator is not None:
+        from spdy_onnx.refit import sequential_refit
+        dense = {s.weight: chooser.database.weight(s.name, 0) for s in sites}
+        calib = chooser.evaluator.data
+        chooser.refit = lambda weights: sequential_refit(prep.model, sites, dense, weights, calib, prep.batch_size,
+                                                         progress=progress)
+    return chooser
+
+
+def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
+                  cache_dir, progress) -> Chooser:
     from spdy_onnx.database import MagnitudeDatabase
 
     levels = list(table.levels)
