@@ -153,7 +153,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
              min_weights: int = graph.DEFAULT_MIN_WEIGHTS, latency_table=None, cache_dir=None,
              use_cache: bool = True, strategy: str = "spdy", data=None, samples: int | None = None,
              reconstruct: str = "obs", loss: str = "auto", search_budget=None, seed: int = 0,
-             max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = True,
+             max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = False,
              progress: bool = True,
              runtime_options: dict | None = None) -> dict:
     """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report."""

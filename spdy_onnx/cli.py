@@ -71,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-budget", default=None,
                    help="SPDY search budget: a number of evaluations (600) or a time (5m, 90s); "
                         "default: the paper's schedule, stopped after 90 s")
-    p.add_argument("--no-refit", action="store_true",
-                   help="skip the sequential correction of the chosen profile's weights (with --data)")
+    p.add_argument("--refit", action="store_true",
+                   help="after choosing the profile, re-fit kept weights site by site against the pruned "
+                        "model's own inputs (SPDY's optional global correction; with --data). Off by default: "
+                        "on MiniLM-L6 with 256 calibration sentences it lowered the calibration loss but not "
+                        "the held-out quality")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     p.add_argument("--max-attempts", type=int, default=4,
                    help="re-solves with a tightened budget when the measured speedup misses (default: 4)")
@@ -159,7 +162,7 @@ def _run(args) -> int:
                 latency_table=args.latency_table, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                 strategy=args.strategy, data=args.data, samples=args.samples, reconstruct=args.reconstruct,
                 loss=args.loss, search_budget=args.search_budget, seed=args.seed,
-                max_attempts=args.max_attempts, margin=args.margin, refit=not args.no_refit, progress=progress,
+                max_attempts=args.max_attempts, margin=args.margin, refit=args.refit, progress=progress,
                 runtime_options={"repeats": args.repeats})
             _print_optimize(rep)
         elif args.command == "profile":

@@ -99,14 +99,20 @@ def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: i
 
     Minimises || V X - W X ||^2 with V zero wherever w_pruned is zero: the exact optimum the greedy
     OBS sweep only approximates. With `cross` = X_dense^T X, it minimises || V X - W X_dense ||^2
-    instead, where X are the inputs of the pruned model (the sequential correction). Costs a few
-    rows x K x K products; the mask (and zero count) is kept.
+    instead, where X are the inputs of the pruned model (the sequential correction). A ridge term
+    damp * mean(diag H) * || V - anchor ||^2 keeps the fit from chasing noise, with the anchor the dense
+    weights (plain refit) or the starting weights (sequential correction). The mask is kept.
     """
     w0 = np.asarray(w_dense, dtype=np.float64)
     v = np.array(w_pruned, dtype=np.float64, copy=True)
     mask = v != 0
-    hd = np.asarray(h, dtype=np.float64) + damp * float(np.mean(np.diag(h))) * np.eye(h.shape[0])
-    target = w0 @ (h if cross is None else np.asarray(cross, dtype=np.float64))  # undamped cross term
+    h = np.asarray(h, dtype=np.float64)
+    ridge = damp * float(np.mean(np.diag(h)))
+    hd = h + ridge * np.eye(h.shape[0])
+    if cross is None:
+        target = w0 @ hd
+    else:
+        target = w0 @ np.asarray(cross, dtype=np.float64) + ridge * v
     r = mask * (target - v @ hd)
     p = r.copy()
     rr = np.einsum("ij,ij->i", r, r)

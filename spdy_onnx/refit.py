@@ -20,7 +20,8 @@ from spdy_onnx.ort_session import make_session, run
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SAMPLES = 32
+DEFAULT_SAMPLES = 64
+DAMP = 1.0   # strong pull toward the database's weights: the fit has few rows per input dimension
 
 
 def sequential_refit(model: onnx.ModelProto, sites, dense: dict[str, np.ndarray], pruned: dict[str, np.ndarray],
@@ -66,7 +67,7 @@ def sequential_refit(model: onnx.ModelProto, sites, dense: dict[str, np.ndarray]
             v = site.to_matrix(current[site.weight])
             if v.shape[1] != h.shape[0]:
                 continue
-            fitted = obs.refine(w0, v, h, cross=g)
+            fitted = obs.refine(w0, v, h, cross=g, damp=DAMP)
             before = _residual(v, w0, h, g)
             after = _residual(fitted, w0, h, g)
             if after < before:               # never make a site worse than the database's weights

@@ -124,7 +124,7 @@ class GlobalMagnitude(Chooser):
 
 
 def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
-                 cache_dir, progress, refit: bool = True) -> Chooser:
+                 cache_dir, progress, refit: bool = False) -> Chooser:
     chooser = _make_chooser(strategy, prep=prep, sites=sites, table=table, data=data, samples=samples,
                             reconstruct=reconstruct, loss=loss, search_budget=search_budget, seed=seed,
                             cache_dir=cache_dir, progress=progress)

@@ -41,8 +41,7 @@ def test_strategies_share_table_and_spdy_is_best_on_calibration_loss(setup, tmp_
         rep = run(path, data, table_path, tmp_path / f"{strategy}.onnx", strategy=strategy)
         assert rep["predicted_speedup"] >= 2.0 - 1e-9
         assert rep["status"] == "not_measured"
-        # the search's objective: the loss of the database's weights, before the sequential correction
-        losses[strategy] = rep["quality"]["calibration_loss_before_refit"]
+        losses[strategy] = rep["quality"]["calibration_loss"]
     assert losses["spdy"] <= min(losses.values()) + 1e-12
 
 
@@ -119,8 +118,8 @@ def test_deepsparse_with_data(tmp_path):
 
 def test_sequential_refit_lowers_the_loss_and_keeps_the_masks(setup, tmp_path):
     path, data, table_path = setup
-    plain = run(path, data, table_path, tmp_path / "plain.onnx", strategy="uniform", refit=False)
-    fixed = run(path, data, table_path, tmp_path / "fixed.onnx", strategy="uniform")
+    plain = run(path, data, table_path, tmp_path / "plain.onnx", strategy="uniform")
+    fixed = run(path, data, table_path, tmp_path / "fixed.onnx", strategy="uniform", refit=True)
     assert fixed["quality"]["calibration_loss"] < plain["quality"]["calibration_loss"]
     assert fixed["quality"]["calibration_loss_before_refit"] == pytest.approx(plain["quality"]["calibration_loss"])
     a = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "plain.onnx").graph.initializer}
