@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 
 from spdy_onnx import api  # noqa: E402
 from spdy_onnx.errors import InfeasibleTarget, SpdyError, TargetMissed  # noqa: E402
+from spdy_onnx.tables import write_json_atomic  # noqa: E402
 
 log = logging.getLogger("accuracy")
 
@@ -541,19 +542,12 @@ def _jsonable(obj):
 
 
 def _write_json(path: Path, obj):
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    write_json_atomic(path, json.loads(json.dumps(obj, default=_json_default)))
 
 
 def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
