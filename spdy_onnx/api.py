@@ -5,12 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from spdy_onnx import cache, graph, modelio
 from spdy_onnx.errors import InfeasibleTarget, SpdyError, TargetMissed
@@ -19,7 +17,7 @@ from spdy_onnx.levels import parse_levels
 from spdy_onnx.passes.metadata import set_metadata
 from spdy_onnx.passes.prune import sparsity_of, write_weights
 from spdy_onnx.runtimes import get_runtime
-from spdy_onnx.solver import Infeasible, solve_dp
+from spdy_onnx.solver import Infeasible
 from spdy_onnx.tables import LatencyTable, write_json_atomic
 
 log = logging.getLogger(__name__)
