@@ -944,7 +944,9 @@ class GraphExecutor:
 
     # ---------------------------------------------------------------------------------------------
     def _to_buffer(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        # a copy: on the CPU, from_numpy would share memory with the caller's array, and run() copies
+        # later feeds into the buffer, overwriting the caller's data
+        t = torch.from_numpy(np.array(arr, copy=True, order="C"))
         if t.is_floating_point():
             t = t.to(self.dtype)
         t = t.to(self.device)
@@ -973,7 +975,7 @@ class GraphExecutor:
         w = static[node.input[1]]
         if b not in static or static[b].dim() != 1 or static[b].numel() != w.shape[-1]:
             return None
-        return static[b], g.nodes[add_i].output[0], add_i
+        return static[b], g.nodes[add_i].output[0], add_i, b
 
     def _make_step(self, node, name, static, env, bias_and_out):
         if node.op_type in SITE_OPS and name in self.site_names and len(node.input) > 1 \
@@ -1018,14 +1020,15 @@ class GraphExecutor:
     def _site_step(self, node, name, static, env, bias_and_out):
         x = env[node.input[0]]
         weight = static[node.input[1]].to(torch.float32)
-        bias = None
+        bias = bias_name = None
         outputs = list(node.output)
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
             if node.input[2] not in static:
                 raise Unsupported(f"{node.op_type} '{name}' has a computed bias; not supported")
-            bias = static[node.input[2]].to(torch.float32)
+            bias_name = node.input[2]
+            bias = static[bias_name].to(torch.float32)
         if bias_and_out is not None:
-            bias, out, _ = bias_and_out
+            bias, out, _, bias_name = bias_and_out
             bias = bias.to(torch.float32)
             outputs = [out]
         def make(backend_name, w=weight):
@@ -1036,7 +1039,7 @@ class GraphExecutor:
         op = make(backend)
         self.site_info[name] = {"node": node, "weight": weight, "bias": bias, "in_shape": tuple(x.shape),
                                 "in_format_cl": x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last),
-                                "backend": backend}
+                                "backend": backend, "bias_name": bias_name}
         src = node.input[0]
 
         def step(env):
@@ -1045,6 +1048,7 @@ class GraphExecutor:
         step.outputs = outputs
         step.node = node
         step.site = name
+        step.op = op
         return step
 
     def site_op(self, name: str, backend: str | None, weight: torch.Tensor | None = None) -> SiteOp:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ATTEMPTS = 4
 # The measured median must beat the target by this much: re-compiling the same model moves its speed by a
 # few percent here, so a model that only just meets the target in one measurement can miss it in the next.
+DEFAULT_CORRECT_EPOCHS = 2    # global correction after the profile is chosen (with --data and torch)
 DEFAULT_MARGIN = 0.02
 STRATEGIES = ("spdy", "uniform", "global-magnitude", "dp-loss", "magnitude-dp")
 
@@ -152,7 +153,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
              use_cache: bool = True, strategy: str = "spdy", data=None, samples: int | None = None,
              reconstruct: str = "obs", loss: str = "auto", search_budget=None, seed: int = 0,
              max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = False,
-             progress: bool = True,
+             correct_epochs: int = DEFAULT_CORRECT_EPOCHS, progress: bool = True,
              runtime_options: dict | None = None) -> dict:
     """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report."""
     t_start = time.perf_counter()
@@ -170,6 +171,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
         raise SpdyError(f"margin must be between -0.5 and 0.5, got {margin}")
     if max_attempts < 1:
         raise SpdyError(f"max attempts must be >= 1, got {max_attempts}")
+    if correct_epochs < 0:
+        raise SpdyError(f"correction epochs must be >= 0, got {correct_epochs}")
 
     prep = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
                     exclude=exclude, include=include, min_weights=min_weights, progress=progress,
@@ -179,14 +182,15 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
                          latency_table_path=latency_table, cache_dir=cache_dir, use_cache=use_cache,
                          strategy=strategy, data=data, samples=samples, reconstruct=reconstruct, loss=loss,
                          search_budget=search_budget, seed=seed, max_attempts=max_attempts,
-                         margin=margin, refit=refit, progress=progress, t_start=t_start)
+                         margin=margin, refit=refit, correct_epochs=correct_epochs, progress=progress,
+                         t_start=t_start)
     finally:
         prep.close()
 
 
 def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_table_path, cache_dir, use_cache,
               strategy, data, samples, reconstruct, loss, search_budget, seed, max_attempts, margin, refit,
-              progress, t_start) -> dict:
+              correct_epochs, progress, t_start) -> dict:
     from spdy_onnx import strategies  # the accuracy side: calibration, database, search
 
     phases: dict[str, float] = {}
@@ -210,13 +214,40 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     chooser = strategies.make_chooser(
         strategy, prep=prep, sites=sites, table=table, data=data, samples=samples, reconstruct=reconstruct,
         loss=loss, search_budget=search_budget, seed=seed, cache_dir=cache_dir, progress=progress,
-        refit=refit)
+        refit=refit, correct_epochs=correct_epochs)
     phases["calibration_s"] = time.perf_counter() - t0
 
     attempts = []
     required = target * (1 + margin)   # what the measured median must reach
     aim = required
     final = None
+
+    def measure(attempt, pruned, weights_kind):
+        candidate = prep.static_copy(pruned, f"candidate{attempt}{weights_kind[0]}")
+        t0 = time.perf_counter()
+        comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
+                                          feeds=chooser.timing_feeds())
+        phases[f"benchmark_s_{attempt}" + ("_draft" if weights_kind == "draft" else "")] = time.perf_counter() - t0
+        record = {"attempt": attempt, "aimed_speedup": aim, "predicted_speedup": predicted,
+                  "measured_speedup": comparison.speedup if comparison else None,
+                  "measurement": comparison.to_json() if comparison else None}
+        if chooser.corrects:
+            record["weights"] = weights_kind
+        attempts.append(record)
+        if comparison is None:
+            log.warning("the end-to-end speedup was NOT measured: %s cannot run here; predicted %.3fx",
+                        prep.runtime.name, predicted)
+        else:
+            log.info("attempt %d (%s weights): predicted %.3fx, measured %.3fx (target %gx)", attempt,
+                     weights_kind, predicted, comparison.speedup, target)
+        return comparison
+
+    # Corrections (global, sequential) change weight values, never which weights are zero. So each
+    # profile is first measured with the database's weights (the "draft"); only a profile whose draft
+    # meets the target is corrected, and the corrected file is measured again: the file written is
+    # always the file measured. If that second measurement misses (noise), later attempts measure
+    # corrected files only.
+    measure_drafts = chooser.corrects
     for attempt in range(1, max_attempts + 1):
         budget = table.dense_total_ms / aim - table.fixed_ms(names)
         t0 = time.perf_counter()
@@ -227,28 +258,34 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         phases[f"choose_s_{attempt}"] = time.perf_counter() - t0
         profile = {n: int(j) for n, j in zip(names, picks)}
         predicted = table.predicted_speedup(profile)
-        pruned = write_weights(prep.model, chooser.final_weights(profile))
-        candidate = prep.static_copy(pruned, f"candidate{attempt}")
+        comparison = None
+        if measure_drafts:
+            pruned = write_weights(prep.model, chooser.weights(profile))
+            comparison = measure(attempt, pruned, "draft")
+            if comparison is None:
+                attempts.pop()          # nothing measured: go straight to the corrected file
+                measure_drafts = False
+            elif comparison.speedup < required:
+                final = (profile, predicted, pruned, comparison)   # a miss: never written
+                aim_before = aim
+                aim = min(aim * required / comparison.speedup * 1.01, max_speedup * 0.9999)
+                if aim <= aim_before:
+                    break
+                continue
         t0 = time.perf_counter()
-        comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
-                                          feeds=chooser.timing_feeds())
-        phases[f"benchmark_s_{attempt}"] = time.perf_counter() - t0
-        record = {"attempt": attempt, "aimed_speedup": aim, "predicted_speedup": predicted,
-                  "measured_speedup": comparison.speedup if comparison else None,
-                  "measurement": comparison.to_json() if comparison else None}
-        attempts.append(record)
+        weights = chooser.final_weights(profile)
+        if chooser.corrects:
+            phases[f"correct_s_{attempt}"] = time.perf_counter() - t0
+        pruned = write_weights(prep.model, weights)
+        comparison = measure(attempt, pruned, "corrected" if chooser.corrects else "database")
         final = (profile, predicted, pruned, comparison)
-        if comparison is None:
-            log.warning("the end-to-end speedup was NOT measured: %s cannot run here; predicted %.3fx",
-                        prep.runtime.name, predicted)
+        if comparison is None or comparison.speedup >= required:
             break
-        log.info("attempt %d: predicted %.3fx, measured %.3fx (target %gx)", attempt, predicted,
-                 comparison.speedup, target)
-        if comparison.speedup >= required:
-            break
+        measure_drafts = False
         # The additive model was optimistic by this much: aim higher by the shortfall, and re-solve.
+        aim_before = aim
         aim = min(aim * required / comparison.speedup * 1.01, max_speedup * 0.9999)
-        if aim <= record["aimed_speedup"]:
+        if aim <= aim_before:
             break
 
     if final is None:
@@ -257,7 +294,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     measured = comparison.speedup if comparison else None
     met = measured is not None and measured >= required
     status = "met" if met else ("not_measured" if measured is None else "missed")
-    quality = chooser.quality(profile)
+    quality = chooser.quality(profile, corrected=status != "missed")
     rep = _report(prep, table, sites, profile, target=target, predicted=predicted, comparison=comparison,
                   status=status, attempts=attempts, strategy=strategy, margin=margin, seed=seed,
                   max_speedup=max_speedup, quality=quality, chooser=chooser, phases=phases,
@@ -299,7 +336,7 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
             seed, max_speedup, quality, chooser, phases, output) -> dict:
     levels = table.levels
     per_site = []
-    weights = chooser.final_weights(profile)
+    weights = chooser.weights(profile)   # the zeros; corrections keep them
     for site in prep.all_sites:
         if site.name in profile:
             j = profile[site.name]

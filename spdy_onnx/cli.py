@@ -73,9 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the paper's schedule, stopped after 90 s")
     p.add_argument("--refit", action="store_true",
                    help="after choosing the profile, re-fit kept weights site by site against the pruned "
-                        "model's own inputs (SPDY's optional global correction; with --data). Off by default: "
+                        "model's own inputs (a closed-form correction, site by site; with --data). Off by default: "
                         "on MiniLM-L6 with 256 calibration sentences it lowered the calibration loss but not "
                         "the held-out quality")
+    p.add_argument("--correct-epochs", type=int, default=2,
+                   help="global correction after the profile is chosen (with --data; needs PyTorch): epochs of "
+                        "tuning every kept weight and bias against the dense model's outputs, zeros kept; "
+                        "0 turns it off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     p.add_argument("--max-attempts", type=int, default=4,
                    help="re-solves with a tightened budget when the measured speedup misses (default: 4)")
@@ -162,7 +166,8 @@ def _run(args) -> int:
                 latency_table=args.latency_table, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                 strategy=args.strategy, data=args.data, samples=args.samples, reconstruct=args.reconstruct,
                 loss=args.loss, search_budget=args.search_budget, seed=args.seed,
-                max_attempts=args.max_attempts, margin=args.margin, refit=args.refit, progress=progress,
+                max_attempts=args.max_attempts, margin=args.margin, refit=args.refit,
+                correct_epochs=args.correct_epochs, progress=progress,
                 runtime_options={"repeats": args.repeats})
             _print_optimize(rep)
         elif args.command == "profile":

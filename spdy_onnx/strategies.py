@@ -30,6 +30,8 @@ class Chooser:
         self._feeds = feeds
         self.info: dict = {}
         self.refit = None          # callable {initializer: weight} -> corrected weights, set with data
+        self.correction = None     # callable {initializer: weight} -> (tuned weights and biases, summary)
+        self.correction_summary: dict | None = None
         self._final: tuple = (None, None)
 
     def choose(self, times: np.ndarray, budget: float) -> np.ndarray:
@@ -40,27 +42,45 @@ class Chooser:
         by_name = {s.name: s for s in self.sites}
         return {by_name[n].weight: self.database.weight(n, j) for n, j in profile.items()}
 
+    @property
+    def corrects(self) -> bool:
+        """Whether the written weights differ from the database's (same zeros, other values)."""
+        return self.refit is not None or self.correction is not None
+
     def final_weights(self, profile: dict[str, int]) -> dict[str, np.ndarray]:
-        """The weights to write: the database's, after the sequential correction when there is one."""
+        """The weights to write: the database's, after the sequential and global corrections if any.
+
+        Corrections change values only, never which weights are zero. Also returns tuned biases
+        ({initializer: array}); memoised for the last profile."""
         weights = self.weights(profile)
-        if self.refit is None:
+        if not self.corrects:
             return weights
         key = tuple(sorted(profile.items()))
         if self._final[0] != key:
-            self._final = (key, self.refit(weights))
+            final = dict(weights)
+            if self.refit is not None:
+                final = self.refit(final)
+            summary = None
+            if self.correction is not None:
+                tuned, summary = self.correction(final)
+                final = {**final, **tuned}
+            self._final = (key, final, summary)
+        self.correction_summary = self._final[2]
         return self._final[1]
 
     def timing_feeds(self):
         return self._feeds
 
-    def quality(self, profile: dict[str, int]) -> dict:
+    def quality(self, profile: dict[str, int], corrected: bool = True) -> dict:
         out = dict(self.info)
         if self.evaluator is not None:
             out["calibration_loss"] = float(self.evaluator.loss(self.picks_of(profile)))
             out["loss"] = self.evaluator.loss_name
-            if self.refit is not None:
-                out["calibration_loss_before_refit"] = out["calibration_loss"]
+            if self.corrects and corrected:
+                out["calibration_loss_before_correction"] = out["calibration_loss"]
                 out["calibration_loss"] = float(self.evaluator.loss_of_weights(self.final_weights(profile)))
+            if self.correction_summary is not None and corrected:
+                out["global_correction"] = self.correction_summary
         return out
 
     def picks_of(self, profile: dict[str, int]) -> np.ndarray:
@@ -124,7 +144,7 @@ class GlobalMagnitude(Chooser):
 
 
 def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
-                 cache_dir, progress, refit: bool = False) -> Chooser:
+                 cache_dir, progress, refit: bool = False, correct_epochs: int = 0) -> Chooser:
     chooser = _make_chooser(strategy, prep=prep, sites=sites, table=table, data=data, samples=samples,
                             reconstruct=reconstruct, loss=loss, search_budget=search_budget, seed=seed,
                             cache_dir=cache_dir, progress=progress)
@@ -134,6 +154,17 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
         calib = chooser.evaluator.data
         chooser.refit = lambda weights: sequential_refit(prep.model, sites, dense, weights, calib, prep.batch_size,
                                                          progress=progress)
+    if correct_epochs > 0 and chooser.evaluator is not None:
+        from spdy_onnx import correct
+        if not correct.available():
+            log.warning("PyTorch is not installed: the global correction of the kept weights is skipped, and "
+                        "accuracy will be lower (pip install 'spdy-onnx[torch]', or --correct-epochs 0 to "
+                        "silence this)")
+        else:
+            calib, loss_name = chooser.evaluator.data, chooser.evaluator.loss_name
+            chooser.correction = lambda weights: correct.global_correction(
+                prep.model, sites, weights, calib, loss=loss_name, batch_size=prep.batch_size,
+                epochs=correct_epochs, seed=seed, progress=progress)
     return chooser
 
 

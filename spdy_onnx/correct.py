@@ -1,0 +1,220 @@
+"""Global correction: after the profile is fixed, tune the kept weights of every pruned site together.
+
+Why: the database reconstructs each site alone against the dense model's inputs. Stitched together,
+the errors compound through the network; tuning all kept weights and biases at once against the
+dense model's outputs on the calibration data (the SPDY paper's "global AdaPrune") removes much of that.
+The zeros stay zeros (gradients and weights are masked every step), so the sparsity pattern, and with
+it the speed on the engine, is unchanged.
+
+The graph runs on PyTorch through the ONNX executor of the GPU runtime (float32, on the CPU), one
+sample batch at a time, because the exported graph fixes its shapes. A slice of the calibration data
+is held back: the result is the epoch with the lowest loss on that slice, or the input weights if no
+epoch beats them, so the correction never makes the held-back loss worse.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import onnx
+
+from spdy_onnx import calibrate
+from spdy_onnx.errors import SpdyError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EPOCHS = 2
+DEFAULT_LR = 3e-4
+MAX_TRAIN_SAMPLES = 512      # per epoch; more calibration data gives diminishing returns for the time
+HOLDOUT_SHARE = 0.125
+MAX_HOLDOUT = 32
+
+
+def available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _shared_names(model: onnx.ModelProto) -> set[str]:
+    """Initializers read by more than one node: tuning them for one site would change another."""
+    seen: dict[str, int] = {}
+    for node in model.graph.node:
+        for t in set(node.input):
+            seen[t] = seen.get(t, 0) + 1
+    return {t for t, n in seen.items() if n > 1}
+
+
+def _split(data: dict, batch: int, seed: int):
+    """(train feeds, held-back feeds): whole model batches, the held-back ones drawn at random."""
+    feeds = list(calibrate.batches(data, batch))
+    if len(feeds) < 2:
+        raise SpdyError("global correction needs at least two batches of calibration data")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(feeds))
+    n_hold = max(1, min(MAX_HOLDOUT, int(round(len(feeds) * HOLDOUT_SHARE))))
+    hold = [feeds[i] for i in sorted(order[:n_hold])]
+    train = [feeds[i] for i in sorted(order[n_hold:])]
+    return train, hold
+
+
+def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarray], data: dict, *,
+                      loss: str, batch_size: int, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
+                      max_samples: int = MAX_TRAIN_SAMPLES, seed: int = 0,
+                      progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """Tuned copies of `weights` ({initializer: array}, pruned) and of the sites' biases; and a summary.
+
+    `model` is the dense model, `data` the calibration samples, `loss` 'mse' (masked to real tokens
+    when the feed has an attention mask) or 'kl'. Returns the weights to write (site weights and bias
+    initializers) and {'loss_before', 'loss_after', 'epochs_run', 'best_epoch', 'seconds', ...}.
+    """
+    import torch
+
+    from spdy_onnx.passes.prune import write_weights
+    from spdy_onnx.runtimes.torch_onnx import GraphExecutor, matrix_to_weight
+
+    t_start = time.perf_counter()
+    train, hold = _split(data, batch_size, seed)
+    train = train[: max(1, max_samples // batch_size)]
+    pruned = write_weights(model, weights)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        dense_ex = GraphExecutor(model, train[0], device="cpu", dtype=torch.float32)
+        ex = GraphExecutor(pruned, train[0], device="cpu", dtype=torch.float32)
+    except SpdyError as exc:
+        raise SpdyError(f"global correction cannot run this graph on PyTorch: {exc}") from exc
+
+    inits = {i.name: i for i in model.graph.initializer}
+    shared = _shared_names(model)
+    by_name = {s.name: s for s in sites}
+    pruned_names = {s.name for s in sites if s.weight in weights}
+    params, masks, slots = [], [], []   # slots: (kind, site, holder, initializer name)
+    for step in ex.steps:
+        name = getattr(step, "site", None)
+        if name not in pruned_names:
+            continue
+        site = by_name[name]
+        if site.chain or site.weight in shared or inits[site.weight].data_type != onnx.TensorProto.FLOAT:
+            continue   # the weight reaches the node through a Transpose/Cast, or feeds other nodes too
+        op = step.op
+        holder = op if op.op_type == "Conv" else op.linear
+        w = holder.w.detach().clone().requires_grad_(True)
+        holder.w = w
+        params.append(w)
+        masks.append((w.detach() != 0).to(w.dtype))
+        slots.append(("weight", site, op, site.weight))
+        bias_name = ex.site_info[name].get("bias_name")
+        if holder.b is not None and bias_name in inits and bias_name not in shared \
+                and inits[bias_name].data_type == onnx.TensorProto.FLOAT:
+            b = holder.b.detach().clone().requires_grad_(True)
+            holder.b = b
+            params.append(b)
+            masks.append(None)
+            slots.append(("bias", site, op, bias_name))
+    if not params:
+        torch.random.set_rng_state(gen_state)
+        return {}, {"skipped": "no site weight can be tuned (all behind Transpose/Cast or shared)"}
+
+    out_name = ex.output_names[0]
+
+    def run(executor, feed, grad: bool):
+        for k, v in feed.items():
+            if k in executor.buffers:
+                executor.buffers[k].copy_(executor._to_buffer(np.asarray(v)))
+        env = dict(executor.buffers)
+        with torch.set_grad_enabled(grad):
+            for step in executor.steps:
+                for o, v in zip(step.outputs, step(env)):
+                    env[o] = v
+        return env[out_name]
+
+    def targets(feeds):
+        with torch.no_grad():
+            return [run(dense_ex, f, False).detach().clone() for f in feeds]
+
+    def masks_of(feeds):
+        out = []
+        for f in feeds:
+            m = calibrate.token_mask(f)
+            out.append(None if m is None else torch.from_numpy(m))
+        return out
+
+    def loss_of(y, ref, mask):
+        if loss == "kl":
+            logp = torch.log_softmax(ref.reshape(ref.shape[0], -1), dim=-1)
+            logq = torch.log_softmax(y.reshape(y.shape[0], -1), dim=-1)
+            return (logp.exp() * (logp - logq)).sum(-1).mean()
+        if mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
+            y, ref = y[mask], ref[mask]
+        return ((y - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-12)
+
+    train_ref, hold_ref = targets(train), targets(hold)
+    train_mask, hold_mask = masks_of(train), masks_of(hold)
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([float(loss_of(run(ex, f, False), r, m))
+                                  for f, r, m in zip(hold, hold_ref, hold_mask)]))
+
+    def snapshot():
+        return [p.detach().clone() for p in params]
+
+    before = held_loss()
+    best, best_state, best_epoch = before, snapshot(), 0
+    opt = torch.optim.Adam(params, lr=lr)
+    rng = np.random.default_rng(seed)
+    history = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=epochs * len(train), desc="global correction", unit="batch", leave=False)
+    for epoch in range(1, epochs + 1):
+        running = 0.0
+        for i in rng.permutation(len(train)):
+            value = loss_of(run(ex, train[i], True), train_ref[i], train_mask[i])
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            for p, m in zip(params, masks):
+                if m is not None and p.grad is not None:
+                    p.grad.mul_(m)
+            opt.step()
+            with torch.no_grad():
+                for p, m in zip(params, masks):
+                    if m is not None:
+                        p.mul_(m)
+            running += float(value.detach())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running / (bar.n - (epoch - 1) * len(train)):.4f}", best=f"{best:.4f}")
+        held = held_loss()
+        history.append({"epoch": epoch, "train_loss": running / len(train), "held_back_loss": held})
+        log.info("global correction epoch %d: train loss %.4f, held-back loss %.4f (before %.4f)",
+                 epoch, running / len(train), held, before)
+        if not math.isfinite(held):
+            break
+        if held < best:
+            best, best_state, best_epoch = held, snapshot(), epoch
+    if bar is not None:
+        bar.close()
+    torch.random.set_rng_state(gen_state)
+
+    result: dict[str, np.ndarray] = {}
+    if best_epoch > 0:
+        for (kind, site, op, init_name), value in zip(slots, best_state):
+            if kind == "weight":
+                arr = value if op.op_type == "Conv" else matrix_to_weight(op.op_type, value, site.weight_shape,
+                                                                          op.trans_b)
+                result[init_name] = arr.numpy().astype(np.float32).reshape(tuple(inits[init_name].dims))
+            else:
+                result[init_name] = value.numpy().astype(np.float32).reshape(tuple(inits[init_name].dims))
+    summary = {"loss_before": before, "loss_after": best, "best_epoch": best_epoch, "epochs": history,
+               "train_batches": len(train), "held_back_batches": len(hold), "lr": lr,
+               "tuned_sites": sum(1 for s in slots if s[0] == "weight"),
+               "seconds": time.perf_counter() - t_start}
+    return result, summary
+

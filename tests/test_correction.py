@@ -1,0 +1,179 @@
+"""Global correction: tunes kept weights and biases together, keeps every zero, never ends worse."""
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import pytest
+import tiny
+
+from spdy_onnx import api, correct, graph
+from spdy_onnx.runtimes import REGISTRY
+from spdy_onnx.tables import LatencyTable
+
+torch = pytest.importorskip("torch")
+
+LEVELS = [0.0, 0.5, 0.7, 0.9]
+
+
+def _setup(tmp_path, model, data_arrays, times=(1.0, 0.7, 0.45, 0.2)):
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data = tmp_path / "calib.npz"
+    np.savez(data, **data_arrays)
+    sites, _ = graph.find_sites(model)
+    table = LatencyTable(levels=LEVELS, times={s.name: list(times) for s in sites},
+                         dense_total_ms=len(sites) + 0.5, runtime="table", meta={"cores": 1})
+    return path, data, table.save(tmp_path / "table.json")
+
+
+def _inits(path):
+    return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+
+
+@pytest.fixture
+def mlp_setup(tmp_path):
+    rng = np.random.default_rng(0)
+    return _setup(tmp_path, tiny.mlp(width=64, depth=4, seq=8),
+                  {"x": rng.standard_normal((48, 8, 64)).astype(np.float32)})
+
+
+def _optimize(path, data, table_path, out, **kw):
+    args = dict(target=2.0, runtime="table", latency_table=table_path, output=out, data=data, progress=False,
+                cache_dir=out.parent / "cache", strategy="uniform")
+    args.update(kw)
+    return api.optimize(path, **args)
+
+
+def test_correction_lowers_the_loss_keeps_the_zeros_and_tunes_biases(mlp_setup, tmp_path):
+    path, data, table_path = mlp_setup
+    plain = _optimize(path, data, table_path, tmp_path / "plain.onnx", correct_epochs=0)
+    tuned = _optimize(path, data, table_path, tmp_path / "tuned.onnx", correct_epochs=3)
+    q = tuned["quality"]
+    assert "global_correction" not in plain["quality"]
+    assert q["calibration_loss_before_correction"] == pytest.approx(plain["quality"]["calibration_loss"])
+    assert q["calibration_loss"] < 0.9 * plain["quality"]["calibration_loss"]
+    summary = q["global_correction"]
+    assert summary["loss_after"] < summary["loss_before"] and summary["best_epoch"] >= 1
+    assert summary["tuned_sites"] == 4
+    a, b = _inits(tmp_path / "plain.onnx"), _inits(tmp_path / "tuned.onnx")
+    sites, _ = graph.find_sites(onnx.load(path))
+    for s in sites:
+        np.testing.assert_array_equal(a[s.weight] == 0, b[s.weight] == 0)   # same zeros: same speed
+        assert not np.array_equal(a[s.weight], b[s.weight])
+    biases = [n for n in a if n.startswith("b")]
+    assert biases and any(not np.array_equal(a[n], b[n]) for n in biases)
+    assert [s["actual_sparsity"] for s in plain["sites"]] == [s["actual_sparsity"] for s in tuned["sites"]]
+
+
+def test_correction_never_ends_worse_than_its_input(mlp_setup, tmp_path):
+    path, data, table_path = mlp_setup
+    model = onnx.load(path)
+    sites, _ = graph.find_sites(model)
+    calib = dict(np.load(data))
+    w = graph.read_weights(model, sites)
+    pruned = {s.weight: np.where(np.abs(w[s.name]) > np.quantile(np.abs(w[s.name]), 0.7), w[s.name], 0)
+              for s in sites}
+    # a learning rate this large blows the weights up: the held-back loss rises, the input is kept
+    result, summary = correct.global_correction(model, sites, pruned, calib, loss="mse", batch_size=1,
+                                                epochs=2, lr=10.0)
+    assert result == {} and summary["best_epoch"] == 0
+    assert summary["loss_after"] == summary["loss_before"]
+    assert all(e["held_back_loss"] > summary["loss_before"] for e in summary["epochs"])
+    # a sane one improves it, and the same seed gives the same weights
+    r1, s1 = correct.global_correction(model, sites, pruned, calib, loss="mse", batch_size=1, epochs=1, seed=5)
+    r2, _ = correct.global_correction(model, sites, pruned, calib, loss="mse", batch_size=1, epochs=1, seed=5)
+    assert s1["loss_after"] < s1["loss_before"]
+    assert r1.keys() == r2.keys() and all(np.array_equal(r1[k], r2[k]) for k in r1)
+
+
+def test_correction_on_a_cnn_with_kl(tmp_path):
+    rng = np.random.default_rng(1)
+    path, data, table_path = _setup(tmp_path, tiny.cnn(channels=16, size=8, classes=10),
+                                    {"x": rng.standard_normal((24, 3, 8, 8)).astype(np.float32)})
+    plain = _optimize(path, data, table_path, tmp_path / "p.onnx", correct_epochs=0, target=1.5, min_weights=0)
+    tuned = _optimize(path, data, table_path, tmp_path / "t.onnx", correct_epochs=3, target=1.5, min_weights=0)
+    assert tuned["quality"]["loss"] == "kl"
+    assert tuned["quality"]["global_correction"]["tuned_sites"] >= 2
+    assert tuned["quality"]["calibration_loss"] < plain["quality"]["calibration_loss"]
+    a, b = _inits(tmp_path / "p.onnx"), _inits(tmp_path / "t.onnx")
+    sites, _ = graph.find_sites(onnx.load(path))
+    for s in sites:
+        np.testing.assert_array_equal(a[s.weight] == 0, b[s.weight] == 0)
+
+
+def test_without_torch_the_correction_is_skipped_with_a_warning(mlp_setup, tmp_path, monkeypatch, caplog):
+    path, data, table_path = mlp_setup
+    monkeypatch.setattr(correct, "available", lambda: False)
+    with caplog.at_level("WARNING", logger="spdy_onnx"):
+        rep = _optimize(path, data, table_path, tmp_path / "o.onnx")
+    assert "PyTorch is not installed" in caplog.text
+    assert "global_correction" not in rep["quality"]
+
+
+def test_negative_epochs_are_refused(mlp_setup, tmp_path):
+    path, data, table_path = mlp_setup
+    with pytest.raises(api.SpdyError, match="epochs"):
+        _optimize(path, data, table_path, tmp_path / "o.onnx", correct_epochs=-1)
+
+
+# --- the guarantee with a correction: drafts first, the corrected file measured before it is written ---
+
+class SparsityClock:
+    """An engine whose speed is a function of the zeros only, and which records what it measured."""
+    name = "sparsity-clock"
+    pattern = "unstructured"
+    efficiency = 1.0
+    measured: list = []
+
+    def __init__(self, **_):
+        pass
+
+    def default_levels(self):
+        return LEVELS
+
+    def check_model(self, model):
+        pass
+
+    def fingerprint(self):
+        return {"engine": "sparsity-clock"}
+
+    def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases, checkpoint=None):
+        times = {s.name: [1.0, 0.8, 0.5, 0.25][: len(levels)] for s in sites}
+        return LatencyTable(levels=levels, times=times, dense_total_ms=len(sites) + 0.5,
+                            runtime=self.name, meta={"cores": 1, "engine": self.name})
+
+    def compare(self, baseline_path, candidate_path, *, batch_size, feeds):
+        from spdy_onnx.passes import sparsity_of
+        from spdy_onnx.runtimes import Comparison
+        model = onnx.load(candidate_path)
+        sites, _ = graph.find_sites(model)
+        w = graph.read_weights(model, sites)
+        level_time = dict(zip(LEVELS, [1.0, 0.8, 0.5, 0.25]))
+        t = 0.5 + sum(level_time[min(LEVELS, key=lambda l: abs(l - sparsity_of(w[s.name])))] for s in sites)
+        type(self).measured.append({s.weight: w[s.name].copy() for s in sites})
+        return Comparison(baseline_ms=0.5 + len(sites), candidate_ms=t / type(self).efficiency, rounds=1,
+                          iterations_per_round=1)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "sparsity-clock", (__name__, "SparsityClock", None))
+    SparsityClock.measured = []
+    return SparsityClock
+
+
+def test_the_corrected_file_is_the_one_measured_and_written(clock, mlp_setup, tmp_path):
+    path, data, _ = mlp_setup
+    clock.efficiency = 0.9    # the first profile's draft misses: re-solved before any correction is paid for
+    out = tmp_path / "o.onnx"
+    rep = api.optimize(path, target=1.7, runtime="sparsity-clock", output=out, data=data, progress=False,
+                       cache_dir=tmp_path / "c", strategy="uniform", correct_epochs=1)
+    kinds = [a["weights"] for a in rep["attempts"]]
+    assert rep["status"] == "met"
+    assert kinds[-2:] == ["draft", "corrected"] and kinds.count("corrected") == 1
+    assert rep["attempts"][0]["weights"] == "draft" and rep["attempts"][0]["measured_speedup"] < 1.7 * 1.02
+    assert "correct_s_" + str(rep["attempts"][-1]["attempt"]) in rep["phases_s"]
+    written = _inits(out)
+    last = clock.measured[-1]
+    assert all(np.array_equal(written[k], v) for k, v in last.items())        # measured == written
+    draft = clock.measured[-2]
+    assert any(not np.array_equal(draft[k], v) for k, v in last.items())       # and it is not the draft
