@@ -77,12 +77,29 @@ class Prepared:
         self.digest = modelio.model_digest(self.model)
         self.workdir = tempfile.TemporaryDirectory(prefix="spdy-onnx-")
         self._static_paths: dict[str, Path] = {}
+        self._calibration_model = None
 
     def static_copy(self, model, tag: str) -> Path:
         """Our own file with concrete input shapes: engines compile it (and may rewrite it)."""
         path = Path(self.workdir.name) / f"{tag}.onnx"
         modelio.save_model_atomic(modelio.with_static_inputs(model, self.specs), path)
         return path
+
+    @property
+    def calibration_model(self) -> "onnx.ModelProto":
+        """The model at the batch size of the run, for onnxruntime and PyTorch on calibration batches.
+
+        Inputs take the run's concrete shapes and the outputs' batch axes become symbolic, so a model
+        exported at batch 1 runs on calibration batches of --batch-size samples.
+        """
+        if self._calibration_model is None:
+            m = modelio.with_static_inputs(self.model, self.specs)
+            for value in m.graph.output:
+                dims = value.type.tensor_type.shape.dim
+                if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value != self.batch_size:
+                    dims[0].dim_param = "batch"
+            self._calibration_model = m
+        return self._calibration_model
 
     def dense_static(self) -> Path:
         if "dense" not in self._static_paths:

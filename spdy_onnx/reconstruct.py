@@ -82,7 +82,7 @@ def build_database(prep, sites, sources: dict, levels: list[float], data: dict, 
         return db
     log.info("building the %s database for %d sites x %d levels (%s)", method, len(todo), len(levels), folder)
     supported = [s for s in todo if s.op_type != "Conv" or (s.group == 1 and len(s.kernel_shape) == 2)]
-    hess = calibrate.hessians(prep.model, supported, data, prep.batch_size, progress=progress) if supported else {}
+    hess = calibrate.hessians(prep.calibration_model, supported, data, prep.batch_size, progress=progress) if supported else {}
     for site in tqdm(todo, desc="reconstructing", unit="site", disable=not progress, leave=False):
         stack = _reconstruct_site(site, sources[site.name], hess.get(site.name), levels, pattern, damp)
         _save_npy_atomic(_site_file(folder, site.name), stack)

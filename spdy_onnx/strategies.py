@@ -152,7 +152,7 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
         from spdy_onnx.refit import sequential_refit
         dense = {s.weight: chooser.database.weight(s.name, 0) for s in sites}
         calib = chooser.evaluator.data
-        chooser.refit = lambda weights: sequential_refit(prep.model, sites, dense, weights, calib, prep.batch_size,
+        chooser.refit = lambda weights: sequential_refit(prep.calibration_model, sites, dense, weights, calib, prep.batch_size,
                                                          progress=progress)
     if correct_epochs > 0 and chooser.evaluator is not None:
         from spdy_onnx import correct
@@ -163,7 +163,7 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
         else:
             calib, loss_name = chooser.evaluator.data, chooser.evaluator.loss_name
             chooser.correction = lambda weights: correct.global_correction(
-                prep.model, sites, weights, calib, loss=loss_name, batch_size=prep.batch_size,
+                prep.calibration_model, sites, weights, calib, loss=loss_name, batch_size=prep.batch_size,
                 epochs=correct_epochs, seed=seed, progress=progress)
     return chooser
 
@@ -207,7 +207,7 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
                            database=getattr(database, "folder", type(database).__name__), pattern=table.pattern,
                            data=calibrate.data_digest(calib), samples=evaluate.DEFAULT_EVAL_SAMPLES, version=2)
     journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
-    evaluator = evaluate.Evaluator(prep.model, sites, database, calib, loss=loss, specs=prep.specs, journal=journal)
+    evaluator = evaluate.Evaluator(prep.calibration_model, sites, database, calib, loss=loss, specs=prep.specs, journal=journal)
     common = dict(sites=sites, levels=levels, database=database, evaluator=evaluator, feeds=feeds)
     if strategy == "uniform":
         return Uniform(**common)

@@ -177,3 +177,16 @@ def test_the_corrected_file_is_the_one_measured_and_written(clock, mlp_setup, tm
     assert all(np.array_equal(written[k], v) for k, v in last.items())        # measured == written
     draft = clock.measured[-2]
     assert any(not np.array_equal(draft[k], v) for k, v in last.items())       # and it is not the draft
+
+
+def test_a_model_exported_at_batch_1_calibrates_at_a_larger_batch(tmp_path):
+    """Timing at --batch-size 4 means calibration batches of 4 through onnxruntime and PyTorch too."""
+    rng = np.random.default_rng(2)
+    model = tiny.cnn(channels=16, size=8, classes=10, batch=1)
+    path, data, table_path = _setup(tmp_path, model, {"x": rng.standard_normal((40, 3, 8, 8)).astype(np.float32)})
+    rep = _optimize(path, data, table_path, tmp_path / "b4.onnx", target=1.5, min_weights=0, batch_size=4,
+                    correct_epochs=2)
+    assert rep["batch_size"] == 4 and rep["quality"]["global_correction"]["train_batches"] >= 8
+    assert rep["quality"]["calibration_loss"] <= rep["quality"]["calibration_loss_before_correction"]
+    written = onnx.load(tmp_path / "b4.onnx")
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1   # the user's graph, as given
