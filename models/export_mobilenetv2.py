@@ -161,8 +161,8 @@ def main(argv=None) -> int:
     for i in range(0, len(images), args.batch):
         chunk = images[i:i + args.batch]
         pad = args.batch - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, images[:pad]])
+        if pad:   # tiled: a batch larger than the 20 images is padded with repeats
+            chunk = np.concatenate([chunk, images[np.arange(pad) % len(images)]])
         preds.append(run_onnxruntime(final, {"input": chunk})[0][:args.batch - pad].argmax(1))
     ort_top1 = int((np.concatenate(preds) == labels).sum())
     log.info("onnxruntime dense top-1: %d/20", ort_top1)

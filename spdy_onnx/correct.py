@@ -64,7 +64,7 @@ def _split(data: dict, batch: int, seed: int):
 
 def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarray], data: dict, *,
                       loss: str, batch_size: int, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
-                      max_samples: int = MAX_TRAIN_SAMPLES, seed: int = 0,
+                      max_samples: int = MAX_TRAIN_SAMPLES, seed: int = 0, schedule: str = "cosine",
                       progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """Tuned copies of `weights` ({initializer: array}, pruned) and of the sites' biases; and a summary.
 
@@ -167,6 +167,10 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     before = held_loss()
     best, best_state, best_epoch = before, snapshot(), 0
     opt = torch.optim.Adam(params, lr=lr)
+    total_steps = epochs * len(train)
+    # cosine decay to zero: the last steps settle instead of hopping around at the full rate
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total_steps) / total_steps)) if schedule == "cosine" else 1.0)
     rng = np.random.default_rng(seed)
     history = []
     bar = None
@@ -183,6 +187,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
                 if m is not None and p.grad is not None:
                     p.grad.mul_(m)
             opt.step()
+            sched.step()
             with torch.no_grad():
                 for p, m in zip(params, masks):
                     if m is not None:
