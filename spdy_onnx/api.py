@@ -22,11 +22,12 @@ from spdy_onnx.tables import LatencyTable, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_ATTEMPTS = 4
+DEFAULT_MAX_ATTEMPTS = 6
 # The measured median must beat the target by this much: re-compiling the same model moves its speed by a
 # few percent here, so a model that only just meets the target in one measurement can miss it in the next.
 DEFAULT_CORRECT_EPOCHS = 2    # global correction after the profile is chosen (with --data and torch)
 DEFAULT_MARGIN = 0.02
+SURPLUS = 0.06                # a hit beyond required x (1 + SURPLUS) is re-solved at a lower aim
 STRATEGIES = ("spdy", "uniform", "global-magnitude", "dp-loss", "magnitude-dp")
 
 
@@ -236,10 +237,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
 
     attempts = []
     required = target * (1 + margin)   # what the measured median must reach
-    aim = required
-    final = None
 
-    def measure(attempt, pruned, weights_kind):
+    def measure(attempt, aim, predicted, pruned, weights_kind):
         candidate = prep.static_copy(pruned, f"candidate{attempt}{weights_kind[0]}")
         t0 = time.perf_counter()
         comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
@@ -255,56 +254,95 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             log.warning("the end-to-end speedup was NOT measured: %s cannot run here; predicted %.3fx",
                         prep.runtime.name, predicted)
         else:
-            log.info("attempt %d (%s weights): predicted %.3fx, measured %.3fx (target %gx)", attempt,
-                     weights_kind, predicted, comparison.speedup, target)
+            log.info("attempt %d (%s weights): aimed %.3fx, predicted %.3fx, measured %.3fx (target %gx)",
+                     attempt, weights_kind, aim, predicted, comparison.speedup, target)
         return comparison
 
-    # Corrections (global, sequential) change weight values, never which weights are zero. So each
-    # profile is first measured with the database's weights (the "draft"); only a profile whose draft
-    # meets the target is corrected, and the corrected file is measured again: the file written is
-    # always the file measured. If that second measurement misses (noise), later attempts measure
-    # corrected files only.
-    measure_drafts = chooser.corrects
-    for attempt in range(1, max_attempts + 1):
-        budget = table.dense_total_ms / aim - table.fixed_ms(names)
-        t0 = time.perf_counter()
-        try:
-            picks = chooser.choose(times, budget)
-        except Infeasible:
-            break
-        phases[f"choose_s_{attempt}"] = time.perf_counter() - t0
-        profile = {n: int(j) for n, j in zip(names, picks)}
-        predicted = table.predicted_speedup(profile)
-        comparison = None
-        if measure_drafts:
+    # The additive table is off by a profile-dependent amount, so the aim (the speedup the solver is
+    # asked for) is searched on measurements: raised by the shortfall after a miss, lowered after a
+    # candidate that beats the requirement by more than SURPLUS (more speed than asked costs accuracy),
+    # and bisected once both a miss and a hit are known. The hit with the lowest aim is kept.
+    # Corrections (global, sequential) change weight values, never which weights are zero, so this
+    # search measures the database's weights ("drafts"); the kept profile is then corrected and the
+    # corrected file measured again: the file written is always the file measured.
+    aim = required
+    hit = None        # (aim, profile, predicted, pruned, comparison) with the lowest aim that met
+    last_miss = None
+    not_measured = None
+    missed_aim = 0.0  # the highest aim whose candidate missed
+    seen: dict[tuple, object] = {}
+    attempt = 0
+    verified = False
+    while True:
+        while attempt < max_attempts:
+            attempt += 1
+            budget = table.dense_total_ms / aim - table.fixed_ms(names)
+            t0 = time.perf_counter()
+            try:
+                picks = chooser.choose(times, budget)
+            except Infeasible:
+                break
+            phases[f"choose_s_{attempt}"] = time.perf_counter() - t0
+            profile = {n: int(j) for n, j in zip(names, picks)}
+            predicted = table.predicted_speedup(profile)
+            key = tuple(sorted(profile.items()))
             pruned = write_weights(prep.model, chooser.weights(profile))
-            comparison = measure(attempt, pruned, "draft")
+            if key in seen:
+                comparison = seen[key]   # the same profile again: its measurement stands
+            else:
+                comparison = measure(attempt, aim, predicted, pruned, "draft" if chooser.corrects else "database")
+                seen[key] = comparison
             if comparison is None:
-                attempts.pop()          # nothing measured: go straight to the corrected file
-                measure_drafts = False
-            elif comparison.speedup < required:
-                final = (profile, predicted, pruned, comparison)   # a miss: never written
-                aim_before = aim
-                aim = min(aim * required / comparison.speedup * 1.01, max_speedup * 0.9999)
-                if aim <= aim_before:
+                not_measured = (profile, predicted)
+                break
+            if comparison.speedup >= required:
+                if hit is None or aim < hit[0]:
+                    hit = (aim, profile, predicted, pruned, comparison)
+                if comparison.speedup <= required * (1 + SURPLUS):
                     break
-                continue
+                lower = max(aim * required / comparison.speedup * 1.01, (missed_aim + aim) / 2)
+                if lower >= aim * 0.995:
+                    break
+                aim = lower
+            else:
+                last_miss = (profile, predicted, pruned, comparison)
+                missed_aim = max(missed_aim, aim)
+                higher = min(aim * required / comparison.speedup * 1.01, max_speedup * 0.9999)
+                if hit is not None:
+                    higher = min(higher, (aim + hit[0]) / 2)
+                if higher <= aim * 1.001:
+                    break
+                aim = higher
+        if not_measured is not None or hit is None or not chooser.corrects or verified:
+            break
+        # correct the kept profile, and measure the file that will be written
+        h_aim, profile, predicted, _, _ = hit
         t0 = time.perf_counter()
         weights = chooser.final_weights(profile)
-        if chooser.corrects:
-            phases[f"correct_s_{attempt}"] = time.perf_counter() - t0
-        pruned = write_weights(prep.model, weights)
-        comparison = measure(attempt, pruned, "corrected" if chooser.corrects else "database")
-        final = (profile, predicted, pruned, comparison)
-        if comparison is None or comparison.speedup >= required:
+        phases[f"correct_s_{attempt}"] = phases.get(f"correct_s_{attempt}", 0.0) + time.perf_counter() - t0
+        corrected = write_weights(prep.model, weights)
+        comparison = measure(attempt, h_aim, predicted, corrected, "corrected")
+        if comparison is not None and comparison.speedup >= required:
+            hit = (h_aim, profile, predicted, corrected, comparison)
+            verified = True
             break
-        measure_drafts = False
-        # The additive model was optimistic by this much: aim higher by the shortfall, and re-solve.
-        aim_before = aim
-        aim = min(aim * required / comparison.speedup * 1.01, max_speedup * 0.9999)
-        if aim <= aim_before:
+        # noise made the corrected file miss: count the profile as a miss and search on
+        last_miss = (profile, predicted, corrected, comparison)
+        missed_aim = max(missed_aim, h_aim)
+        hit = None
+        seen = {}
+        if comparison is None or attempt >= max_attempts:
             break
+        aim = min(h_aim * required / comparison.speedup * 1.01, max_speedup * 0.9999)
 
+    final = None
+    if not_measured is not None:
+        profile, predicted = not_measured
+        final = (profile, predicted, write_weights(prep.model, chooser.final_weights(profile)), None)
+    elif hit is not None:
+        final = hit[1:]
+    elif last_miss is not None:
+        final = last_miss
     if final is None:
         raise InfeasibleTarget(target, max_speedup)
     profile, predicted, pruned, comparison = final
