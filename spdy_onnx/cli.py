@@ -136,7 +136,9 @@ def _print_optimize(rep: dict):
           f"pruned {rep['pruned_ms']:.3f} ms | {rep['runtime']} batch {rep['batch_size']} cores {rep['cores']}")
     q = rep.get("quality") or {}
     if "calibration_loss" in q:
-        print(f"calibration {q.get('loss')} vs dense: {q['calibration_loss']:.5f}")
+        before = q.get("calibration_loss_before_correction")
+        extra = f" (database weights {before:.5f}, before the correction)" if before is not None else ""
+        print(f"calibration {q.get('loss')} vs dense: {q['calibration_loss']:.5f}{extra}")
     for warning in rep.get("warnings", []):
         print(f"warning: {warning}")
     if rep["status"] == "met":

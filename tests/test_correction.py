@@ -190,3 +190,16 @@ def test_a_model_exported_at_batch_1_calibrates_at_a_larger_batch(tmp_path):
     assert rep["quality"]["calibration_loss"] <= rep["quality"]["calibration_loss_before_correction"]
     written = onnx.load(tmp_path / "b4.onnx")
     assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1   # the user's graph, as given
+
+
+def test_cli_reports_the_loss_before_and_after_the_correction(mlp_setup, tmp_path, capsys):
+    from spdy_onnx.cli import main
+    path, data, table_path = mlp_setup
+    base = ["optimize", str(path), "--target", "2x", "--runtime", "table", "--latency-table", str(table_path),
+            "--data", str(data), "--strategy", "uniform", "-q", "--cache-dir", str(tmp_path / "c")]
+    assert main(base + ["-o", str(tmp_path / "a.onnx"), "--correct-epochs", "1"]) == 0
+    assert "before the correction" in capsys.readouterr().out
+    assert main(base + ["-o", str(tmp_path / "b.onnx"), "--correct-epochs", "0"]) == 0
+    assert "before the correction" not in capsys.readouterr().out
+    assert main(base + ["-o", str(tmp_path / "c.onnx"), "--correct-epochs", "-1"]) == 2
+    assert not (tmp_path / "c.onnx").exists()
