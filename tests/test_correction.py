@@ -8,6 +8,7 @@ import tiny
 from spdy_onnx import api, correct, graph
 from spdy_onnx.runtimes import REGISTRY
 from spdy_onnx.tables import LatencyTable
+from test_guarantee import ScriptedRuntime
 
 torch = pytest.importorskip("torch")
 
@@ -117,41 +118,17 @@ def test_negative_epochs_are_refused(mlp_setup, tmp_path):
 
 # --- the guarantee with a correction: drafts first, the corrected file measured before it is written ---
 
-class SparsityClock:
-    """An engine whose speed is a function of the zeros only, and which records what it measured."""
+class SparsityClock(ScriptedRuntime):
+    """The scripted engine (speed from the zeros only), also recording the weights it measured."""
     name = "sparsity-clock"
-    pattern = "unstructured"
-    efficiency = 1.0
     measured: list = []
 
-    def __init__(self, **_):
-        pass
-
-    def default_levels(self):
-        return LEVELS
-
-    def check_model(self, model):
-        pass
-
-    def fingerprint(self):
-        return {"engine": "sparsity-clock"}
-
-    def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases, checkpoint=None):
-        times = {s.name: [1.0, 0.8, 0.5, 0.25][: len(levels)] for s in sites}
-        return LatencyTable(levels=levels, times=times, dense_total_ms=len(sites) + 0.5,
-                            runtime=self.name, meta={"cores": 1, "engine": self.name})
-
     def compare(self, baseline_path, candidate_path, *, batch_size, feeds):
-        from spdy_onnx.passes import sparsity_of
-        from spdy_onnx.runtimes import Comparison
         model = onnx.load(candidate_path)
         sites, _ = graph.find_sites(model)
         w = graph.read_weights(model, sites)
-        level_time = dict(zip(LEVELS, [1.0, 0.8, 0.5, 0.25]))
-        t = 0.5 + sum(level_time[min(LEVELS, key=lambda l: abs(l - sparsity_of(w[s.name])))] for s in sites)
         type(self).measured.append({s.weight: w[s.name].copy() for s in sites})
-        return Comparison(baseline_ms=0.5 + len(sites), candidate_ms=t / type(self).efficiency, rounds=1,
-                          iterations_per_round=1)
+        return super().compare(baseline_path, candidate_path, batch_size=batch_size, feeds=feeds)
 
 
 @pytest.fixture
