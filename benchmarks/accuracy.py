@@ -207,7 +207,9 @@ class MiniLMTask:
     def _score(self, emb: np.ndarray) -> dict:
         cos = np.sum(emb * self.dense_emb, axis=1) / (
             np.linalg.norm(emb, axis=1) * np.linalg.norm(self.dense_emb, axis=1) + 1e-12)
-        return {"probe_acc": float(self.probe.score(emb, self.labels)), "cos_mean": float(cos.mean()),
+        right = self.probe.predict(emb) == self.labels
+        return {"probe_acc": float(right.mean()), "probe_right": "".join("1" if r else "0" for r in right),
+                "cos_mean": float(cos.mean()),
                 "cos_min": float(cos.min()), "n_heldout": int(len(self.labels))}
 
     def evaluate(self, path) -> dict:
@@ -479,8 +481,30 @@ def render_table(name, info, task, rows, args) -> str:
         "(choose, correct and bench summed over attempts; `calib s` is the Hessians and the reconstruction "
         "database, `correct s` the global correction); `eval s` runs the pruned model on the held-out data"]
     notes += [f"{r['strategy']} {r['target']:g}x: {r['reason']}" for r in rows if r.get("reason")]
+    notes += paired_notes(rows)
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
+
+
+def paired_notes(rows) -> list[str]:
+    """SPDY against each baseline on the same held-out sentences (McNemar's test, normal approximation):
+    a probe-accuracy gap means something only when the sentences one gets right and the other wrong are
+    lopsided enough."""
+    import math
+    out = []
+    by = {(r["strategy"], r["target"]): r for r in rows if r.get("probe_right")}
+    for (strategy, target), r in sorted(by.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
+        if strategy == "spdy" or ("spdy", target) not in by:
+            continue
+        a, b = by[("spdy", target)]["probe_right"], r["probe_right"]
+        only_spdy = sum(1 for x, y in zip(a, b) if x == "1" and y == "0")
+        only_other = sum(1 for x, y in zip(a, b) if x == "0" and y == "1")
+        n = only_spdy + only_other
+        z = (only_spdy - only_other) / math.sqrt(n) if n else 0.0
+        p = math.erfc(abs(z) / math.sqrt(2))
+        out.append(f"paired, {target:g}x, spdy vs {strategy}: {only_spdy} sentences right only with spdy, "
+                   f"{only_other} only with {strategy} (McNemar z = {z:+.2f}, two-sided p = {p:.2f})")
+    return out
 
 
 def _profile_time(info) -> str:
