@@ -1097,10 +1097,18 @@ class GraphExecutor:
             return self._out
         return self._run_steps()
 
-    def run(self, feeds: dict | None = None) -> list[np.ndarray]:
-        """Outputs as float32/int numpy arrays (copies feeds into the input buffers first)."""
+    def _load(self, feeds: dict | None):
         for name, arr in (feeds or {}).items():
             self.buffers[name].copy_(self._to_buffer(np.asarray(arr)))
+
+    def forward(self, feeds: dict | None = None) -> list[torch.Tensor]:
+        """Outputs as tensors, run eagerly (autograd sees them when grad is enabled)."""
+        self._load(feeds)
+        return self._run_steps()
+
+    def run(self, feeds: dict | None = None) -> list[np.ndarray]:
+        """Outputs as float32/int numpy arrays (copies feeds into the input buffers first)."""
+        self._load(feeds)
         outs = self.replay()
         res = []
         for t in outs:

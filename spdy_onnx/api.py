@@ -272,7 +272,6 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     missed_aim = 0.0  # the highest aim whose candidate missed
     seen: dict[tuple, object] = {}
     attempt = 0
-    verified = False
     while True:
         while attempt < max_attempts:
             attempt += 1
@@ -286,10 +285,11 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             profile = {n: int(j) for n, j in zip(names, picks)}
             predicted = table.predicted_speedup(profile)
             key = tuple(sorted(profile.items()))
-            pruned = write_weights(prep.model, chooser.weights(profile))
+            pruned = None   # written again at the end if this is kept: copying a model is not free
             if key in seen:
                 comparison = seen[key]   # the same profile again: its measurement stands
             else:
+                pruned = write_weights(prep.model, chooser.weights(profile))
                 comparison = measure(attempt, aim, predicted, pruned, "draft" if chooser.corrects else "database")
                 seen[key] = comparison
             if comparison is None:
@@ -313,7 +313,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                 if higher <= aim * 1.001:
                     break
                 aim = higher
-        if not_measured is not None or hit is None or not chooser.corrects or verified:
+        if not_measured is not None or hit is None or not chooser.corrects:
             break
         # correct the kept profile, and measure the file that will be written
         h_aim, profile, predicted, _, _ = hit
@@ -324,7 +324,6 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         comparison = measure(attempt, h_aim, predicted, corrected, "corrected")
         if comparison is not None and comparison.speedup >= required:
             hit = (h_aim, profile, predicted, corrected, comparison)
-            verified = True
             break
         # noise made the corrected file miss: count the profile as a miss and search on
         last_miss = (profile, predicted, corrected, comparison)
@@ -346,6 +345,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     if final is None:
         raise InfeasibleTarget(target, max_speedup)
     profile, predicted, pruned, comparison = final
+    if pruned is None:
+        pruned = write_weights(prep.model, chooser.weights(profile))
     measured = comparison.speedup if comparison else None
     met = measured is not None and measured >= required
     status = "met" if met else ("not_measured" if measured is None else "missed")

@@ -120,18 +120,9 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
         torch.random.set_rng_state(gen_state)
         return {}, {"skipped": "no site weight can be tuned (all behind Transpose/Cast or shared)"}
 
-    out_name = ex.output_names[0]
-
     def run(executor, feed, grad: bool):
-        for k, v in feed.items():
-            if k in executor.buffers:
-                executor.buffers[k].copy_(executor._to_buffer(np.asarray(v)))
-        env = dict(executor.buffers)
         with torch.set_grad_enabled(grad):
-            for step in executor.steps:
-                for o, v in zip(step.outputs, step(env)):
-                    env[o] = v
-        return env[out_name]
+            return executor.forward({k: feed[k] for k in executor.input_names})[0]
 
     def targets(feeds):
         with torch.no_grad():

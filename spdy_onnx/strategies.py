@@ -32,7 +32,7 @@ class Chooser:
         self.refit = None          # callable {initializer: weight} -> corrected weights, set with data
         self.correction = None     # callable {initializer: weight} -> (tuned weights and biases, summary)
         self.correction_summary: dict | None = None
-        self._final: tuple = (None, None)
+        self._final: tuple = (None, None, None)   # (profile key, weights, correction summary)
 
     def choose(self, times: np.ndarray, budget: float) -> np.ndarray:
         raise NotImplementedError

@@ -102,6 +102,19 @@ def check_run(folder: Path, argv: list, out: Path, capsys):
     return code
 
 
+def optimize_model_bytes(tmp: Path, data: bytes, capsys) -> tuple[Path, Path]:
+    """Write `data` as the model and run optimize on it (replayed table); returns (folder, model path)."""
+    folder, cache = tmp / "work", tmp / "cache"
+    folder.mkdir()
+    table = write_table(folder / "t.json")
+    path = folder / "m.onnx"
+    path.write_bytes(data)
+    out = folder / "out.onnx"
+    check_run(folder, ["optimize", path, "--target", "1.5x", "--runtime", "table", "--latency-table", table,
+                       "-q", "--min-weights", "0", "--cache-dir", cache, "-o", out], out, capsys)
+    return folder, path
+
+
 def write_table(path: Path) -> Path:
     sites, _ = graph.find_sites(MODEL)
     return LatencyTable(levels=[0.0, 0.5, 0.9], times={s.name: [1.0, 0.6, 0.3] for s in sites},
@@ -149,14 +162,7 @@ def mutate(data: bytes, ops) -> bytes:
 @given(ops=mutations(len(MODEL_BYTES)))
 def test_mutated_onnx_never_crashes_and_writes_nothing_on_failure(ops, capsys):
     with tempfile.TemporaryDirectory() as tmp:
-        folder, cache = Path(tmp) / "work", Path(tmp) / "cache"
-        folder.mkdir()
-        table = write_table(folder / "t.json")
-        path = folder / "m.onnx"
-        path.write_bytes(mutate(MODEL_BYTES, ops))
-        out = folder / "out.onnx"
-        check_run(folder, ["optimize", path, "--target", "1.5x", "--runtime", "table", "--latency-table", table,
-                           "-q", "--min-weights", "0", "--cache-dir", cache, "-o", out], out, capsys)
+        folder, path = optimize_model_bytes(Path(tmp), mutate(MODEL_BYTES, ops), capsys)
         before = listing(folder)
         code = run_cli(["sites", path, "--min-weights", "0"])
         err = capsys.readouterr().err
@@ -256,14 +262,7 @@ def edit(model: onnx.ModelProto, edits) -> bytes:
 @given(edits=proto_edits())
 def test_structurally_mutated_onnx_never_crashes_and_writes_nothing_on_failure(edits, capsys):
     with tempfile.TemporaryDirectory() as tmp:
-        folder, cache = Path(tmp) / "work", Path(tmp) / "cache"
-        folder.mkdir()
-        table = write_table(folder / "t.json")
-        path = folder / "m.onnx"
-        path.write_bytes(edit(MODEL, edits))
-        out = folder / "out.onnx"
-        check_run(folder, ["optimize", path, "--target", "1.5x", "--runtime", "table", "--latency-table", table,
-                           "-q", "--min-weights", "0", "--cache-dir", cache, "-o", out], out, capsys)
+        optimize_model_bytes(Path(tmp), edit(MODEL, edits), capsys)
 
 
 # --- calibration data ------------------------------------------------------------------------------

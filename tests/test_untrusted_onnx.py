@@ -420,7 +420,12 @@ def dq_model():
     nodes = [helper.make_node("DequantizeLinear", ["wq", "scale", "zero"], ["w0"], name="dq"),
              helper.make_node("MatMul", ["x", "w0"], ["h"], name="matmul_0"),
              helper.make_node("MatMul", ["h", "w1"], ["y"], name="matmul_1")]
-    g = helper.make_graph(nodes, "dq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
+    return matmul_graph(nodes, inits, "dq")
+
+
+def matmul_graph(nodes, inits, name):
+    """A checked opset-13 model of `nodes` from x (1x4x64) to y (1x4x64)."""
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 64])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
@@ -451,12 +456,7 @@ def shared_model():
     nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="matmul_0"),
              helper.make_node("MatMul", ["h0", "w0"], ["h1"], name="matmul_1"),
              helper.make_node("MatMul", ["h1", "w2"], ["y"], name="matmul_2")]
-    g = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 64])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
+    return matmul_graph(nodes, inits, "shared")
 
 
 def test_shared_weight_is_left_dense_with_reason(work, capsys):
