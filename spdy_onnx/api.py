@@ -300,7 +300,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                     hit = (aim, profile, predicted, pruned, comparison)
                 if comparison.speedup <= required * (1 + SURPLUS):
                     break
-                lower = max(aim * required / comparison.speedup * 1.01, (missed_aim + aim) / 2)
+                # never below the requirement: a kept profile is predicted to meet it, too
+                lower = max(aim * required / comparison.speedup * 1.01, (missed_aim + aim) / 2, required)
                 if lower >= aim * 0.995:
                     break
                 aim = lower

@@ -88,17 +88,31 @@ def test_optimistic_model_is_repaired_by_resolving(scripted, model_path, tmp_pat
     assert rep["attempts"][0]["measured_speedup"] < 2.0 <= rep["measured_speedup"]
 
 
-def test_a_pessimistic_table_is_searched_down_to_less_surplus(scripted, model_path, tmp_path):
-    """More speed than asked costs accuracy: a hit with a large surplus is re-solved at a lower aim."""
-    scripted.efficiency = 1.5   # the engine is 50% faster than the table says
+def test_an_overshoot_after_a_miss_is_searched_back_down(scripted, tmp_path, monkeypatch):
+    """More speed than asked costs accuracy: after a miss raised the aim, a hit with a large surplus is
+    re-solved at a lower aim (between the miss and the hit), never below the requirement itself."""
+    real = ScriptedRuntime.compare
+
+    def uneven(self, *a, **k):   # slow profiles run 15% under the table, fast ones as predicted
+        c = real(self, *a, **k)
+        if c.speedup < 2.2:
+            c.candidate_ms /= 0.85
+        return c
+    scripted.efficiency = 1.0
+    monkeypatch.setattr(ScriptedRuntime, "compare", uneven)
+    model_path = tmp_path / "m12.onnx"   # 12 sites: a grid fine enough to land between miss and hit
+    onnx.save(tiny.mlp(width=64, depth=12, seq=4), model_path)
     rep = api.optimize(model_path, target=2.0, runtime="scripted", output=tmp_path / "o.onnx",
                        cache_dir=tmp_path / "c", progress=False)
-    first = rep["attempts"][0]
-    assert first["measured_speedup"] > 2.0 * 1.02 * 1.06
-    assert rep["attempts"][1]["aimed_speedup"] < first["aimed_speedup"]
-    assert rep["status"] == "met" and 2.0 * 1.02 <= rep["measured_speedup"] < first["measured_speedup"]
-    assert rep["measured_speedup"] == min(a["measured_speedup"] for a in rep["attempts"]
-                                          if a["measured_speedup"] >= 2.04)
+    aims = [a["aimed_speedup"] for a in rep["attempts"]]
+    required = 2.0 * 1.02
+    assert rep["attempts"][0]["measured_speedup"] < required              # the first profile misses
+    assert any(later < earlier for earlier, later in zip(aims, aims[1:]))  # the aim came back down
+    assert min(aims) >= required - 1e-9                                    # never below the requirement
+    assert rep["status"] == "met" and rep["measured_speedup"] >= required
+    assert rep["predicted_speedup"] >= required - 1e-9
+    hits = [a for a in rep["attempts"] if a["measured_speedup"] >= required]
+    assert rep["measured_speedup"] == min(a["measured_speedup"] for a in hits)
 
 
 def test_missed_target_fails_and_writes_no_model(scripted, model_path, tmp_path, capsys):
