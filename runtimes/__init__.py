@@ -3,6 +3,7 @@ when it is asked for, with the pip command that fixes it."""
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,6 +37,22 @@ class Comparison:
                 "rounds": self.rounds, "iterations_per_round": self.iterations_per_round,
                 "speedup_p25": self.ratio_p25, "speedup_p75": self.ratio_p75,
                 "foreign_load_cores": self.foreign_load_cores, **self.extra}
+
+
+def pooled(first: Comparison, second: Comparison) -> Comparison:
+    """One estimate from two measurements of models with the same zeros (the same kernels, so the same
+    speed): the speedups' geometric mean weighted by rounds. Re-compiling a model moves its measured
+    speed by a few percent here, so two measurements pin the speed down better than either alone."""
+    rounds = max(1, first.rounds) + max(1, second.rounds)
+    log_speedup = (max(1, first.rounds) * math.log(first.speedup)
+                   + max(1, second.rounds) * math.log(second.speedup)) / rounds
+    baseline = (first.baseline_ms + second.baseline_ms) / 2
+    return Comparison(baseline_ms=baseline, candidate_ms=baseline / math.exp(log_speedup),
+                      rounds=first.rounds + second.rounds,
+                      iterations_per_round=max(first.iterations_per_round, second.iterations_per_round),
+                      ratio_p25=min(first.ratio_p25, second.ratio_p25), ratio_p75=max(first.ratio_p75, second.ratio_p75),
+                      foreign_load_cores=max(first.foreign_load_cores, second.foreign_load_cores),
+                      extra={**second.extra, "pooled_speedups": [first.speedup, second.speedup]})
 
 
 class Runtime(Protocol):

@@ -16,7 +16,7 @@ from spdy_onnx.journal import Journal
 from spdy_onnx.levels import parse_levels
 from spdy_onnx.passes.metadata import set_metadata
 from spdy_onnx.passes.prune import sparsity_of, write_weights
-from spdy_onnx.runtimes import get_runtime
+from spdy_onnx.runtimes import get_runtime, pooled
 from spdy_onnx.solver import Infeasible
 from spdy_onnx.tables import LatencyTable, write_json_atomic
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ATTEMPTS = 6
 # The measured median must beat the target by this much: re-compiling the same model moves its speed by a
 # few percent here, so a model that only just meets the target in one measurement can miss it in the next.
-DEFAULT_CORRECT_EPOCHS = 2    # global correction after the profile is chosen (with --data and torch)
+DEFAULT_CORRECT_EPOCHS = 1    # global correction after the profile is chosen (with --data and torch)
 DEFAULT_MARGIN = 0.02
 SURPLUS = 0.06                # a hit beyond required x (1 + SURPLUS) is re-solved at a lower aim
 STRATEGIES = ("spdy", "uniform", "global-magnitude", "dp-loss", "magnitude-dp")
@@ -43,6 +43,21 @@ def parse_target(value) -> float:
     if not math.isfinite(target) or target <= 1.0:
         raise SpdyError(f"bad target '{value}': the speedup must be a number greater than 1")
     return target
+
+
+def parse_seconds(value, *, what: str) -> float | None:
+    """'90s', '2m', '90', 90 -> 90.0 seconds; None -> None (the default)."""
+    if value is None or value == "":
+        return None
+    from spdy_onnx.search import parse_budget
+    text = str(value).strip()
+    try:
+        _, seconds = parse_budget(text + "s" if text.replace(".", "", 1).isdigit() else text)
+    except SpdyError:
+        seconds = None
+    if seconds is None or not math.isfinite(seconds):
+        raise SpdyError(f"bad {what} '{value}': give a positive time such as 90s or 2m")
+    return seconds
 
 
 def default_output(model_path: Path, target: float) -> Path:
@@ -171,7 +186,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
              use_cache: bool = True, strategy: str = "spdy", data=None, samples: int | None = None,
              reconstruct: str = "obs", loss: str = "auto", search_budget=None, seed: int = 0,
              max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = False,
-             correct_epochs: int = DEFAULT_CORRECT_EPOCHS, progress: bool = True,
+             correct_epochs: int = DEFAULT_CORRECT_EPOCHS, correct_budget=None, progress: bool = True,
              runtime_options: dict | None = None) -> dict:
     """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report."""
     t_start = time.perf_counter()
@@ -191,6 +206,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
         raise SpdyError(f"max attempts must be >= 1, got {max_attempts}")
     if correct_epochs < 0:
         raise SpdyError(f"correction epochs must be >= 0, got {correct_epochs}")
+    correct_seconds = parse_seconds(correct_budget, what="--correct-budget")
 
     prep = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
                     exclude=exclude, include=include, min_weights=min_weights, progress=progress,
@@ -200,7 +216,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
                          latency_table_path=latency_table, cache_dir=cache_dir, use_cache=use_cache,
                          strategy=strategy, data=data, samples=samples, reconstruct=reconstruct, loss=loss,
                          search_budget=search_budget, seed=seed, max_attempts=max_attempts,
-                         margin=margin, refit=refit, correct_epochs=correct_epochs, progress=progress,
+                         margin=margin, refit=refit, correct_epochs=correct_epochs,
+                         correct_seconds=correct_seconds, progress=progress,
                          t_start=t_start)
     finally:
         prep.close()
@@ -208,7 +225,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
 
 def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_table_path, cache_dir, use_cache,
               strategy, data, samples, reconstruct, loss, search_budget, seed, max_attempts, margin, refit,
-              correct_epochs, progress, t_start) -> dict:
+              correct_epochs, correct_seconds, progress, t_start) -> dict:
     from spdy_onnx import strategies  # the accuracy side: calibration, database, search
 
     phases: dict[str, float] = {}
@@ -232,7 +249,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     chooser = strategies.make_chooser(
         strategy, prep=prep, sites=sites, table=table, data=data, samples=samples, reconstruct=reconstruct,
         loss=loss, search_budget=search_budget, seed=seed, cache_dir=cache_dir, progress=progress,
-        refit=refit, correct_epochs=correct_epochs)
+        refit=refit, correct_epochs=correct_epochs, correct_seconds=correct_seconds)
     phases["calibration_s"] = time.perf_counter() - t0
 
     attempts = []
@@ -326,6 +343,17 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         if comparison is not None and comparison.speedup >= required:
             hit = (h_aim, profile, predicted, corrected, comparison)
             break
+        if comparison is not None and comparison.speedup >= target and hit[4] is not None:
+            # the draft and the corrected file share every zero, so both measure the same kernels: a
+            # corrected file at or above the target whose pooled measurement meets the requirement is kept
+            # (re-searching would cost another correction for what is compile-to-compile noise)
+            both = pooled(hit[4], comparison)
+            if both.speedup >= required:
+                log.info("attempt %d: draft and corrected file pooled: %.3fx (requirement %.3fx)",
+                         attempt, both.speedup, required)
+                attempts[-1]["pooled_speedup"] = both.speedup
+                hit = (h_aim, profile, predicted, corrected, both)
+                break
         # noise made the corrected file miss: count the profile as a miss and search on
         last_miss = (profile, predicted, corrected, comparison)
         missed_aim = max(missed_aim, h_aim)

@@ -201,6 +201,46 @@ def site_rows(site, x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
+FLUSH_ELEMENTS = 8_000_000   # rows gathered per input before one GEMM (about 32 MB of float32)
+
+
+class _RowAccumulator:
+    """Sum of x x^T over rows, computed in large GEMMs: per-sample GEMMs with few rows (short sentences)
+    spend their time in overhead and in adding K x K matrices, not in the multiply."""
+
+    def __init__(self):
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
+        self.total: np.ndarray | None = None
+        self.rows = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        if rows.shape[0] == 0:
+            return
+        self.pending.append(rows)
+        self.pending_rows += rows.shape[0]
+        self.rows += rows.shape[0]
+        if self.pending_rows * rows.shape[1] >= FLUSH_ELEMENTS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        x = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+        self.pending, self.pending_rows = [], 0
+        h = x.T @ x                              # float32 GEMM, float64 accumulation across flushes
+        if self.total is None:
+            self.total = h.astype(np.float64)
+        else:
+            self.total += h
+
+    def mean(self, k: int) -> np.ndarray:
+        self.flush()
+        if self.total is None:
+            return np.zeros((k, k))
+        return self.total / max(1, self.rows)
+
+
 def hessians(model: onnx.ModelProto, sites, data: dict, batch_size: int, *,
              progress=True) -> dict[str, np.ndarray]:
     """{site name: H} with H = sum over rows of x x^T / n_rows, float64, sites sharing an input share H."""
@@ -211,8 +251,8 @@ def hessians(model: onnx.ModelProto, sites, data: dict, batch_size: int, *,
     for s in sites:
         geometry = (s.input, s.op_type == "Conv", s.kernel_shape, s.strides, s.pads, s.dilations)
         groups.setdefault(geometry, []).append(s)
-    acc: dict[tuple, np.ndarray] = {}
-    rows_seen: dict[tuple, int] = {}
+    acc = {geometry: _RowAccumulator() for geometry in groups}
+    widths: dict[tuple, int] = {}
     total = n_samples(data) // batch_size
     for feed in tqdm(batches(data, batch_size), total=total, desc="activations", unit="batch",
                      disable=not progress, leave=False):
@@ -221,12 +261,11 @@ def hessians(model: onnx.ModelProto, sites, data: dict, batch_size: int, *,
         for geometry, members in groups.items():
             x = np.asarray(values[geometry[0]], dtype=np.float32)
             rows = masked_rows(x, site_rows(members[0], x), mask)
-            h = (rows.T @ rows).astype(np.float64)   # float32 GEMM per batch, float64 accumulation
-            acc[geometry] = acc.get(geometry, 0) + h
-            rows_seen[geometry] = rows_seen.get(geometry, 0) + rows.shape[0]
+            widths[geometry] = rows.shape[1]
+            acc[geometry].add(np.ascontiguousarray(rows))
     result = {}
     for geometry, members in groups.items():
-        h = acc[geometry] / max(1, rows_seen[geometry])
+        h = acc[geometry].mean(widths.get(geometry, 0))
         if not np.isfinite(h).all():
             raise SpdyError(f"the activations at '{geometry[0]}' overflow on the calibration data (inf or NaN); "
                             "check the data's scale and preprocessing")

@@ -76,10 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's own inputs (a closed-form correction, site by site; with --data). Off by default: "
                         "on MiniLM-L6 with 256 calibration sentences it lowered the calibration loss but not "
                         "the held-out quality")
-    p.add_argument("--correct-epochs", type=int, default=2,
+    p.add_argument("--correct-epochs", type=int, default=1,
                    help="global correction after the profile is chosen (with --data; needs PyTorch): epochs of "
-                        "tuning every kept weight and bias against the dense model's outputs, zeros kept; "
-                        "0 turns it off (default: %(default)s)")
+                        "tuning every kept weight and bias against the dense model's outputs (at most 512 "
+                        "samples each), zeros kept; 0 turns it off (default: %(default)s)")
+    p.add_argument("--correct-budget", default=None, metavar="TIME",
+                   help="time for the global correction (90s, 5m): each epoch tunes on as many of the 512 "
+                        "samples as fit it, timed on the first step (default: 2m)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     p.add_argument("--max-attempts", type=int, default=6,
                    help="profiles measured end to end while searching the aim: re-solved higher after a miss, "
@@ -170,7 +173,7 @@ def _run(args) -> int:
                 strategy=args.strategy, data=args.data, samples=args.samples, reconstruct=args.reconstruct,
                 loss=args.loss, search_budget=args.search_budget, seed=args.seed,
                 max_attempts=args.max_attempts, margin=args.margin, refit=args.refit,
-                correct_epochs=args.correct_epochs, progress=progress,
+                correct_epochs=args.correct_epochs, correct_budget=args.correct_budget, progress=progress,
                 runtime_options={"repeats": args.repeats})
             _print_optimize(rep)
         elif args.command == "profile":

@@ -103,27 +103,30 @@ def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: i
     damp * mean(diag H) * || V - anchor ||^2 keeps the fit from chasing noise, with the anchor the dense
     weights (plain refit) or the starting weights (sequential correction). The mask is kept.
     """
-    w0 = np.asarray(w_dense, dtype=np.float64)
-    v = np.array(w_pruned, dtype=np.float64, copy=True)
-    mask = v != 0
+    # float32 GEMMs (half the time of float64, the same error to 4 digits on MiniLM-L6); dot products
+    # that decide the step sizes are accumulated in float64
+    f32 = np.float32
+    w0 = np.asarray(w_dense, dtype=f32)
+    v = np.array(w_pruned, dtype=f32, copy=True)
+    mask = (v != 0).astype(f32)
     h = np.asarray(h, dtype=np.float64)
     ridge = damp * float(np.mean(np.diag(h)))
-    hd = h + ridge * np.eye(h.shape[0])
+    hd = (h + ridge * np.eye(h.shape[0])).astype(f32)
     if cross is None:
         target = w0 @ hd
     else:
-        target = w0 @ np.asarray(cross, dtype=np.float64) + ridge * v
+        target = w0 @ np.asarray(cross, dtype=f32) + f32(ridge) * v
     r = mask * (target - v @ hd)
     p = r.copy()
-    rr = np.einsum("ij,ij->i", r, r)
+    rr = np.einsum("ij,ij->i", r, r, dtype=np.float64)
     for _ in range(iters):
         ap = mask * (p @ hd)
-        pap = np.einsum("ij,ij->i", p, ap)
-        alpha = np.divide(rr, pap, out=np.zeros_like(rr), where=pap > 1e-30)
+        pap = np.einsum("ij,ij->i", p, ap, dtype=np.float64)
+        alpha = np.divide(rr, pap, out=np.zeros_like(rr), where=pap > 1e-30).astype(f32)
         v += alpha[:, None] * p
         r -= alpha[:, None] * ap
-        rr_new = np.einsum("ij,ij->i", r, r)
-        beta = np.divide(rr_new, rr, out=np.zeros_like(rr), where=rr > 1e-30)
+        rr_new = np.einsum("ij,ij->i", r, r, dtype=np.float64)
+        beta = np.divide(rr_new, rr, out=np.zeros_like(rr), where=rr > 1e-30).astype(f32)
         p = r + beta[:, None] * p
         rr = rr_new
         if float(rr.max(initial=0.0)) < 1e-20:

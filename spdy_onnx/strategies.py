@@ -144,7 +144,8 @@ class GlobalMagnitude(Chooser):
 
 
 def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
-                 cache_dir, progress, refit: bool = False, correct_epochs: int = 0) -> Chooser:
+                 cache_dir, progress, refit: bool = False, correct_epochs: int = 0,
+                 correct_seconds: float | None = None) -> Chooser:
     chooser = _make_chooser(strategy, prep=prep, sites=sites, table=table, data=data, samples=samples,
                             reconstruct=reconstruct, loss=loss, search_budget=search_budget, seed=seed,
                             cache_dir=cache_dir, progress=progress)
@@ -164,7 +165,8 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
             calib, loss_name = chooser.evaluator.data, chooser.evaluator.loss_name
             chooser.correction = lambda weights: correct.global_correction(
                 prep.calibration_model, sites, weights, calib, loss=loss_name, batch_size=prep.batch_size,
-                epochs=correct_epochs, seed=seed, progress=progress)
+                epochs=correct_epochs, max_seconds=correct_seconds or correct.DEFAULT_SECONDS, seed=seed,
+                progress=progress)
     return chooser
 
 

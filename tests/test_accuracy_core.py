@@ -118,7 +118,10 @@ def test_corrupt_calibration_file(tmp_path):
         calibrate.load_data(p, {"x": ((1, 4, 32), np.dtype(np.float32))})
 
 
-def test_hessians_match_direct_computation(tmp_path):
+@pytest.mark.parametrize("flush_elements", [calibrate.FLUSH_ELEMENTS, 100])
+def test_hessians_match_direct_computation(tmp_path, monkeypatch, flush_elements):
+    # 100 elements: every sample's rows go through their own GEMM and are summed in float64
+    monkeypatch.setattr(calibrate, "FLUSH_ELEMENTS", flush_elements)
     model, path, specs = _mlp_and_data(tmp_path)
     data = calibrate.load_data(path, specs)
     sites, _ = graph.find_sites(model)
