@@ -22,6 +22,8 @@ import onnx
 
 from spdy_onnx import calibrate
 from spdy_onnx.errors import SpdyError
+from spdy_onnx.ort_session import make_session
+from spdy_onnx.ort_session import run as ort_run
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,6 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        dense_ex = GraphExecutor(model, train[0], device="cpu", dtype=torch.float32)
         ex = GraphExecutor(pruned, train[0], device="cpu", dtype=torch.float32)
     except SpdyError as exc:
         raise SpdyError(f"global correction cannot run this graph on PyTorch: {exc}") from exc
@@ -125,9 +126,17 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
         with torch.set_grad_enabled(grad):
             return executor.forward({k: feed[k] for k in executor.input_names})[0]
 
+    # the dense model's outputs come from onnxruntime: three times faster than a PyTorch forward here
+    dense_session = make_session(model)
+    dense_inputs = [i.name for i in dense_session.get_inputs()]
+    dense_output = dense_session.get_outputs()[0].name
+
+    def dense_output_of(feed):
+        return torch.from_numpy(np.array(ort_run(dense_session, [dense_output], {k: feed[k] for k in dense_inputs})[0],
+                                         dtype=np.float32))
+
     def targets(feeds):
-        with torch.no_grad():
-            return [run(dense_ex, f, False).detach().clone() for f in feeds]
+        return [dense_output_of(f) for f in feeds]
 
     def masks_of(feeds):
         out = []
@@ -146,7 +155,8 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
         return ((y - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-12)
 
     if max_seconds is not None and len(train) > 1:
-        train = train[:_samples_in_time(train, hold, max_seconds, epochs, lambda f: run(dense_ex, f, False),
+        train = train[:_samples_in_time(train, hold, max_seconds, epochs, dense_output_of,
+                                        lambda f: run(ex, f, False),
                                         lambda f, r, m: loss_of(run(ex, f, True), r, m))]
     train_ref, hold_ref = targets(train), targets(hold)
     train_mask, hold_mask = masks_of(train), masks_of(hold)
@@ -220,17 +230,20 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
 
 
 
-def _samples_in_time(train, hold, max_seconds, epochs, forward, step_loss) -> int:
-    """How many training batches fit `max_seconds`: each costs one dense forward (its target) and
-    `epochs` training steps; the held-back batches are run before and after every epoch."""
+def _samples_in_time(train, hold, max_seconds, epochs, target, forward, step_loss) -> int:
+    """How many training batches fit `max_seconds`: each costs one dense output (its target) and
+    `epochs` training steps; the held-back batches get targets and are run before and after every epoch."""
     t0 = time.perf_counter()
-    ref = forward(train[0]).detach()
+    ref = target(train[0])
+    t_target = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    forward(train[0])
     t_forward = time.perf_counter() - t0
     t0 = time.perf_counter()
     step_loss(train[0], ref, None).backward()   # a trial step; the first real step zeroes its gradients
     t_step = time.perf_counter() - t0
-    fixed = (epochs + 1) * len(hold) * t_forward
-    per_batch = t_forward + epochs * t_step
+    fixed = len(hold) * (t_target + (epochs + 1) * t_forward)
+    per_batch = t_target + epochs * t_step
     n = int(max(0.0, max_seconds - fixed) // max(per_batch, 1e-9))
     n = max(min(8, len(train)), min(len(train), n))
     if n < len(train):

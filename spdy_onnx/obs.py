@@ -93,7 +93,7 @@ def reconstruction_error(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarra
     return num / den if den > 0 else num
 
 
-def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: int = 15,
+def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: int = 8,
            damp: float = 1e-3, cross: np.ndarray | None = None) -> np.ndarray:
     """Least-squares re-fit of the kept weights on a fixed mask, by conjugate gradients batched over rows.
 
@@ -102,6 +102,7 @@ def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: i
     instead, where X are the inputs of the pruned model (the sequential correction). A ridge term
     damp * mean(diag H) * || V - anchor ||^2 keeps the fit from chasing noise, with the anchor the dense
     weights (plain refit) or the starting weights (sequential correction). The mask is kept.
+    Jacobi-preconditioned: on MiniLM-L6, 8 iterations reach the error of 15 unpreconditioned ones.
     """
     # float32 GEMMs (half the time of float64, the same error to 4 digits on MiniLM-L6); dot products
     # that decide the step sizes are accumulated in float64
@@ -112,30 +113,33 @@ def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: i
     h = np.asarray(h, dtype=np.float64)
     ridge = damp * float(np.mean(np.diag(h)))
     hd = (h + ridge * np.eye(h.shape[0])).astype(f32)
+    inv_diag = (1.0 / np.diag(hd)).astype(f32)[None, :]
     if cross is None:
         target = w0 @ hd
     else:
         target = w0 @ np.asarray(cross, dtype=f32) + f32(ridge) * v
     r = mask * (target - v @ hd)
-    p = r.copy()
-    rr = np.einsum("ij,ij->i", r, r, dtype=np.float64)
+    z = inv_diag * r
+    p = z.copy()
+    rz = np.einsum("ij,ij->i", r, z, dtype=np.float64)
     for _ in range(iters):
         ap = mask * (p @ hd)
         pap = np.einsum("ij,ij->i", p, ap, dtype=np.float64)
-        alpha = np.divide(rr, pap, out=np.zeros_like(rr), where=pap > 1e-30).astype(f32)
+        alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 1e-30).astype(f32)
         v += alpha[:, None] * p
         r -= alpha[:, None] * ap
-        rr_new = np.einsum("ij,ij->i", r, r, dtype=np.float64)
-        beta = np.divide(rr_new, rr, out=np.zeros_like(rr), where=rr > 1e-30).astype(f32)
-        p = r + beta[:, None] * p
-        rr = rr_new
-        if float(rr.max(initial=0.0)) < 1e-20:
+        z = inv_diag * r
+        rz_new = np.einsum("ij,ij->i", r, z, dtype=np.float64)
+        beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 1e-30).astype(f32)
+        p = z + beta[:, None] * p
+        rz = rz_new
+        if float(rz.max(initial=0.0)) < 1e-20:
             break
     return v * mask
 
 
 def best_reconstruction(w: np.ndarray, h: np.ndarray, chol: np.ndarray, dead: np.ndarray, sparsity: float = 0.0,
-                        *, n: int = 0, m: int = 0, iters: int = 15) -> np.ndarray:
+                        *, n: int = 0, m: int = 0, iters: int = 8) -> np.ndarray:
     """OBS sweep to choose the mask, then an exact least-squares refit of the kept weights.
 
     (On MiniLM-L6 this beat both plain OBS and a refit magnitude mask at every site and level tried.)

@@ -72,7 +72,7 @@ def build_database(prep, sites, sources: dict, levels: list[float], data: dict, 
     if method != "obs":
         raise ValueError(f"unknown reconstruction method {method}")
     key = cache.cache_key(model=prep.digest, sites=sorted(s.name for s in sites), levels=levels, method=method,
-                          pattern=pattern, data=calibrate.data_digest(data), damp=damp, version=3)
+                          pattern=pattern, data=calibrate.data_digest(data), damp=damp, version=4)
     folder = Path(cache_dir or cache.default_cache_dir()) / "databases" / key
     folder.mkdir(parents=True, exist_ok=True)
     db = StoredDatabase(folder, sites, levels, method)
