@@ -31,8 +31,9 @@ def _table_opts(p):
     p.add_argument("--cache-dir", default=None, help="where latency tables and databases are cached "
                                                      "(default: $SPDY_ONNX_CACHE or ~/.cache/spdy-onnx)")
     p.add_argument("--no-cache", action="store_true", help="re-measure even if a cached table exists")
-    p.add_argument("--repeats", type=int, default=2, help="profiling repeats per level; medians are kept "
-                                                        "(default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="profiling repeats per level; medians are kept (default: 2, or 1 when one pass over "
+                        "the levels takes more than 150 s: big models spend that compiling)")
 
 
 def build_parser() -> argparse.ArgumentParser:

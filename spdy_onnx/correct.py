@@ -154,10 +154,33 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
             y, ref = y[mask], ref[mask]
         return ((y - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-12)
 
+    def train_step(opt, feed, ref, mask):
+        value = loss_of(run(ex, feed, True), ref, mask)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        for p, m in zip(params, masks):
+            if m is not None and p.grad is not None:
+                p.grad.mul_(m)
+        opt.step()
+        with torch.no_grad():
+            for p, m in zip(params, masks):
+                if m is not None:
+                    p.mul_(m)
+        return value
+
+    def trial_step(feed, ref) -> None:
+        """One whole step (optimizer and masks included: on big models they are a good part of it) on a
+        throwaway optimizer; the weights are put back."""
+        saved = [p.detach().clone() for p in params]
+        train_step(torch.optim.Adam(params, lr=lr), feed, ref, masks_of([feed])[0])
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+                p.grad = None
+
     if max_seconds is not None and len(train) > 1:
         train = train[:_samples_in_time(train, hold, max_seconds, epochs, dense_output_of,
-                                        lambda f: run(ex, f, False),
-                                        lambda f, r, m: loss_of(run(ex, f, True), r, m))]
+                                        lambda f: run(ex, f, False), trial_step)]
     train_ref, hold_ref = targets(train), targets(hold)
     train_mask, hold_mask = masks_of(train), masks_of(hold)
 
@@ -185,18 +208,8 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     for epoch in range(1, epochs + 1):
         running = 0.0
         for i in rng.permutation(len(train)):
-            value = loss_of(run(ex, train[i], True), train_ref[i], train_mask[i])
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            for p, m in zip(params, masks):
-                if m is not None and p.grad is not None:
-                    p.grad.mul_(m)
-            opt.step()
+            value = train_step(opt, train[i], train_ref[i], train_mask[i])
             sched.step()
-            with torch.no_grad():
-                for p, m in zip(params, masks):
-                    if m is not None:
-                        p.mul_(m)
             running += float(value.detach())
             if bar is not None:
                 bar.update(1)
@@ -230,7 +243,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
 
 
 
-def _samples_in_time(train, hold, max_seconds, epochs, target, forward, step_loss) -> int:
+def _samples_in_time(train, hold, max_seconds, epochs, target, forward, trial_step) -> int:
     """How many training batches fit `max_seconds`: each costs one dense output (its target) and
     `epochs` training steps; the held-back batches get targets and are run before and after every epoch."""
     t0 = time.perf_counter()
@@ -240,7 +253,7 @@ def _samples_in_time(train, hold, max_seconds, epochs, target, forward, step_los
     forward(train[0])
     t_forward = time.perf_counter() - t0
     t0 = time.perf_counter()
-    step_loss(train[0], ref, None).backward()   # a trial step; the first real step zeroes its gradients
+    trial_step(train[0], ref)
     t_step = time.perf_counter() - t0
     fixed = len(hold) * (t_target + (epochs + 1) * t_forward)
     per_batch = t_target + epochs * t_step

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import tiny
 
-from spdy_onnx import api, graph
+from spdy_onnx import api, graph, modelio
 from spdy_onnx.cli import main
 from spdy_onnx.errors import InfeasibleTarget, TargetMissed
 from spdy_onnx.passes import get_metadata, sparsity_of
@@ -90,6 +90,24 @@ def test_latency_table_is_cached_and_keyed(mlp_path, cache_dir, monkeypatch):
         assert other.levels == [0.0, 0.7]
     finally:
         prep.close()
+
+
+def test_a_slow_first_pass_skips_the_second_repeat(mlp_path, monkeypatch):
+    from spdy_onnx.runtimes import deepsparse as ds_runtime
+    prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
+                        include=None, min_weights=0, progress=False)
+    try:
+        args = dict(levels=[0.0, 0.5], batch_size=1, feeds=modelio.example_inputs(prep.specs),
+                    aliases=graph.output_aliases(prep.model, prep.all_sites))
+        monkeypatch.setattr(ds_runtime, "SECOND_REPEAT_LIMIT_S", 0.0)
+        auto = ds_runtime.DeepSparseRuntime(cores=1, progress=False).measure(str(prep.dense_static()), prep.sites, **args)
+        forced = ds_runtime.DeepSparseRuntime(cores=1, repeats=2, progress=False).measure(
+            str(prep.dense_static()), prep.sites, **args)
+        monkeypatch.setattr(ds_runtime, "SECOND_REPEAT_LIMIT_S", 1e9)
+        quick = ds_runtime.DeepSparseRuntime(cores=1, progress=False).measure(str(prep.dense_static()), prep.sites, **args)
+    finally:
+        prep.close()
+    assert (auto.meta["repeats"], forced.meta["repeats"], quick.meta["repeats"]) == (1, 2, 2)
 
 
 def test_fused_groups_are_split_without_double_counting():
