@@ -168,19 +168,26 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
                     p.mul_(m)
         return value
 
-    def trial_step(feed, ref) -> None:
-        """One whole step (optimizer and masks included: on big models they are a good part of it) on a
-        throwaway optimizer; the weights are put back."""
+    def step_seconds(feed, ref) -> float:
+        """The time of one whole step (optimizer and masks included: on big models they are a good part
+        of it), on a throwaway optimizer whose first step (allocating its state) is not counted; the
+        weights are put back."""
         saved = [p.detach().clone() for p in params]
-        train_step(torch.optim.Adam(params, lr=lr), feed, ref, masks_of([feed])[0])
+        trial = torch.optim.Adam(params, lr=lr)
+        mask = masks_of([feed])[0]
+        train_step(trial, feed, ref, mask)
+        t0 = time.perf_counter()
+        train_step(trial, feed, ref, mask)
+        seconds = time.perf_counter() - t0
         with torch.no_grad():
             for p, v in zip(params, saved):
                 p.copy_(v)
                 p.grad = None
+        return seconds
 
     if max_seconds is not None and len(train) > 1:
         train = train[:_samples_in_time(train, hold, max_seconds, epochs, dense_output_of,
-                                        lambda f: run(ex, f, False), trial_step)]
+                                        lambda f: run(ex, f, False), step_seconds)]
     train_ref, hold_ref = targets(train), targets(hold)
     train_mask, hold_mask = masks_of(train), masks_of(hold)
 
@@ -243,7 +250,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
 
 
 
-def _samples_in_time(train, hold, max_seconds, epochs, target, forward, trial_step) -> int:
+def _samples_in_time(train, hold, max_seconds, epochs, target, forward, step_seconds) -> int:
     """How many training batches fit `max_seconds`: each costs one dense output (its target) and
     `epochs` training steps; the held-back batches get targets and are run before and after every epoch."""
     t0 = time.perf_counter()
@@ -252,9 +259,7 @@ def _samples_in_time(train, hold, max_seconds, epochs, target, forward, trial_st
     t0 = time.perf_counter()
     forward(train[0])
     t_forward = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    trial_step(train[0], ref)
-    t_step = time.perf_counter() - t0
+    t_step = step_seconds(train[0], ref)
     fixed = len(hold) * (t_target + (epochs + 1) * t_forward)
     per_batch = t_target + epochs * t_step
     n = int(max(0.0, max_seconds - fixed) // max(per_batch, 1e-9))

@@ -113,7 +113,8 @@ def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: i
     h = np.asarray(h, dtype=np.float64)
     ridge = damp * float(np.mean(np.diag(h)))
     hd = (h + ridge * np.eye(h.shape[0])).astype(f32)
-    inv_diag = (1.0 / np.diag(hd)).astype(f32)[None, :]
+    diag = np.diag(hd).astype(np.float64)
+    inv_diag = np.divide(1.0, diag, out=np.ones_like(diag), where=diag > 0).astype(f32)[None, :]  # 0: a dead input
     if cross is None:
         target = w0 @ hd
     else:

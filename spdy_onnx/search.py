@@ -84,7 +84,7 @@ def spdy_search(n_sites: int, n_levels: int, profile_of, loss_of, *, seed: int =
         if out_of_budget():
             break
     k = max(1, int(round(0.1 * n_sites)))
-    while k >= 1 and not out_of_budget():
+    while k >= 1 and best_c is not None and not out_of_budget():
         fails = 0
         while fails < patience and not out_of_budget():
             c = best_c.copy()
@@ -129,6 +129,10 @@ class SpdySearch(Chooser):
             max_evals=self.max_evals if not refine else RESOLVE_EVALS,
             max_seconds=self.max_seconds, start=self.best_c, patience=PATIENCE if not refine else RESOLVE_EVALS,
             progress=self.progress)
+        if picks is None:
+            raise SpdyError("the calibration loss is NaN or infinite for every candidate the search tried: the "
+                            "pruned models' outputs overflow on this data (check the calibration data's scale, "
+                            "or try --reconstruct magnitude)")
         self.best_c = c
         self.info.setdefault("search", []).append(stats)
         log.info("search: %d evaluations (%d distinct profiles) in %.1fs, best loss %.5g",

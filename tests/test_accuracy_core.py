@@ -68,6 +68,15 @@ def test_obs_n_m_pattern():
     assert obs.reconstruction_error(w, p, h) < obs.reconstruction_error(w, mag.reshape(w.shape), h)
 
 
+def test_refit_with_an_all_zero_hessian_stays_finite():
+    """All-zero calibration inputs give H = 0: the preconditioner must not divide by zero."""
+    w, _, h = _layer_problem(cols=32)
+    p = magnitude_prune(w, 0.5)
+    out = obs.refine(w, p, np.zeros_like(h))
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out == 0, p == 0)
+
+
 def test_dead_inputs_are_handled():
     w, x, h = _layer_problem(cols=32)
     h[5, :] = h[:, 5] = 0.0
