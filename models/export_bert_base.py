@@ -18,14 +18,13 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 import argparse
 import logging
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertModel
 
-from _common import constant_weight_nodes, finalize_onnx, io_summary, max_abs_diff, run_onnxruntime, setup_logging, OPSET
-from export_minilm import INPUT_NAMES, OUTPUT_NAME, KeywordEncoder, full_length_inputs
+from _common import constant_weight_nodes, io_summary, max_abs_diff, run_onnxruntime, setup_logging
+from export_minilm import INPUT_NAMES, KeywordEncoder, export_encoder, full_length_inputs
 
 log = logging.getLogger("models")
 
@@ -50,14 +49,7 @@ def main(argv=None) -> int:
     wrapper = KeywordEncoder(model).eval()
     feeds = full_length_inputs(args.batch, args.seq_len, config.vocab_size)
     final = args.out / ONNX_NAME
-    with tempfile.TemporaryDirectory(dir=args.out, prefix=".export-") as d:
-        raw = Path(d) / "raw.onnx"
-        with torch.no_grad():
-            torch.onnx.export(
-                wrapper, tuple(torch.from_numpy(feeds[k]) for k in INPUT_NAMES), str(raw),
-                input_names=INPUT_NAMES, output_names=[OUTPUT_NAME], opset_version=OPSET,
-                dynamo=False, do_constant_folding=True, dynamic_axes=None)
-        onnx_model = finalize_onnx(raw, final)
+    onnx_model = export_encoder(wrapper, feeds, final)
     log.info("%s", io_summary(onnx_model))
     log.info("constant-weight nodes: %s", constant_weight_nodes(onnx_model))
     with torch.no_grad():

