@@ -43,44 +43,86 @@ def _block_counts(n_rows: int, n_cols: int, sparsity: float, block: int) -> list
 
 def prune(w: np.ndarray, hinv_chol: np.ndarray, dead: np.ndarray, sparsity: float = 0.0, *,
           n: int = 0, m: int = 0, block: int = BLOCK) -> np.ndarray:
-    """OBS-pruned copy of w (float64 maths) with exactly round(sparsity*size) zeros, or n:m zeros per
-    group of m consecutive columns when n and m are given."""
-    w = np.array(w, dtype=np.float64, copy=True)
-    w[:, dead] = 0.0
+    """OBS-pruned copy of w with exactly round(sparsity*size) zeros, or n:m zeros per group of m
+    consecutive columns when n and m are given."""
+    return prune_levels(w, hinv_chol, dead, [sparsity], n=n, m=m, block=block)[0]
+
+
+STACK_BYTES = 256 << 20         # levels swept together while their stacked copies of W fit in this
+REFINE_STACK_BYTES = 32 << 20   # levels refit together while their stacked copies of W fit in this
+
+
+def prune_levels(w: np.ndarray, hinv_chol: np.ndarray, dead: np.ndarray, sparsities, *, n: int = 0, m: int = 0,
+                 block: int = BLOCK) -> np.ndarray:
+    """OBS-pruned copies of w, one per sparsity (or one n:m copy), as float32 (levels, rows, cols).
+
+    The levels share H^-1 and the column sweep is the same for each, so the copies are stacked
+    row-wise and swept together: the per-column work is paid once per site instead of once per level,
+    and the updates are larger GEMMs. Only the choice of which weights to prune differs per level.
+    float32, as in SparseGPT: float64 gave the same reconstruction errors to 4 digits on MiniLM-L6.
+    """
+    w = np.asarray(w)
     rows, cols = w.shape
+    sparsities = [0.0] if m else list(sparsities)
+    per_chunk = max(1, int(STACK_BYTES // max(1, w.size * 4)))
+    out = np.empty((len(sparsities), rows, cols), dtype=np.float32)
+    for c in range(0, len(sparsities), per_chunk):
+        chunk = sparsities[c:c + per_chunk]
+        out[c:c + len(chunk)] = _sweep(w, hinv_chol, dead, chunk, n=n, m=m, block=block).reshape(len(chunk), rows, cols)
+    return out
+
+
+def _smallest(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k smallest values (a partial sort: the sweep calls this per block and level)."""
+    if k >= values.size:
+        return np.arange(values.size)
+    return np.argpartition(values, k - 1)[:k]
+
+
+def _sweep(w, hinv_chol, dead, sparsities, *, n, m, block):
+    """The OBS sweep over the columns of len(sparsities) stacked copies of w: (levels * rows, cols)."""
+    rows, cols = w.shape
+    n_levels = len(sparsities)
+    ws = np.tile(np.asarray(w, dtype=np.float32), (n_levels, 1))
+    ws[:, dead] = 0.0
+    hinv = np.asarray(hinv_chol, dtype=np.float32)
     if m:
         block = max(m, block - block % m)
-    counts = _block_counts(rows, cols, sparsity, block) if not m else None
+    counts = [_block_counts(rows, cols, s, block) for s in sparsities] if not m else None
     for bi, i1 in enumerate(range(0, cols, block)):
         i2 = min(cols, i1 + block)
-        w1 = w[:, i1:i2].copy()
+        # the block transposed, so that each column the sweep visits is contiguous in memory
+        w1 = np.ascontiguousarray(ws[:, i1:i2].T)          # (block, levels * rows)
         err1 = np.zeros_like(w1)
-        hinv1 = hinv_chol[i1:i2, i1:i2]
+        hinv1 = hinv[i1:i2, i1:i2]
         diag = np.diag(hinv1)
-        mask = np.zeros_like(w1, dtype=bool)   # True = prune
+        prune_mask = np.zeros(w1.shape, dtype=bool)
         if not m:
-            k = counts[bi]
-            if k > 0:
-                score = (w1 ** 2) / (diag[None, :] ** 2)
-                idx = np.argsort(score, axis=None, kind="stable")[:k]
-                mask.ravel()[idx] = True
+            score = (w1 ** 2) / (diag[:, None] ** 2)
+            for lv in range(n_levels):
+                k = counts[lv][bi]
+                if k > 0:
+                    part = np.ascontiguousarray(score[:, lv * rows:(lv + 1) * rows])
+                    chosen = np.zeros(part.size, dtype=bool)
+                    chosen[_smallest(part.ravel(), k)] = True
+                    prune_mask[:, lv * rows:(lv + 1) * rows] = chosen.reshape(part.shape)
         for i in range(i2 - i1):
             if m and i % m == 0:
-                group = w1[:, i:i + m]
-                score = group ** 2 / (diag[None, i:i + m] ** 2)
-                drop = np.argsort(score, axis=1, kind="stable")[:, :n]
-                np.put_along_axis(mask[:, i:i + m], drop, True, axis=1)
-            col = w1[:, i]
-            q = np.where(mask[:, i], 0.0, col)
+                group = w1[i:i + m]
+                score = group ** 2 / (diag[i:i + m, None] ** 2)
+                drop = np.argsort(score, axis=0, kind="stable")[:n]
+                np.put_along_axis(prune_mask[i:i + m], drop, True, axis=0)
+            col = w1[i]
+            q = np.where(prune_mask[i], 0.0, col)
             err = (col - q) / diag[i]
-            w1[:, i:] -= np.outer(err, hinv1[i, i:])
-            w1[:, i] = q
-            err1[:, i] = err
-        w[:, i1:i2] = w1
+            w1[i:] -= np.outer(hinv1[i, i:], err)
+            w1[i] = q
+            err1[i] = err
+        ws[:, i1:i2] = w1.T
         if i2 < cols:
-            w[:, i2:] -= err1 @ hinv_chol[i1:i2, i2:]
+            ws[:, i2:] -= err1.T @ hinv[i1:i2, i2:]
     # the update can leave tiny values in pruned positions: they are exactly zero by construction
-    return w
+    return ws
 
 
 def reconstruction_error(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray) -> float:
@@ -98,7 +140,8 @@ def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: i
     """Least-squares re-fit of the kept weights on a fixed mask, by conjugate gradients batched over rows.
 
     Minimises || V X - W X ||^2 with V zero wherever w_pruned is zero: the exact optimum the greedy
-    OBS sweep only approximates. With `cross` = X_dense^T X, it minimises || V X - W X_dense ||^2
+    OBS sweep only approximates. `w_pruned` may stack several pruned copies of w row-wise (levels).
+    With `cross` = X_dense^T X, it minimises || V X - W X_dense ||^2
     instead, where X are the inputs of the pruned model (the sequential correction). A ridge term
     damp * mean(diag H) * || V - anchor ||^2 keeps the fit from chasing noise, with the anchor the dense
     weights (plain refit) or the starting weights (sequential correction). The mask is kept.
@@ -109,6 +152,9 @@ def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: i
     f32 = np.float32
     w0 = np.asarray(w_dense, dtype=f32)
     v = np.array(w_pruned, dtype=f32, copy=True)
+    copies, rest = divmod(v.shape[0], w0.shape[0])
+    if rest or copies < 1:
+        raise ValueError(f"w_pruned has {v.shape[0]} rows, not a multiple of the dense {w0.shape[0]}")
     mask = (v != 0).astype(f32)
     h = np.asarray(h, dtype=np.float64)
     ridge = damp * float(np.mean(np.diag(h)))
@@ -118,7 +164,11 @@ def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: i
     if cross is None:
         target = w0 @ hd
     else:
-        target = w0 @ np.asarray(cross, dtype=f32) + f32(ridge) * v
+        target = w0 @ np.asarray(cross, dtype=f32)
+    if copies > 1:                         # several pruned copies of w stacked row-wise (one per level)
+        target = np.tile(target, (copies, 1))
+    if cross is not None:
+        target = target + f32(ridge) * v
     r = mask * (target - v @ hd)
     z = inv_diag * r
     p = z.copy()
@@ -145,4 +195,20 @@ def best_reconstruction(w: np.ndarray, h: np.ndarray, chol: np.ndarray, dead: np
 
     (On MiniLM-L6 this beat both plain OBS and a refit magnitude mask at every site and level tried.)
     """
-    return refine(w, prune(w, chol, dead, sparsity, n=n, m=m), h, iters=iters)
+    return best_reconstruction_levels(w, h, chol, dead, [sparsity], n=n, m=m, iters=iters)[0]
+
+
+def best_reconstruction_levels(w: np.ndarray, h: np.ndarray, chol: np.ndarray, dead: np.ndarray, sparsities,
+                               *, n: int = 0, m: int = 0, iters: int = 8) -> np.ndarray:
+    """best_reconstruction at every sparsity (or once for n:m), as float32 (levels, rows, cols).
+
+    Levels are swept stacked (prune_levels), then refit in stacks of at most REFINE_STACK_BYTES:
+    the refit is GEMM-bound, and stacking helps only while the stack stays small.
+    """
+    w = np.asarray(w)
+    pruned = prune_levels(w, chol, dead, sparsities, n=n, m=m)
+    per_chunk = max(1, int(REFINE_STACK_BYTES // max(1, w.size * 4)))
+    for c in range(0, len(pruned), per_chunk):
+        chunk = pruned[c:c + per_chunk]
+        chunk[...] = refine(w, chunk.reshape(-1, w.shape[1]), h, iters=iters).reshape(chunk.shape)
+    return pruned

@@ -72,7 +72,7 @@ def build_database(prep, sites, sources: dict, levels: list[float], data: dict, 
     if method != "obs":
         raise ValueError(f"unknown reconstruction method {method}")
     key = cache.cache_key(model=prep.digest, sites=sorted(s.name for s in sites), levels=levels, method=method,
-                          pattern=pattern, data=calibrate.data_digest(data), damp=damp, version=4)
+                          pattern=pattern, data=calibrate.data_digest(data), damp=damp, version=5)
     folder = Path(cache_dir or cache.default_cache_dir()) / "databases" / key
     folder.mkdir(parents=True, exist_ok=True)
     db = StoredDatabase(folder, sites, levels, method)
@@ -111,10 +111,10 @@ def _reconstruct_site(site, source, h, levels, pattern, damp) -> np.ndarray:
     except np.linalg.LinAlgError:
         log.warning("site %s: Hessian is singular even with damping; magnitude pruning instead", site.name)
         return _reconstruct_site(site, source, None, levels, pattern, damp)
+    if pattern == "2:4":
+        stack = np.repeat(obs.best_reconstruction(w, h, chol, dead, n=2, m=4)[None], len(levels) - 1, axis=0)
+    else:
+        stack = obs.best_reconstruction_levels(w, h, chol, dead, levels[1:])
     for j in range(1, len(levels)):
-        if pattern == "2:4":
-            pruned = obs.best_reconstruction(w, h, chol, dead, n=2, m=4)
-        else:
-            pruned = obs.best_reconstruction(w, h, chol, dead, levels[j])
-        out[j] = site.from_matrix(pruned.astype(np.float32))
+        out[j] = site.from_matrix(stack[j - 1])
     return out

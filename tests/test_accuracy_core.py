@@ -242,3 +242,23 @@ def test_padding_tokens_are_left_out_of_hessians_and_losses():
     by_hand = np.mean([normalised_mse(r[m], o[m]) for r, o, m in zip(ev.reference, out, ev.masks)])
     assert ev.loss([1]) == pytest.approx(by_hand)
     assert calibrate.token_mask({"x": x[:1]}) is None
+
+
+def test_levels_swept_together_match_one_at_a_time(monkeypatch):
+    """The stacked sweep (all levels at once, in chunks) gives each level's own single sweep."""
+    w, _, h = _layer_problem(rows=24, cols=80)
+    chol, dead = obs.inverse_cholesky(h)
+    levels = [0.3, 0.6, 0.9]
+    one_by_one = [obs.prune_levels(w, chol, dead, [s])[0] for s in levels]
+    # a chunk of two levels, then one: the chunking must not change anything
+    monkeypatch.setattr(obs, "STACK_BYTES", 2 * w.size * 4)
+    stacked = obs.prune_levels(w, chol, dead, levels)
+    for s, a, b in zip(levels, one_by_one, stacked):
+        np.testing.assert_array_equal(a == 0, b == 0)
+        assert np.count_nonzero(b == 0) == round(s * w.size)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    fitted = obs.best_reconstruction_levels(w, h, chol, dead, levels)
+    for s, b, f in zip(levels, stacked, fitted):
+        np.testing.assert_array_equal(b == 0, f == 0)
+        np.testing.assert_allclose(f, obs.best_reconstruction(w, h, chol, dead, s), rtol=1e-4, atol=1e-5)
+        assert obs.reconstruction_error(w, f, h) <= obs.reconstruction_error(w, b, h)
