@@ -92,22 +92,41 @@ def test_latency_table_is_cached_and_keyed(mlp_path, cache_dir, monkeypatch):
         prep.close()
 
 
-def test_a_slow_first_pass_skips_the_second_repeat(mlp_path, monkeypatch):
+def test_a_slow_first_pass_or_a_steady_dense_rerun_skips_the_second_repeat(mlp_path, monkeypatch):
     from spdy_onnx.runtimes import deepsparse as ds_runtime
     prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
                         include=None, min_weights=0, progress=False)
+    analysed = []
+    real_analyse = ds_runtime.DeepSparseRuntime._analyse
+
+    def counting(self, path, inputs, batch_size, sparsity):
+        analysed.append(sparsity)
+        return real_analyse(self, path, inputs, batch_size, sparsity)
+
+    monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_analyse", counting)
+
+    def profile(**kw):
+        analysed.clear()
+        table = ds_runtime.DeepSparseRuntime(cores=1, progress=False, **kw).measure(
+            str(prep.dense_static()), prep.sites, levels=[0.0, 0.5, 0.9], batch_size=1,
+            feeds=modelio.example_inputs(prep.specs), aliases=graph.output_aliases(prep.model, prep.all_sites))
+        return table.meta["repeats"], list(analysed)
+
     try:
-        args = dict(levels=[0.0, 0.5], batch_size=1, feeds=modelio.example_inputs(prep.specs),
-                    aliases=graph.output_aliases(prep.model, prep.all_sites))
         monkeypatch.setattr(ds_runtime, "SECOND_REPEAT_LIMIT_S", 0.0)
-        auto = ds_runtime.DeepSparseRuntime(cores=1, progress=False).measure(str(prep.dense_static()), prep.sites, **args)
-        forced = ds_runtime.DeepSparseRuntime(cores=1, repeats=2, progress=False).measure(
-            str(prep.dense_static()), prep.sites, **args)
+        slow = profile()
+        forced = profile(repeats=2)
         monkeypatch.setattr(ds_runtime, "SECOND_REPEAT_LIMIT_S", 1e9)
-        quick = ds_runtime.DeepSparseRuntime(cores=1, progress=False).measure(str(prep.dense_static()), prep.sites, **args)
+        monkeypatch.setattr(ds_runtime, "STEADY_SPREAD", -1.0)       # never steady: the whole second pass
+        noisy = profile()
+        monkeypatch.setattr(ds_runtime, "STEADY_SPREAD", 10.0)       # always steady: only the dense re-run
+        steady = profile()
     finally:
         prep.close()
-    assert (auto.meta["repeats"], forced.meta["repeats"], quick.meta["repeats"]) == (1, 2, 2)
+    assert slow == (1, [0.0, 0.5, 0.9])
+    assert forced == (2, [0.0, 0.5, 0.9, 0.9, 0.5, 0.0])
+    assert noisy == (2, [0.0, 0.5, 0.9, 0.0, 0.9, 0.5])
+    assert steady == (1, [0.0, 0.5, 0.9, 0.0])
 
 
 def test_fused_groups_are_split_without_double_counting():
