@@ -209,7 +209,7 @@ class MiniLMTask:
             np.linalg.norm(emb, axis=1) * np.linalg.norm(self.dense_emb, axis=1) + 1e-12)
         right = self.probe.predict(emb) == self.labels
         return {"probe_acc": float(right.mean()), "probe_right": "".join("1" if r else "0" for r in right),
-                "cos_mean": float(cos.mean()),
+                "cos_mean": float(cos.mean()), "cos_each": [round(float(c), 5) for c in cos],
                 "cos_min": float(cos.min()), "n_heldout": int(len(self.labels))}
 
     def evaluate(self, path) -> dict:
@@ -508,6 +508,15 @@ def paired_notes(rows) -> list[str]:
         p = math.erfc(abs(z) / math.sqrt(2))
         out.append(f"paired, {target:g}x, spdy vs {strategy}: {only_spdy} sentences right only with spdy, "
                    f"{only_other} only with {strategy} (McNemar z = {z:+.2f}, two-sided p = {p:.2f})")
+        ca, cb = by[("spdy", target)].get("cos_each"), r.get("cos_each")
+        if ca and cb and len(ca) == len(cb):
+            closer = sum(1 for x, y in zip(ca, cb) if x > y)
+            ties = sum(1 for x, y in zip(ca, cb) if x == y)
+            m = len(ca) - ties
+            zs = (closer - m / 2) / math.sqrt(m / 4) if m else 0.0
+            out.append(f"paired, {target:g}x, spdy vs {strategy}: spdy's embedding is closer to dense (cosine) on "
+                       f"{closer} of {len(ca)} sentences (sign test z = {zs:+.1f}, two-sided p = "
+                       f"{math.erfc(abs(zs) / math.sqrt(2)):.2g})")
     return out
 
 
