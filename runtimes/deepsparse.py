@@ -176,6 +176,11 @@ class DeepSparseRuntime:
         return LatencyTable(levels=list(levels), times=times, dense_total_ms=dense_total, runtime=self.name,
                             pattern=self.pattern, meta=meta)
 
+    def dense_check_ms(self, model_path, *, batch_size, feeds) -> float:
+        """The dense total of one profiling run, to check a cached table against the machine now."""
+        inputs = [np.ascontiguousarray(a) for a in feeds.values()]
+        return float(self._analyse(model_path, inputs, batch_size, 0.0)["average_total_time"])
+
     # --- end-to-end, interleaved ---------------------------------------------------------------
 
     def _engine(self, path, batch_size):

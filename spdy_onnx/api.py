@@ -139,12 +139,12 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
                           shapes=shapes, levels=level_list, pattern=prep.runtime.pattern,
                           sites=sorted(s.name for s in prep.all_sites))
     path = Path(cache_dir or cache.default_cache_dir()) / "tables" / f"{key}.json"
+    feeds = feeds if feeds is not None else modelio.example_inputs(prep.specs)
     if use_cache:
         table = cache.load_cached(path, LatencyTable.load)
-        if table is not None:
+        if table is not None and _still_current(prep, table, feeds):
             log.info("latency table from cache %s", path)
             return table
-    feeds = feeds if feeds is not None else modelio.example_inputs(prep.specs)
     aliases = graph.output_aliases(prep.model, prep.all_sites)
     log.info("profiling %d sites at %d levels on %s", len(prep.all_sites), len(level_list), prep.runtime.name)
     t0 = time.perf_counter()
@@ -157,6 +157,29 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     table.save(path)
     Journal(partial).remove()
     return table
+
+
+STALE_TABLE = 0.05    # a cached table whose dense total is this far from a fresh run is measured again
+
+
+def _still_current(prep: Prepared, table: LatencyTable, feeds) -> bool:
+    """Whether a cached table still describes this machine: the dense model is timed once more.
+
+    A shared machine's speed drifts over hours (other tenants, clocks): a MiniLM-L6 table from an
+    earlier session was 10% fast on the dense model and 20% fast on sparse layers, so every profile
+    it chose measured well under its prediction and the aim search over-pruned to make up for it.
+    """
+    check = getattr(prep.runtime, "dense_check_ms", None)
+    if check is None or not table.dense_total_ms:
+        return True
+    now = check(str(prep.dense_static()), batch_size=prep.batch_size, feeds=feeds)
+    drift = abs(now - table.dense_total_ms) / table.dense_total_ms
+    table.meta["cache_check"] = {"dense_ms_now": now, "dense_ms_cached": table.dense_total_ms, "drift": drift}
+    if drift > STALE_TABLE:
+        log.warning("the cached latency table is stale: the dense model takes %.3g ms now against %.3g ms when "
+                    "it was profiled (%.0f%% apart); profiling again", now, table.dense_total_ms, 100 * drift)
+        return False
+    return True
 
 
 def _restrict_to_table(prep: Prepared, table: LatencyTable) -> list:

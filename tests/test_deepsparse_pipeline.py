@@ -77,8 +77,10 @@ def test_latency_table_is_cached_and_keyed(mlp_path, cache_dir, monkeypatch):
         assert table.meta["batch_size"] == 1 and table.meta["cores"] == 1 and table.meta["engine"] == "deepsparse"
         calls = []
         monkeypatch.setattr(type(prep.runtime), "measure", lambda *a, **k: calls.append(1))
+        monkeypatch.setattr(api, "STALE_TABLE", 1e9)    # a tiny model's dense time is noisy; not tested here
         again = api.latency_table(prep, levels="0.5,0.9", cache_dir=cache_dir)
         assert not calls and again.times == table.times
+        assert again.meta["cache_check"]["dense_ms_now"] > 0
         # a damaged cache entry is discarded and re-measured, never trusted
         for f in (cache_dir / "tables").glob("*.json"):
             f.write_text('{"schema": "spdy-onnx/latency-table/1", "levels": [0.0], "times": ')
@@ -88,6 +90,27 @@ def test_latency_table_is_cached_and_keyed(mlp_path, cache_dir, monkeypatch):
         # a different grid is a different key
         other = api.latency_table(prep, levels="0.7", cache_dir=cache_dir)
         assert other.levels == [0.0, 0.7]
+    finally:
+        prep.close()
+
+
+def test_a_stale_cached_table_is_measured_again(mlp_path, cache_dir, monkeypatch, caplog):
+    """A cached table whose dense total no longer matches a fresh run (the machine drifted) is re-profiled."""
+    prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
+                        include=None, min_weights=0, progress=False, runtime_options={"repeats": 1})
+    try:
+        first = api.latency_table(prep, levels="0.5", cache_dir=cache_dir)
+        cached = next((cache_dir / "tables").glob("*.json"))
+        doc = json.loads(cached.read_text())
+        doc["dense_total_ms"] *= 2.0                    # as if profiled on a machine twice as slow
+        cached.write_text(json.dumps(doc))
+        monkeypatch.setattr(api, "STALE_TABLE", 0.3)
+        with caplog.at_level("WARNING"):
+            fresh = api.latency_table(prep, levels="0.5", cache_dir=cache_dir)
+        assert "stale" in caplog.text
+        assert abs(fresh.dense_total_ms - first.dense_total_ms) < 0.3 * first.dense_total_ms
+        # the re-measured table replaced the stale one in the cache
+        assert json.loads(cached.read_text())["dense_total_ms"] == pytest.approx(fresh.dense_total_ms)
     finally:
         prep.close()
 
