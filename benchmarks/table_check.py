@@ -1,0 +1,85 @@
+"""How well does a freshly measured latency table predict a pruned model's per-layer time?
+
+The solver adds up per-site times from a table measured with every site at one imposed sparsity. This
+script checks that sum on a real pruned file: it profiles the dense model now (one pass), maps every
+site of the pruned file to the table level nearest its actual sparsity, and compares the predicted
+total with the engine's own per-layer analysis of the pruned file (the same measurement the table is
+made of), grouped by level. Run it on a quiet machine; it is not a test.
+
+    python benchmarks/table_check.py --model out/minilm-l6.onnx --pruned out/minilm-l6.1.5x.onnx --cores 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+import numpy as np  # noqa: E402
+
+from spdy_onnx import api, graph, modelio  # noqa: E402
+from spdy_onnx.levels import parse_levels  # noqa: E402
+from spdy_onnx.passes.prune import sparsity_of  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the dense ONNX file")
+    p.add_argument("--pruned", required=True, help="a pruned file written by optimize from it")
+    p.add_argument("--cores", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--levels", default=None, help="sparsity grid (default: the engine's)")
+    p.add_argument("--runs", type=int, default=2, help="analyses of the pruned and dense files, alternated")
+    args = p.parse_args(argv)
+
+    prep = api.Prepared(args.model, runtime="deepsparse", batch_size=args.batch_size, cores=args.cores,
+                        input_shapes=None, exclude=None, include=None, min_weights=0, progress=False,
+                        runtime_options={"repeats": 1})
+    try:
+        rt = prep.runtime
+        feeds = modelio.example_inputs(prep.specs)
+        aliases = graph.output_aliases(prep.model, prep.all_sites)
+        levels = parse_levels(args.levels) if args.levels else rt.default_levels()
+        table = rt.measure(str(prep.dense_static()), prep.all_sites, levels=levels, batch_size=args.batch_size,
+                           feeds=feeds, aliases=aliases)
+        pruned_model = graph.constants_to_initializers(modelio.load_model(Path(args.pruned)))
+        weights = graph.read_weights(pruned_model, [s for s in prep.all_sites if s.name in table.times])
+        chosen = {name: int(np.argmin([abs(lv - sparsity_of(w)) for lv in levels])) for name, w in weights.items()}
+        dense_sites = sum(table.times[n][0] for n in chosen)
+        predicted_sites = sum(table.times[n][j] for n, j in chosen.items())
+        predicted_total = table.dense_total_ms - dense_sites + predicted_sites
+
+        inputs = [np.ascontiguousarray(a) for a in feeds.values()]
+        site_weights = {s.name: s.n_weights for s in prep.all_sites}
+        pruned_static = prep.static_copy(pruned_model, "pruned")
+        dense_totals, totals, per_site = [], [], []
+        for _ in range(args.runs):
+            dense_totals.append(float(rt._analyse(str(prep.dense_static()), inputs, args.batch_size, 0.0)["average_total_time"]))
+            result = rt._analyse(str(pruned_static), inputs, args.batch_size, 0.0)
+            totals.append(float(result["average_total_time"]))
+            per_site.append(rt.attribute(result["layer_info"], aliases, site_weights))
+        measured = {n: float(np.median([r.get(n, np.nan) for r in per_site])) for n in chosen}
+    finally:
+        prep.close()
+
+    print(f"model {Path(args.model).name}, pruned {Path(args.pruned).name} | DeepSparse, {args.cores} core(s), "
+          f"batch {args.batch_size} | table profiled now (1 pass), {args.runs} analyses of each file")
+    print("| level | sites | predicted ms | measured ms | measured / predicted |\n|---|---|---|---|---|")
+    for j, lv in enumerate(levels):
+        names = [n for n, k in chosen.items() if k == j]
+        if names:
+            pr = sum(table.times[n][j] for n in names)
+            me = sum(measured[n] for n in names)
+            print(f"| {lv:g} | {len(names)} | {pr:.3f} | {me:.3f} | {me / pr:.3f} |")
+    m_total = float(np.median(totals))
+    m_dense = float(np.median(dense_totals))
+    print(f"| **all sites** | {len(chosen)} | {predicted_sites:.3f} | {sum(measured.values()):.3f} | "
+          f"{sum(measured.values()) / predicted_sites:.3f} |")
+    print(f"| **model total** | | {predicted_total:.3f} | {m_total:.3f} | {m_total / predicted_total:.3f} |")
+    print(f"dense total: table {table.dense_total_ms:.3f} ms, re-measured {m_dense:.3f} ms; predicted speedup "
+          f"{table.dense_total_ms / predicted_total:.3f}x, analysed {m_dense / m_total:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
