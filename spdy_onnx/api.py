@@ -166,8 +166,8 @@ def _still_current(prep: Prepared, table: LatencyTable, feeds) -> bool:
     """Whether a cached table still describes this machine: the dense model is timed once more.
 
     A shared machine's speed drifts over hours (other tenants, clocks): a MiniLM-L6 table from an
-    earlier session was 10% fast on the dense model and 20% fast on sparse layers, so every profile
-    it chose measured well under its prediction and the aim search over-pruned to make up for it.
+    earlier session was 22% off, every profile chosen on it measured well under its prediction, and
+    the aim search over-pruned to make up for it (benchmarks/results/accuracy_minilm_*table*).
     """
     check = getattr(prep.runtime, "dense_check_ms", None)
     if check is None or not table.dense_total_ms:
