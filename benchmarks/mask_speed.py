@@ -20,11 +20,11 @@ from pathlib import Path
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
-import numpy as np  # noqa: E402
+import pruned_file  # noqa: E402
 
-from spdy_onnx import api, graph, modelio  # noqa: E402
+from spdy_onnx import graph  # noqa: E402
 from spdy_onnx.database import MagnitudeDatabase  # noqa: E402
-from spdy_onnx.passes.prune import sparsity_of, write_weights  # noqa: E402
+from spdy_onnx.passes.prune import write_weights  # noqa: E402
 
 
 def main(argv=None):
@@ -35,41 +35,28 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=1)
     args = p.parse_args(argv)
 
-    prep = api.Prepared(args.model, runtime="deepsparse", batch_size=args.batch_size, cores=args.cores,
-                        input_shapes=None, exclude=None, include=None, min_weights=0, progress=False,
-                        runtime_options={"repeats": 1})
+    f = pruned_file.load(args.model, args.pruned, cores=args.cores, batch_size=args.batch_size)
+    prep, table, sites, levels = f.prep, f.table, f.sites, f.table.levels
     rows = []
     try:
-        rt = prep.runtime
-        feeds = modelio.example_inputs(prep.specs)
-        levels = rt.default_levels()
-        table = rt.measure(str(prep.dense_static()), prep.all_sites, levels=levels, batch_size=args.batch_size,
-                           feeds=feeds, aliases=graph.output_aliases(prep.model, prep.all_sites))
-        sites = [s for s in prep.all_sites if s.name in table.times]
         magnitude = MagnitudeDatabase(sites, graph.read_weights(prep.model, sites), levels)
-        pruned = graph.constants_to_initializers(modelio.load_model(Path(args.pruned)))
-        actual = {n: sparsity_of(w) for n, w in graph.read_weights(pruned, sites).items()}
-        own = {n: int(np.argmin([abs(lv - s) for lv in levels])) for n, s in actual.items()}
-        mean = sum(actual[s.name] * s.n_weights for s in sites) / sum(s.n_weights for s in sites)
+        mean = sum(f.sparsity[s.name] * s.n_weights for s in sites) / sum(s.n_weights for s in sites)
         below = max(j for j, lv in enumerate(levels) if lv <= mean)
         above = min(len(levels) - 1, below + 1)
-
-        def predicted(profile):
-            fixed = table.dense_total_ms - sum(table.times[n][0] for n in profile)
-            return table.dense_total_ms / (fixed + sum(table.times[n][j] for n, j in profile.items()))
 
         def magnitude_file(profile, tag):
             model = write_weights(prep.model, {s.weight: magnitude.weight(s.name, profile[s.name]) for s in sites})
             return prep.static_copy(model, tag)
 
-        cases = [(f"the file ({Path(args.pruned).name})", prep.static_copy(pruned, "file"), own),
-                 ("its per-site sparsities, magnitude masks", magnitude_file(own, "own_magnitude"), own)]
+        cases = [(f"the file ({Path(args.pruned).name})", prep.static_copy(f.model, "file"), f.profile),
+                 ("its per-site sparsities, magnitude masks", magnitude_file(f.profile, "own_magnitude"), f.profile)]
         for j in sorted({below, above}):
-            uniform = {n: j for n in own}
+            uniform = {n: j for n in f.profile}
             cases.append((f"uniform {levels[j]:g}, magnitude masks", magnitude_file(uniform, f"uniform_{j}"), uniform))
         for name, path, profile in cases:
-            comparison = rt.compare(str(prep.dense_static()), str(path), batch_size=args.batch_size, feeds=feeds)
-            rows.append((name, predicted(profile), comparison.speedup))
+            comparison = prep.runtime.compare(str(prep.dense_static()), str(path), batch_size=args.batch_size,
+                                              feeds=f.feeds)
+            rows.append((name, table.predicted_speedup(profile), comparison.speedup))
     finally:
         prep.close()
 

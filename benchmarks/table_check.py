@@ -17,10 +17,9 @@ from pathlib import Path
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 import numpy as np  # noqa: E402
+import pruned_file  # noqa: E402
 
-from spdy_onnx import api, graph, modelio  # noqa: E402
-from spdy_onnx.levels import parse_levels  # noqa: E402
-from spdy_onnx.passes.prune import sparsity_of  # noqa: E402
+from spdy_onnx import graph  # noqa: E402
 
 
 def main(argv=None):
@@ -33,35 +32,26 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=2, help="analyses of the pruned and dense files, alternated")
     args = p.parse_args(argv)
 
-    prep = api.Prepared(args.model, runtime="deepsparse", batch_size=args.batch_size, cores=args.cores,
-                        input_shapes=None, exclude=None, include=None, min_weights=0, progress=False,
-                        runtime_options={"repeats": 1})
+    f = pruned_file.load(args.model, args.pruned, cores=args.cores, batch_size=args.batch_size, levels=args.levels)
+    table, chosen, levels = f.table, f.profile, f.table.levels
     try:
-        rt = prep.runtime
-        feeds = modelio.example_inputs(prep.specs)
-        aliases = graph.output_aliases(prep.model, prep.all_sites)
-        levels = parse_levels(args.levels) if args.levels else rt.default_levels()
-        table = rt.measure(str(prep.dense_static()), prep.all_sites, levels=levels, batch_size=args.batch_size,
-                           feeds=feeds, aliases=aliases)
-        pruned_model = graph.constants_to_initializers(modelio.load_model(Path(args.pruned)))
-        weights = graph.read_weights(pruned_model, [s for s in prep.all_sites if s.name in table.times])
-        chosen = {name: int(np.argmin([abs(lv - sparsity_of(w)) for lv in levels])) for name, w in weights.items()}
-        dense_sites = sum(table.times[n][0] for n in chosen)
-        predicted_sites = sum(table.times[n][j] for n, j in chosen.items())
-        predicted_total = table.dense_total_ms - dense_sites + predicted_sites
-
-        inputs = [np.ascontiguousarray(a) for a in feeds.values()]
-        site_weights = {s.name: s.n_weights for s in prep.all_sites}
-        pruned_static = prep.static_copy(pruned_model, "pruned")
+        rt = f.prep.runtime
+        inputs = [np.ascontiguousarray(a) for a in f.feeds.values()]
+        aliases = graph.output_aliases(f.prep.model, f.prep.all_sites)
+        site_weights = {s.name: s.n_weights for s in f.prep.all_sites}
+        pruned_static = f.prep.static_copy(f.model, "pruned")
         dense_totals, totals, per_site = [], [], []
         for _ in range(args.runs):
-            dense_totals.append(float(rt._analyse(str(prep.dense_static()), inputs, args.batch_size, 0.0)["average_total_time"]))
+            dense_totals.append(rt.dense_check_ms(str(f.prep.dense_static()), batch_size=args.batch_size,
+                                                  feeds=f.feeds))
             result = rt._analyse(str(pruned_static), inputs, args.batch_size, 0.0)
             totals.append(float(result["average_total_time"]))
             per_site.append(rt.attribute(result["layer_info"], aliases, site_weights))
         measured = {n: float(np.median([r.get(n, np.nan) for r in per_site])) for n in chosen}
     finally:
-        prep.close()
+        f.prep.close()
+    predicted_sites = sum(table.times[n][j] for n, j in chosen.items())
+    predicted_total = table.predicted_ms(chosen)
 
     print(f"model {Path(args.model).name}, pruned {Path(args.pruned).name} | DeepSparse, {args.cores} core(s), "
           f"batch {args.batch_size} | table profiled now (1 pass), {args.runs} analyses of each file")
