@@ -59,7 +59,7 @@ def prune_levels(w: np.ndarray, hinv_chol: np.ndarray, dead: np.ndarray, sparsit
     The levels share H^-1 and the column sweep is the same for each, so the copies are stacked
     row-wise and swept together: the per-column work is paid once per site instead of once per level,
     and the updates are larger GEMMs. Only the choice of which weights to prune differs per level.
-    float32, as in SparseGPT: float64 gave the same reconstruction errors to 4 digits on MiniLM-L6.
+    float32, as in SparseGPT (tests/test_accuracy_core.py: exact zero counts, lower error than magnitude).
     """
     w = np.asarray(w)
     rows, cols = w.shape
