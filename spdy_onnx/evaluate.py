@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import onnx
 
-from spdy_onnx import calibrate
+from spdy_onnx import calibrate, shorten
 from spdy_onnx.errors import SpdyError
 from spdy_onnx.journal import Journal
 from spdy_onnx.ort_session import make_session, run
@@ -90,10 +90,15 @@ class Evaluator:
         self.output = self.session.get_outputs()[0].name
         self.batch_size = next(iter(specs.values()))[0][0]
         self.data = data
-        self.feeds = list(calibrate.batches(data, self.batch_size, limit=eval_samples))
         dense = {s.weight: database.weight(s.name, 0) for s in sites}
+        # padded token feeds run cut to their real length on verified short copies (spdy_onnx.shorten)
+        self.sessions = {None: self.session}
+        self._graphs = {None: m}
+        feeds = list(calibrate.batches(data, self.batch_size, limit=eval_samples))
+        self._buckets = shorten.LengthBuckets(m, feeds[0])
+        self.feeds = [self._cut(f, dense) for f in feeds]
         self.reference = [self._run(f, dense) for f in self.feeds]
-        self.masks = [calibrate.token_mask(f) for f in self.feeds]
+        self.masks = [calibrate.token_mask(f) for _, f in self.feeds]
         self.loss_name = choose_loss(loss, self.reference[0].shape)
         self._memo: dict[tuple, float] = {}
         # evaluations of earlier (possibly killed) runs on the same model, data and database
@@ -105,8 +110,28 @@ class Evaluator:
         self._cached: dict[str, tuple[int, np.ndarray]] = {}
         self.evaluations = 0
 
-    def _run(self, feed, weights):
-        return run(self.session, [self.output], {**feed, **weights})[0]
+    def _cut(self, feed, dense):
+        """(length, feed): cut to a verified short length, or (None, the whole feed)."""
+        buckets = self._buckets
+        if not buckets.enabled:
+            return None, feed
+        n = buckets.length_of(feed)
+
+        def full_outputs(f):
+            return run(self.session, [self.output], {**f, **dense})
+
+        def short_outputs(short, f):
+            self.sessions[n] = make_session(short, threads=self._threads)
+            self._graphs[n] = short
+            return run(self.sessions[n], [self.output], {**f, **dense})
+
+        if buckets.model_for(n, feed, full_outputs, short_outputs) is None:
+            return None, feed
+        return n, shorten.trim(feed, n, buckets.full)
+
+    def _run(self, item, weights, sessions=None):
+        n, feed = item
+        return run((sessions or self.sessions)[n], [self.output], {**feed, **weights})[0]
 
     def _weights(self, picks) -> dict:
         out = {}
@@ -124,13 +149,14 @@ class Evaluator:
         fn = kl_divergence if self.loss_name == "kl" else normalised_mse
         inputs = set(self.weight_names)
         extra = {k: v for k, v in weights.items() if k not in inputs}
-        session = self.session
+        sessions = self.sessions
         if extra:
             from spdy_onnx.passes.prune import write_weights
-            session = make_session(write_weights(self._graph_with_inputs, extra), threads=self._threads)
+            used = {n for n, _ in self.feeds}
+            sessions = {n: make_session(write_weights(self._graphs[n], extra), threads=self._threads) for n in used}
         fed = {k: v for k, v in weights.items() if k in inputs}
-        return float(np.mean([fn(*_real_tokens(ref, run(session, [self.output], {**feed, **fed})[0], mask))
-                              for feed, ref, mask in zip(self.feeds, self.reference, self.masks)]))
+        return float(np.mean([fn(*_real_tokens(ref, self._run(item, fed, sessions), mask))
+                              for item, ref, mask in zip(self.feeds, self.reference, self.masks)]))
 
     def loss(self, picks) -> float:
         key = tuple(int(j) for j in picks)
@@ -138,8 +164,8 @@ class Evaluator:
             return self._memo[key]
         weights = self._weights(key)
         fn = kl_divergence if self.loss_name == "kl" else normalised_mse
-        values = [fn(*_real_tokens(ref, self._run(feed, weights), mask))
-                  for feed, ref, mask in zip(self.feeds, self.reference, self.masks)]
+        values = [fn(*_real_tokens(ref, self._run(item, weights), mask))
+                  for item, ref, mask in zip(self.feeds, self.reference, self.masks)]
         value = float(np.mean(values))
         self._memo[key] = value
         self.journal.append({"picks": list(key), "loss": value})
