@@ -52,7 +52,8 @@ def pooled(first: Comparison, second: Comparison) -> Comparison:
                       iterations_per_round=max(first.iterations_per_round, second.iterations_per_round),
                       ratio_p25=min(first.ratio_p25, second.ratio_p25), ratio_p75=max(first.ratio_p75, second.ratio_p75),
                       foreign_load_cores=max(first.foreign_load_cores, second.foreign_load_cores),
-                      extra={**second.extra, "pooled_speedups": [first.speedup, second.speedup]})
+                      extra={**second.extra,
+                             "pooled_speedups": first.extra.get("pooled_speedups", [first.speedup]) + [second.speedup]})
 
 
 class Runtime(Protocol):

@@ -169,3 +169,24 @@ def test_the_correction_on_cut_feeds_matches_the_correction_at_full_length(monke
     for name, w in pruned.items():
         assert np.array_equal(cut_weights[name] == 0, w == 0)   # the zeros stay
         np.testing.assert_allclose(cut_weights[name], full_weights[name], atol=2e-3)
+
+
+def test_the_search_loss_on_cut_feeds_matches_the_loss_at_full_length(monkeypatch):
+    from spdy_onnx.database import MagnitudeDatabase
+    from spdy_onnx.evaluate import Evaluator
+    model = tiny_encoder()
+    data = padded_sentences(16, seed=2)
+    sites, _ = graph.select_sites(graph.find_sites(model)[0])
+    db = MagnitudeDatabase(sites, graph.read_weights(model, sites), [0.0, 0.5, 0.8])
+    specs = {"input_ids": ((1, L), np.dtype(np.int64)), "attention_mask": ((1, L), np.dtype(np.int64))}
+    cut = Evaluator(model, sites, db, data, specs=specs)
+    assert {n for n, _ in cut.feeds} == {16, 32}
+    monkeypatch.setattr(shorten, "padded_length", lambda model, feed: None)
+    full = Evaluator(model, sites, db, data, specs=specs)
+    assert {n for n, _ in full.feeds} == {None}
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        picks = rng.integers(0, 3, len(sites))
+        assert cut.loss(picks) == pytest.approx(full.loss(picks), rel=1e-4, abs=1e-7)
+    biased = {s.weight: db.weight(s.name, 2) for s in sites}
+    assert cut.loss_of_weights(biased) == pytest.approx(full.loss_of_weights(biased), rel=1e-4)
