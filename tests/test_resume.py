@@ -66,6 +66,7 @@ def test_search_resumes_and_gives_the_same_profile(tmp_path, monkeypatch):
     resumed = api.optimize(path, output=tmp_path / "r.onnx", cache_dir=tmp_path / "c2", **kw)
     distinct = fresh["quality"]["search"][0]["distinct_profiles"]
     assert [s["sparsity"] for s in resumed["sites"]] == [s["sparsity"] for s in fresh["sites"]]
-    # the killed run finished 4 evaluations (8 reference runs + 4 x 8 batches): they are not repeated
-    assert len(calls) == 8 + 8 * (distinct - 4)
+    # the killed run finished 4 evaluations (8 reference runs + 4 x 8 batches): they are not repeated;
+    # the last 8 runs score the corrected weights
+    assert len(calls) == 8 + 8 * (distinct - 4) + 8
     assert resumed["quality"]["calibration_loss"] == pytest.approx(fresh["quality"]["calibration_loss"])
