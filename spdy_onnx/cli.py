@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label-free calibration loss against the dense model (default: auto)")
     p.add_argument("--search-budget", default=None,
                    help="SPDY search budget: a number of evaluations (600) or a time (5m, 90s); "
-                        "default: the paper's schedule, stopped after 60 s")
+                        "default: the paper's schedule, stopped after 40 s")
     p.add_argument("--refit", action="store_true",
                    help="after choosing the profile, re-fit kept weights site by site against the pruned "
                         "model's own inputs (a closed-form correction, site by site; with --data). Off by default: "

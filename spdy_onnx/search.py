@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 N_INIT = 100
 PATIENCE = 100
-DEFAULT_SECONDS = 60.0   # the paper's schedule is capped in time unless --search-budget says otherwise
+DEFAULT_SECONDS = 40.0   # the paper's schedule is capped in time unless --search-budget says otherwise
 RESOLVE_EVALS = 30   # a re-solve under a tighter budget re-maps the best c and refines it briefly
 
 
