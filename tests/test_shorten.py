@@ -190,3 +190,16 @@ def test_the_search_loss_on_cut_feeds_matches_the_loss_at_full_length(monkeypatc
         assert cut.loss(picks) == pytest.approx(full.loss(picks), rel=1e-4, abs=1e-7)
     biased = {s.weight: db.weight(s.name, 2) for s in sites}
     assert cut.loss_of_weights(biased) == pytest.approx(full.loss_of_weights(biased), rel=1e-4)
+
+
+def test_a_correction_on_a_graph_that_cannot_be_cut_runs_at_full_length(caplog):
+    pytest.importorskip("torch")
+    model = tiny_encoder(mask_attention=False)   # its real-token outputs depend on the padding
+    data = padded_sentences(24, seed=3)
+    sites, pruned = _prune_half(model)
+    with caplog.at_level(logging.INFO, logger="spdy_onnx.correct"):
+        tuned, summary = correct.global_correction(model, sites, pruned, data, loss="mse", batch_size=1,
+                                                   epochs=1, lr=1e-3, max_seconds=None, seed=0)
+    assert "cut to" not in caplog.text
+    assert summary["loss_after"] < summary["loss_before"]
+    assert all(np.array_equal(tuned[k] == 0, w == 0) for k, w in pruned.items())
