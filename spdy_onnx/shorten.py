@@ -3,9 +3,11 @@
 Why: engines like DeepSparse compile one static shape, so encoders are exported with a fixed sequence
 length (MiniLM-L6: 128) and calibration sentences are padded to it, yet they average about 28 real
 tokens. Every forward and backward pass of the search and of the global correction spent most of its
-time on padding that no loss looks at. A copy of the graph for length n (inputs (batch, n), the shape
-constants that name the length rewritten, position-like constants cut) computes the same real-token
-outputs for a right-padded sample whose real tokens fit in n, at a fraction of the cost.
+arithmetic on padding that no loss looks at. A copy of the graph for length n (inputs (batch, n), the
+shape constants that name the length rewritten, position-like constants cut) computes the same
+real-token outputs for a right-padded sample whose real tokens fit in n with a fraction of the
+arithmetic (what a run still pays for reading the weights stays: the search's evaluations gained less
+than the correction's training steps).
 
 The rewrite is a heuristic, so it is never trusted: each short copy is used only after it reproduced
 the full model's outputs at the real positions of a calibration sample. A model it does not fit
