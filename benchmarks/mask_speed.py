@@ -14,7 +14,6 @@ quiet machine; it is not a test.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -28,11 +27,7 @@ from spdy_onnx.passes.prune import write_weights  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="the dense ONNX file")
-    p.add_argument("--pruned", required=True, help="a pruned file written by optimize from it")
-    p.add_argument("--cores", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=1)
+    p = pruned_file.parser(__doc__)
     args = p.parse_args(argv)
 
     f = pruned_file.load(args.model, args.pruned, cores=args.cores, batch_size=args.batch_size)

@@ -2,6 +2,7 @@
 profile of a pruned file written from it (each site mapped to the table level nearest its sparsity)."""
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,16 @@ import numpy as np  # noqa: E402
 from spdy_onnx import api, graph, modelio  # noqa: E402
 from spdy_onnx.levels import parse_levels  # noqa: E402
 from spdy_onnx.passes.prune import sparsity_of  # noqa: E402
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The arguments both scripts take: the dense file, a pruned file written from it, cores, batch."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the dense ONNX file")
+    p.add_argument("--pruned", required=True, help="a pruned file written by optimize from it")
+    p.add_argument("--cores", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1)
+    return p
 
 
 @dataclass

@@ -10,7 +10,6 @@ made of), grouped by level. Run it on a quiet machine; it is not a test.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -23,11 +22,7 @@ from spdy_onnx import graph  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="the dense ONNX file")
-    p.add_argument("--pruned", required=True, help="a pruned file written by optimize from it")
-    p.add_argument("--cores", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=1)
+    p = pruned_file.parser(__doc__)
     p.add_argument("--levels", default=None, help="sparsity grid (default: the engine's)")
     p.add_argument("--runs", type=int, default=2, help="analyses of the pruned and dense files, alternated")
     args = p.parse_args(argv)

@@ -93,27 +93,18 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     dense_inputs = [i.name for i in dense_session.get_inputs()]
     dense_output = dense_session.get_outputs()[0].name
     buckets = shorten.LengthBuckets(model, train[0])
-    dense_sessions = {}   # length -> session of the dense model's short copy
+    dense_sessions = {None: dense_session}   # length -> session of the dense model's short copy
 
     def full_outputs(feed):
         return ort_run(dense_session, [dense_output], {k: feed[k] for k in dense_inputs})
 
-    def cut(feed):
-        """(length, feed) with the feed cut to a verified short length, or (None, the whole feed)."""
-        if not buckets.enabled:
-            return None, feed
-        n = buckets.length_of(feed)
+    def short_outputs(n, short_model, feed):
+        dense_sessions[n] = make_session(short_model)
+        return ort_run(dense_sessions[n], [dense_output], {k: feed[k] for k in dense_inputs})
 
-        def short_outputs(short_model, f):
-            dense_sessions[n] = make_session(short_model)
-            return ort_run(dense_sessions[n], [dense_output], {k: f[k] for k in dense_inputs})
-
-        if buckets.model_for(n, feed, full_outputs, short_outputs) is None:
-            return None, feed
-        return n, shorten.trim(feed, n, buckets.full)
-
-    train = [cut(f) for f in train]
-    hold = [cut(f) for f in hold]
+    # (length, feed) items: cut to a verified short length, or (None, the whole feed)
+    train = [buckets.cut(f, full_outputs, short_outputs) for f in train]
+    hold = [buckets.cut(f, full_outputs, short_outputs) for f in hold]
     lengths = sorted({n for n, _ in train + hold}, key=lambda n: -1 if n is None else n)
 
     gen_state = torch.random.get_rng_state()
@@ -163,7 +154,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     for other in list(executors.values())[1:]:
         for step in other.steps:
             name = getattr(step, "site", None)
-            if (("weight", name)) not in shared_params:
+            if ("weight", name) not in shared_params:
                 continue
             holder = step.op if step.op.op_type == "Conv" else step.op.linear
             holder.w = shared_params[("weight", name)]
@@ -181,8 +172,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
 
     def dense_output_of(item):
         n, feed = item
-        session = dense_session if n is None else dense_sessions[n]
-        return torch.from_numpy(np.array(ort_run(session, [dense_output], {k: feed[k] for k in dense_inputs})[0],
+        return torch.from_numpy(np.array(ort_run(dense_sessions[n], [dense_output], {k: feed[k] for k in dense_inputs})[0],
                                          dtype=np.float32))
 
     def targets(feeds):

@@ -112,22 +112,15 @@ class Evaluator:
 
     def _cut(self, feed, dense):
         """(length, feed): cut to a verified short length, or (None, the whole feed)."""
-        buckets = self._buckets
-        if not buckets.enabled:
-            return None, feed
-        n = buckets.length_of(feed)
-
         def full_outputs(f):
             return run(self.session, [self.output], {**f, **dense})
 
-        def short_outputs(short, f):
+        def short_outputs(n, short, f):
             self.sessions[n] = make_session(short, threads=self._threads)
             self._graphs[n] = short
             return run(self.sessions[n], [self.output], {**f, **dense})
 
-        if buckets.model_for(n, feed, full_outputs, short_outputs) is None:
-            return None, feed
-        return n, shorten.trim(feed, n, buckets.full)
+        return self._buckets.cut(feed, full_outputs, short_outputs)
 
     def _run(self, item, weights, sessions=None):
         n, feed = item

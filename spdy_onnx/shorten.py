@@ -153,6 +153,16 @@ class LengthBuckets:
             return next(iter(feed.values())).shape[1]
         return bucket(real_length(feed), self.full)
 
+    def cut(self, feed: dict, run_full, run_short) -> tuple[int | None, dict]:
+        """(n, the feed cut to n) when a verified copy of length n exists, else (None, the whole feed).
+        `run_short(n, model, feed)` runs a candidate copy (and may keep its session for length n)."""
+        if self.full is None:
+            return None, feed
+        n = self.length_of(feed)
+        if self.model_for(n, feed, run_full, lambda model, f: run_short(n, model, f)) is None:
+            return None, feed
+        return n, trim(feed, n, self.full)
+
     def model_for(self, n: int, check_feed: dict, run_full, run_short) -> onnx.ModelProto | None:
         """The short copy for length n, or None. `run_full(feed)` / `run_short(model, feed)` return the
         outputs (a list of arrays) of the full model and of a candidate copy."""
