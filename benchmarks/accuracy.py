@@ -298,6 +298,9 @@ def main(argv=None):
                    help="batch size to time at (default: per model, MiniLM 1, MobileNetV2 16)")
     p.add_argument("--correct-epochs", type=int, default=None,
                    help="optimize's global correction epochs (default: optimize's default)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="optimize's --margin (default: optimize's own); a negative one accepts a shortfall, "
+                        "e.g. to see a baseline at the grid level just under the target")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("accuracy.json"), help="all rows as JSON")
     p.add_argument("--markdown", type=Path, default=None, help="also write the tables to this Markdown file")
@@ -392,6 +395,8 @@ def run_one(name, onnx_path, calib, table_path, task, *, strategy, target, args,
     rep = None
     try:
         extra = {} if args.correct_epochs is None else {"correct_epochs": args.correct_epochs}
+        if args.margin is not None:
+            extra["margin"] = args.margin
         rep = api.optimize(onnx_path, target=target, data=str(calib), strategy=strategy, cores=args.cores,
                            batch_size=batch, cache_dir=cache_dir, search_budget=args.search_budget, seed=args.seed,
                            latency_table=str(table_path), output=out, report=report, progress=False, **extra)
@@ -462,7 +467,8 @@ def render_table(name, info, task, rows, args) -> str:
         f"Calibration `{Path(info['calib']).name}`, loss {loss} vs dense. Latency table profiled once "
         f"({len(info['levels'])} levels, {_profile_time(info)}) and shared by every strategy. "
         f"{info['describe'][0].upper() + info['describe'][1:]}. Seed {args.seed}"
-        + (f", search budget {args.search_budget}" if args.search_budget else "") + ".",
+        + (f", search budget {args.search_budget}" if args.search_budget else "")
+        + (f", margin {args.margin:g}" if args.margin is not None else "") + ".",
         "",
     ]
     metric_heads = [h for h, _, _ in task.metrics]

@@ -114,3 +114,54 @@ def random_resized_crop(im: Image.Image, rng: np.random.Generator, *, scale=(0.2
     if rng.random() < flip_p:
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
     return to_tensor(crop)
+
+
+def jitter(im: Image.Image, rng: np.random.Generator, *, strength: float = 0.4, gray_p: float = 0.1) -> Image.Image:
+    """torchvision-style ColorJitter(brightness, contrast, saturation = strength) in a random order, then
+    RandomGrayscale(gray_p): more varied colour statistics from the same few photos."""
+    from PIL import ImageEnhance
+
+    ops = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    for k in rng.permutation(len(ops)):
+        im = ops[k](im).enhance(float(rng.uniform(1 - strength, 1 + strength)))
+    if rng.random() < gray_p:
+        im = im.convert("L").convert("RGB")
+    return im
+
+
+def collage(ims, rng: np.random.Generator) -> Image.Image:
+    """A 2x2 grid of random crops from four random photos: scenes no single photo has (CutMix-like)."""
+    half = CROP // 2
+    out = Image.new("RGB", (CROP, CROP))
+    for cell in range(4):
+        im = ims[int(rng.integers(len(ims)))]
+        w, h = im.size
+        side = int(min(w, h) * rng.uniform(0.2, 0.7))
+        left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        patch = im.crop((left, top, left + side, top + side)).resize((half, half), Image.BILINEAR)
+        out.paste(patch, ((cell % 2) * half, (cell // 2) * half))
+    return out
+
+
+def augmented_view(ims, rng: np.random.Generator, i: int, *, collage_p: float = 0.25) -> np.ndarray:
+    """One strongly augmented calibration view: a collage (collage_p) or a RandomResizedCrop (scale .08-1)
+    of photo i mod len(ims), flipped at random, colour-jittered."""
+    if rng.random() < collage_p:
+        im = collage(ims, rng)
+    else:
+        im = ims[i % len(ims)]
+        w, h = im.size
+        for _ in range(10):
+            target = w * h * rng.uniform(0.08, 1.0)
+            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                break
+        else:
+            cw = ch = min(w, h)
+            left, top = (w - cw) // 2, (h - ch) // 2
+        im = im.crop((left, top, left + cw, top + ch)).resize((CROP, CROP), Image.BILINEAR)
+        if rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(jitter(im, rng))
