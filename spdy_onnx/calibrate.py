@@ -156,7 +156,7 @@ def timing_batch(data: dict, specs: dict) -> dict:
 
 # --- activations -> Hessians -------------------------------------------------------------------
 
-def _session(model: onnx.ModelProto, extra_outputs: list[str]):
+def _with_outputs(model: onnx.ModelProto, extra_outputs: list[str]) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
@@ -164,7 +164,11 @@ def _session(model: onnx.ModelProto, extra_outputs: list[str]):
         if name not in have:
             m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
             have.add(name)
-    return make_session(m, optimize=False)
+    return m
+
+
+def _session(model: onnx.ModelProto, extra_outputs: list[str]):
+    return make_session(_with_outputs(model, extra_outputs), optimize=False)
 
 
 def _conv_pads(site, in_hw):
@@ -243,9 +247,18 @@ class _RowAccumulator:
 
 def hessians(model: onnx.ModelProto, sites, data: dict, batch_size: int, *,
              progress=True) -> dict[str, np.ndarray]:
-    """{site name: H} with H = sum over rows of x x^T / n_rows, float64, sites sharing an input share H."""
+    """{site name: H} with H = sum over rows of x x^T / n_rows, float64, sites sharing an input share H.
+
+    Padded token batches run cut to their real length (rounded up) on verified short copies of the
+    graph (spdy_onnx.shorten), one length at a time so that at most two sessions hold the weights:
+    the rows are the same real-token rows, for a fraction of the forward passes' arithmetic
+    (BERT-base size, 1,024 sentences of about 28 tokens padded to 128: most of this phase).
+    """
+    from spdy_onnx import shorten   # shorten imports this module
+
     inputs = sorted({s.input for s in sites})
-    sess = _session(model, inputs)
+    captured = _with_outputs(model, inputs)
+    sess = make_session(captured, optimize=False)
     out_names = [o.name for o in sess.get_outputs()]
     groups: dict[tuple, list] = {}
     for s in sites:
@@ -253,16 +266,41 @@ def hessians(model: onnx.ModelProto, sites, data: dict, batch_size: int, *,
         groups.setdefault(geometry, []).append(s)
     acc = {geometry: _RowAccumulator() for geometry in groups}
     widths: dict[tuple, int] = {}
-    total = n_samples(data) // batch_size
-    for feed in tqdm(batches(data, batch_size), total=total, desc="activations", unit="batch",
-                     disable=not progress, leave=False):
-        values = dict(zip(out_names, run(sess, out_names, feed)))
-        mask = token_mask(feed)
-        for geometry, members in groups.items():
-            x = np.asarray(values[geometry[0]], dtype=np.float32)
-            rows = masked_rows(x, site_rows(members[0], x), mask)
-            widths[geometry] = rows.shape[1]
-            acc[geometry].add(np.ascontiguousarray(rows))
+    feeds = list(batches(data, batch_size))
+    buckets = shorten.LengthBuckets(captured, feeds[0]) if feeds else None
+    by_length: dict[int, list] = {}
+    for feed in feeds:
+        by_length.setdefault(buckets.length_of(feed) if buckets.enabled else 0, []).append(feed)
+
+    def run_full(feed):
+        return run(sess, out_names, feed)
+
+    bar = tqdm(total=len(feeds), desc="activations", unit="batch", disable=not progress, leave=False)
+    for n in sorted(by_length):
+        short_sessions = {}
+
+        def run_short(short_model, feed, n=n, short_sessions=short_sessions):
+            short_sessions[n] = make_session(short_model, optimize=False)
+            return run(short_sessions[n], out_names, feed)
+
+        group = by_length[n]
+        use = buckets.enabled and buckets.model_for(n, group[0], run_full, run_short) is not None
+        this = short_sessions[n] if use else sess
+        for feed in group:
+            if use:
+                feed = shorten.trim(feed, n, buckets.full)
+            values = dict(zip(out_names, run(this, out_names, feed)))
+            mask = token_mask(feed)
+            for geometry, members in groups.items():
+                x = np.asarray(values[geometry[0]], dtype=np.float32)
+                rows = masked_rows(x, site_rows(members[0], x), mask)
+                widths[geometry] = rows.shape[1]
+                acc[geometry].add(np.ascontiguousarray(rows))
+            bar.update(1)
+        del this, short_sessions
+        if buckets.enabled:
+            buckets.release(n)
+    bar.close()
     result = {}
     for geometry, members in groups.items():
         h = acc[geometry].mean(widths.get(geometry, 0))

@@ -172,6 +172,10 @@ class LengthBuckets:
             self._short[n] = self._verified(n, check_feed, run_full, run_short)
         return self._short[n]
 
+    def release(self, n: int) -> None:
+        """Drop the stored copy for length n (a big model's copy holds all its weights)."""
+        self._short.pop(n, None)
+
     def _verified(self, n, check_feed, run_full, run_short):
         if real_length(check_feed) > n:
             return None

@@ -203,3 +203,32 @@ def test_a_correction_on_a_graph_that_cannot_be_cut_runs_at_full_length(caplog):
     assert "cut to" not in caplog.text
     assert summary["loss_after"] < summary["loss_before"]
     assert all(np.array_equal(tuned[k] == 0, w == 0) for k, w in pruned.items())
+
+
+@pytest.mark.parametrize("mask_attention", [True, False])
+def test_hessians_on_cut_feeds_match_the_hessians_at_full_length(monkeypatch, mask_attention):
+    """The rows are the real tokens either way: cutting may change the cost, never H. A graph whose
+    real-token activations depend on the padding (unmasked attention) must run in full."""
+    model = tiny_encoder(mask_attention=mask_attention)
+    data = padded_sentences(20, seed=4)
+    sites, _ = graph.select_sites(graph.find_sites(model)[0], min_weights=1)
+    lengths = []
+    real_run = calibrate.run
+    monkeypatch.setattr(calibrate, "run", lambda sess, out, feed: lengths.append(feed["input_ids"].shape[1])
+                        or real_run(sess, out, feed))
+    cut = calibrate.hessians(model, sites, data, 1, progress=False)
+    short_runs = sum(n < L for n in lengths)
+    if mask_attention:
+        assert short_runs >= 20          # every sentence (3 to 29 tokens) ran cut, at 16 or 32
+    else:
+        assert short_runs <= 2           # only the checks of the two copies, which refused them
+    # by hand, at full length: the real-token rows of each site's input
+    sess = calibrate._session(model, sorted({s.input for s in sites}))
+    names = [o.name for o in sess.get_outputs()]
+    for site in sites:
+        rows = []
+        for feed in calibrate.batches(data, 1):
+            x = dict(zip(names, run(sess, names, feed)))[site.input]
+            rows.append(x[0][feed["attention_mask"][0].astype(bool)])
+        x = np.concatenate(rows).astype(np.float64)
+        np.testing.assert_allclose(cut[site.name], x.T @ x / len(x), rtol=1e-4, atol=1e-6)
