@@ -95,9 +95,9 @@ def eval_transform(im: Image.Image) -> np.ndarray:
     return to_tensor(center_crop(resize_shorter(im, RESIZE), CROP))
 
 
-def random_resized_crop(im: Image.Image, rng: np.random.Generator, *, scale=(0.25, 1.0),
-                        ratio=(3 / 4, 4 / 3), flip_p: float = 0.5) -> np.ndarray:
-    """torchvision-style RandomResizedCrop(224) + RandomHorizontalFlip, drawn from rng."""
+def resized_crop(im: Image.Image, rng: np.random.Generator, *, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3),
+                 flip_p: float = 0.5) -> Image.Image:
+    """torchvision-style RandomResizedCrop(224) + RandomHorizontalFlip, drawn from rng, as an image."""
     w, h = im.size
     area = w * h
     for _ in range(10):
@@ -113,7 +113,12 @@ def random_resized_crop(im: Image.Image, rng: np.random.Generator, *, scale=(0.2
     crop = im.crop((left, top, left + cw, top + ch)).resize((CROP, CROP), Image.BILINEAR)
     if rng.random() < flip_p:
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-    return to_tensor(crop)
+    return crop
+
+
+def random_resized_crop(im: Image.Image, rng: np.random.Generator, **kw) -> np.ndarray:
+    """resized_crop as a normalised CHW tensor."""
+    return to_tensor(resized_crop(im, rng, **kw))
 
 
 def jitter(im: Image.Image, rng: np.random.Generator, *, strength: float = 0.4, gray_p: float = 0.1) -> Image.Image:
@@ -149,19 +154,5 @@ def augmented_view(ims, rng: np.random.Generator, i: int, *, collage_p: float = 
     if rng.random() < collage_p:
         im = collage(ims, rng)
     else:
-        im = ims[i % len(ims)]
-        w, h = im.size
-        for _ in range(10):
-            target = w * h * rng.uniform(0.08, 1.0)
-            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-            cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
-            if 0 < cw <= w and 0 < ch <= h:
-                left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                break
-        else:
-            cw = ch = min(w, h)
-            left, top = (w - cw) // 2, (h - ch) // 2
-        im = im.crop((left, top, left + cw, top + ch)).resize((CROP, CROP), Image.BILINEAR)
-        if rng.random() < 0.5:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        im = resized_crop(ims[i % len(ims)], rng, scale=(0.08, 1.0))
     return to_tensor(jitter(im, rng))

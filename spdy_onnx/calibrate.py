@@ -167,10 +167,6 @@ def _with_outputs(model: onnx.ModelProto, extra_outputs: list[str]) -> onnx.Mode
     return m
 
 
-def _session(model: onnx.ModelProto, extra_outputs: list[str]):
-    return make_session(_with_outputs(model, extra_outputs), optimize=False)
-
-
 def _conv_pads(site, in_hw):
     nd = len(site.kernel_shape)
     if site.pads:
@@ -275,17 +271,17 @@ def hessians(model: onnx.ModelProto, sites, data: dict, batch_size: int, *,
     def run_full(feed):
         return run(sess, out_names, feed)
 
+    short = {}   # the session of the short copy for the length being captured
+
+    def run_short(short_model, feed):
+        short["session"] = make_session(short_model, optimize=False)
+        return run(short["session"], out_names, feed)
+
     bar = tqdm(total=len(feeds), desc="activations", unit="batch", disable=not progress, leave=False)
     for n in sorted(by_length):
-        short_sessions = {}
-
-        def run_short(short_model, feed, n=n, short_sessions=short_sessions):
-            short_sessions[n] = make_session(short_model, optimize=False)
-            return run(short_sessions[n], out_names, feed)
-
         group = by_length[n]
         use = buckets.enabled and buckets.model_for(n, group[0], run_full, run_short) is not None
-        this = short_sessions[n] if use else sess
+        this = short["session"] if use else sess
         for feed in group:
             if use:
                 feed = shorten.trim(feed, n, buckets.full)
@@ -297,7 +293,8 @@ def hessians(model: onnx.ModelProto, sites, data: dict, batch_size: int, *,
                 widths[geometry] = rows.shape[1]
                 acc[geometry].add(np.ascontiguousarray(rows))
             bar.update(1)
-        del this, short_sessions
+        this = None
+        short.clear()
         if buckets.enabled:
             buckets.release(n)
     bar.close()
