@@ -289,6 +289,8 @@ def main(argv=None):
     p.add_argument("--cores", type=int, default=1)
     p.add_argument("--search-budget", default=None,
                    help="spdy search budget: evaluations (600) or time (5m, 90s); default optimize's own")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help="calibration samples per search candidate; default optimize's own")
     p.add_argument("--cache-dir", default=None, help="spdy-onnx cache (latency tables, databases, dense outputs)")
     p.add_argument("--heldout", type=int, default=None,
                    help="use only the first N held-out sentences (MiniLM; default all 2,530)")
@@ -397,6 +399,8 @@ def run_one(name, onnx_path, calib, table_path, task, *, strategy, target, args,
         extra = {} if args.correct_epochs is None else {"correct_epochs": args.correct_epochs}
         if args.margin is not None:
             extra["margin"] = args.margin
+        if args.eval_samples is not None:
+            extra["eval_samples"] = args.eval_samples
         rep = api.optimize(onnx_path, target=target, data=str(calib), strategy=strategy, cores=args.cores,
                            batch_size=batch, cache_dir=cache_dir, search_budget=args.search_budget, seed=args.seed,
                            latency_table=str(table_path), output=out, report=report, progress=False, **extra)
@@ -468,7 +472,8 @@ def render_table(name, info, task, rows, args) -> str:
         f"({len(info['levels'])} levels, {_profile_time(info)}) and shared by every strategy. "
         f"{info['describe'][0].upper() + info['describe'][1:]}. Seed {args.seed}"
         + (f", search budget {args.search_budget}" if args.search_budget else "")
-        + (f", margin {args.margin:g}" if args.margin is not None else "") + ".",
+        + (f", margin {args.margin:g}" if args.margin is not None else "")
+        + (f", {args.eval_samples} samples per search evaluation" if args.eval_samples else "") + ".",
         "",
     ]
     metric_heads = [h for h, _, _ in task.metrics]

@@ -211,8 +211,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
              cores: int | None = None, input_shapes=None, levels=None, exclude=None, include=None,
              min_weights: int = graph.DEFAULT_MIN_WEIGHTS, latency_table=None, cache_dir=None,
              use_cache: bool = True, strategy: str = "spdy", data=None, samples: int | None = None,
-             reconstruct: str = "obs", loss: str = "auto", search_budget=None, seed: int = 0,
-             max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = False,
+             reconstruct: str = "obs", loss: str = "auto", search_budget=None, eval_samples: int | None = None,
+             seed: int = 0, max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = False,
              correct_epochs: int = DEFAULT_CORRECT_EPOCHS, correct_budget=None, progress: bool = True,
              runtime_options: dict | None = None) -> dict:
     """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report."""
@@ -231,6 +231,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
         raise SpdyError(f"margin must be between -0.5 and 0.5, got {margin}")
     if max_attempts < 1:
         raise SpdyError(f"max attempts must be >= 1, got {max_attempts}")
+    if eval_samples is not None and eval_samples < 1:
+        raise SpdyError(f"--eval-samples must be >= 1, got {eval_samples}")
     if correct_epochs < 0:
         raise SpdyError(f"correction epochs must be >= 0, got {correct_epochs}")
     correct_seconds = parse_seconds(correct_budget, what="--correct-budget")
@@ -242,8 +244,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
         return _optimize(prep, target=target, output=output, report_path=report_path, levels=levels,
                          latency_table_path=latency_table, cache_dir=cache_dir, use_cache=use_cache,
                          strategy=strategy, data=data, samples=samples, reconstruct=reconstruct, loss=loss,
-                         search_budget=search_budget, seed=seed, max_attempts=max_attempts,
-                         margin=margin, refit=refit, correct_epochs=correct_epochs,
+                         search_budget=search_budget, eval_samples=eval_samples, seed=seed,
+                         max_attempts=max_attempts, margin=margin, refit=refit, correct_epochs=correct_epochs,
                          correct_seconds=correct_seconds, progress=progress,
                          t_start=t_start)
     finally:
@@ -251,7 +253,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
 
 
 def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_table_path, cache_dir, use_cache,
-              strategy, data, samples, reconstruct, loss, search_budget, seed, max_attempts, margin, refit,
+              strategy, data, samples, reconstruct, loss, search_budget, eval_samples, seed, max_attempts, margin, refit,
               correct_epochs, correct_seconds, progress, t_start) -> dict:
     from spdy_onnx import strategies  # the accuracy side: calibration, database, search
 
@@ -267,16 +269,16 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     names = [s.name for s in sites]
     times = table.matrix(names)
     max_speedup = table.max_speedup(names)
-    if max_speedup < target:
-        raise InfeasibleTarget(target, max_speedup)
+    if max_speedup < target * (1 + margin):
+        raise InfeasibleTarget(target, max_speedup, margin=margin)
     log.info("%d sites to choose for, %d left dense; largest achievable speedup %.3fx",
              len(sites), len(prep.excluded), max_speedup)
 
     t0 = time.perf_counter()
     chooser = strategies.make_chooser(
         strategy, prep=prep, sites=sites, table=table, data=data, samples=samples, reconstruct=reconstruct,
-        loss=loss, search_budget=search_budget, seed=seed, cache_dir=cache_dir, progress=progress,
-        refit=refit, correct_epochs=correct_epochs, correct_seconds=correct_seconds)
+        loss=loss, search_budget=search_budget, eval_samples=eval_samples, seed=seed, cache_dir=cache_dir,
+        progress=progress, refit=refit, correct_epochs=correct_epochs, correct_seconds=correct_seconds)
     phases["calibration_s"] = time.perf_counter() - t0
 
     attempts = []
@@ -407,7 +409,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     elif last_miss is not None:
         final = last_miss
     if final is None:
-        raise InfeasibleTarget(target, max_speedup)
+        raise InfeasibleTarget(target, max_speedup, margin=margin)
     profile, predicted, pruned, comparison = final
     if pruned is None:
         pruned = write_weights(prep.model, chooser.weights(profile))
@@ -430,7 +432,12 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     write_json_atomic(report_path, rep)
     rep["report_path"] = str(report_path)
     if status == "missed":
-        raise TargetMissed(target, measured, len(attempts))
+        measured_all = [a["measured_speedup"] for a in attempts if a.get("measured_speedup") is not None]
+        fastest = [a for a in attempts if a.get("measured_speedup") is not None
+                   and a["aimed_speedup"] >= max_speedup * 0.999]
+        raise TargetMissed(target, measured, len(attempts), best=max(measured_all, default=measured),
+                           fastest=(fastest[-1]["predicted_speedup"], max(a["measured_speedup"] for a in fastest))
+                           if fastest else None, batch_size=prep.batch_size)
     return rep
 
 

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-budget", default=None,
                    help="SPDY search budget: a number of evaluations (600) or a time (5m, 90s); "
                         "default: the paper's schedule, stopped after 40 s")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help="calibration samples each search candidate is scored on, the same ones for every "
+                        "candidate (default: 16; at least one batch). More samples give a less noisy loss "
+                        "and fewer evaluations in the same time")
     p.add_argument("--refit", action="store_true",
                    help="after choosing the profile, re-fit kept weights site by site against the pruned "
                         "model's own inputs (a closed-form correction, site by site; with --data). Off by default: "
@@ -173,7 +177,7 @@ def _run(args) -> int:
                 exclude=args.exclude, include=args.include, min_weights=args.min_weights,
                 latency_table=args.latency_table, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                 strategy=args.strategy, data=args.data, samples=args.samples, reconstruct=args.reconstruct,
-                loss=args.loss, search_budget=args.search_budget, seed=args.seed,
+                loss=args.loss, search_budget=args.search_budget, eval_samples=args.eval_samples, seed=args.seed,
                 max_attempts=args.max_attempts, margin=args.margin, refit=args.refit,
                 correct_epochs=args.correct_epochs, correct_budget=args.correct_budget, progress=progress,
                 runtime_options={"repeats": args.repeats})

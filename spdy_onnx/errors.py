@@ -6,20 +6,34 @@ class SpdyError(Exception):
 
 
 class InfeasibleTarget(SpdyError):
-    def __init__(self, target: float, max_speedup: float):
+    def __init__(self, target: float, max_speedup: float, *, margin: float = 0.0):
         self.target = target
         self.max_speedup = max_speedup
-        super().__init__(
-            f"target {target:g}x is infeasible on this engine: the largest achievable speedup is "
-            f"{max_speedup:.3f}x (with every prunable site at its fastest measured level)"
-        )
+        text = (f"target {target:g}x is infeasible on this engine: the largest achievable speedup is "
+                f"{max_speedup:.3f}x (with every prunable site at its fastest measured level)")
+        if target <= max_speedup < target * (1 + margin):
+            # reachable on paper, but not with the safety margin the measurement must clear
+            text += (f", under the {target * (1 + margin):.3f}x that target x (1 + margin {margin:g}) requires; "
+                     "lower the target, or --margin 0 to accept no safety margin")
+        super().__init__(text)
 
 
 class TargetMissed(SpdyError):
-    def __init__(self, target: float, measured: float, attempts: int):
+    def __init__(self, target: float, measured: float, attempts: int, *, best: float | None = None,
+                 fastest: tuple[float, float] | None = None, batch_size: int | None = None):
+        """`best`: the highest speedup measured; `fastest`: (predicted, measured) of the fastest profile the
+        latency table allows, when it was tried: then the engine, not the search, is the limit."""
         self.target = target
         self.measured = measured
-        super().__init__(
-            f"measured speedup {measured:.3f}x missed the target {target:g}x after {attempts} "
-            f"attempt(s); no model was written (see the report for every attempt)"
-        )
+        self.best = measured if best is None else best
+        text = f"measured speedup {measured:.3f}x missed the target {target:g}x after {attempts} attempt(s)"
+        if best is not None and best > measured + 5e-4:
+            text += f" (best {best:.3f}x)"
+        if fastest is not None:
+            at = f" at batch {batch_size}" if batch_size else ""
+            text += (f"; the fastest profile the latency table allows (predicted {fastest[0]:.2f}x) measured "
+                     f"{fastest[1]:.3f}x end to end, so this engine does not reach {target:g}x on this "
+                     f"model{at}: ask for at most about {self.best:.2f}x")
+            if batch_size == 1:
+                text += ", or try a larger --batch-size if you deploy one (sparse kernels pay more there)"
+        super().__init__(text + "; no model was written (see the report for every attempt)")

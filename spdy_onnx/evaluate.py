@@ -94,7 +94,8 @@ class Evaluator:
         # padded token feeds run cut to their real length on verified short copies (spdy_onnx.shorten)
         self.sessions = {None: self.session}
         self._graphs = {None: m}
-        feeds = list(calibrate.batches(data, self.batch_size, limit=eval_samples))
+        # at least one batch; every candidate is scored on these same samples (paired comparisons)
+        feeds = list(calibrate.batches(data, self.batch_size, limit=max(int(eval_samples), self.batch_size)))
         self._buckets = shorten.LengthBuckets(m, feeds[0])
         self.feeds = [self._cut(f, dense) for f in feeds]
         self.reference = [self._run(f, dense) for f in self.feeds]

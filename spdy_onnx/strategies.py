@@ -144,11 +144,11 @@ class GlobalMagnitude(Chooser):
 
 
 def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
-                 cache_dir, progress, refit: bool = False, correct_epochs: int = 0,
+                 cache_dir, progress, eval_samples: int | None = None, refit: bool = False, correct_epochs: int = 0,
                  correct_seconds: float | None = None) -> Chooser:
     chooser = _make_chooser(strategy, prep=prep, sites=sites, table=table, data=data, samples=samples,
                             reconstruct=reconstruct, loss=loss, search_budget=search_budget, seed=seed,
-                            cache_dir=cache_dir, progress=progress)
+                            cache_dir=cache_dir, progress=progress, eval_samples=eval_samples)
     if refit and chooser.evaluator is not None:
         from spdy_onnx.refit import sequential_refit
         dense = {s.weight: chooser.database.weight(s.name, 0) for s in sites}
@@ -171,7 +171,7 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
 
 
 def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
-                  cache_dir, progress) -> Chooser:
+                  cache_dir, progress, eval_samples=None) -> Chooser:
     from spdy_onnx.database import MagnitudeDatabase
 
     levels = list(table.levels)
@@ -201,15 +201,17 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
     from spdy_onnx.reconstruct import build_database
 
     calib = calibrate.load_data(data, prep.specs, samples=samples)
+    eval_samples = evaluate.DEFAULT_EVAL_SAMPLES if eval_samples is None else int(eval_samples)
     feeds = calibrate.timing_batch(calib, prep.specs)
     database = build_database(prep, sites, sources, levels, calib, method=reconstruct,
                                  pattern=table.pattern, cache_dir=cache_dir, progress=progress)
     from spdy_onnx import cache
     memo = cache.cache_key(model=prep.digest, sites=[s.name for s in sites], levels=levels, loss=loss,
                            database=getattr(database, "folder", type(database).__name__), pattern=table.pattern,
-                           data=calibrate.data_digest(calib), samples=evaluate.DEFAULT_EVAL_SAMPLES, version=2)
+                           data=calibrate.data_digest(calib), samples=eval_samples, version=2)
     journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
-    evaluator = evaluate.Evaluator(prep.calibration_model, sites, database, calib, loss=loss, specs=prep.specs, journal=journal)
+    evaluator = evaluate.Evaluator(prep.calibration_model, sites, database, calib, loss=loss, specs=prep.specs,
+                                   eval_samples=eval_samples, journal=journal)
     common = dict(sites=sites, levels=levels, database=database, evaluator=evaluator, feeds=feeds)
     if strategy == "uniform":
         return Uniform(**common)

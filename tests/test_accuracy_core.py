@@ -158,6 +158,30 @@ def test_evaluator_single_session_and_losses(tmp_path):
     assert ev.evaluations == 4  # memoised
 
 
+
+@pytest.mark.parametrize("eval_samples,batch,expected_feeds", [(8, 1, 8), (3, 2, 1), (1, 4, 1), (12, 4, 3)])
+def test_evaluator_scores_the_requested_samples(tmp_path, eval_samples, batch, expected_feeds):
+    """--eval-samples sets how many calibration samples a candidate is scored on (at least one batch),
+    and the loss is the mean over exactly those samples."""
+    model, path, _ = _mlp_and_data(tmp_path)
+    model = tiny.mlp(width=32, depth=3, seq=4, batch=batch)
+    specs = {"x": ((batch, 4, 32), np.dtype(np.float32))}
+    data = calibrate.load_data(path, specs)
+    sites, _ = graph.find_sites(model)
+    db = MagnitudeDatabase(sites, graph.read_weights(model, sites), [0.0, 0.5, 0.9])
+    ev = Evaluator(model, sites, db, data, loss="mse", specs=specs, eval_samples=eval_samples)
+    assert len(ev.feeds) == expected_feeds
+    n = expected_feeds * batch
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    from spdy_onnx.passes.prune import write_weights
+    pruned = write_weights(pruned, {s.weight: db.weight(s.name, 2) for s in sites})
+    psess = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+    losses = [normalised_mse(sess.run(None, {"x": data["x"][i:i + batch]})[0],
+                             psess.run(None, {"x": data["x"][i:i + batch]})[0]) for i in range(0, n, batch)]
+    assert ev.loss([2, 2, 2]) == pytest.approx(float(np.mean(losses)), rel=1e-5)
+
 def test_losses():
     ref = np.random.default_rng(0).standard_normal((4, 10))
     assert kl_divergence(ref, ref) == pytest.approx(0.0, abs=1e-12)

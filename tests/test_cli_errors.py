@@ -139,3 +139,10 @@ def test_bad_latency_table(tmp_path, capsys, mlp_path):
     t.write_text("{not json")
     expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--runtime", "table",
                  "--latency-table", str(t), match="latency table")
+
+
+@pytest.mark.parametrize("flag,value,match", [("--eval-samples", "0", "--eval-samples must be >= 1"),
+                                              ("--margin", "0.7", "margin must be between"),
+                                              ("--max-attempts", "0", "max attempts must be >= 1")])
+def test_bad_numeric_options(tmp_path, capsys, mlp_path, flag, value, match):
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", flag, value, match=match)

@@ -122,10 +122,16 @@ def test_missed_target_fails_and_writes_no_model(scripted, model_path, tmp_path,
                  "--cache-dir", str(tmp_path / "c"), "--max-attempts", "3"])
     assert code == EXIT_MISSED
     assert not out.exists()
-    assert "missed the target" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missed the target" in err
     rep = json.loads((tmp_path / "o.report.json").read_text())
     assert rep["status"] == "missed" and rep["output"] is None
     assert all(a["measured_speedup"] < 2.0 for a in rep["attempts"])
+    # the fastest profile the table allows was measured: the message says the engine is the limit, and
+    # what it did reach
+    assert max(a["aimed_speedup"] for a in rep["attempts"]) >= rep["max_achievable_speedup"] * 0.999
+    best = max(a["measured_speedup"] for a in rep["attempts"])
+    assert "fastest profile the latency table allows" in err and f"at most about {best:.2f}x" in err
     with pytest.raises(TargetMissed):
         api.optimize(model_path, target=2.0, runtime="scripted", output=out, cache_dir=tmp_path / "c",
                      progress=False, max_attempts=2)
@@ -136,8 +142,10 @@ def test_margin_is_honoured(scripted, model_path, tmp_path):
     kw = dict(runtime="scripted", cache_dir=tmp_path / "c", progress=False, max_attempts=1)
     rep = api.optimize(model_path, target=2.0, output=tmp_path / "o.onnx", margin=-0.05, **kw)
     assert rep["status"] == "met" and 1.9 <= rep["measured_speedup"] < 2.0
-    with pytest.raises(TargetMissed):  # the same measurement without the margin is a miss
+    with pytest.raises(TargetMissed) as missed:  # the same measurement without the margin is a miss
         api.optimize(model_path, target=2.0, output=tmp_path / "p.onnx", margin=0.0, **kw)
+    # one attempt, far below the table's fastest profile: the engine's limit is not known, so not claimed
+    assert "fastest profile" not in str(missed.value)
 
 
 def test_noisy_measurements_are_flagged_in_the_report(scripted, model_path, tmp_path, monkeypatch):
@@ -183,3 +191,17 @@ def test_the_aim_search_stops_once_a_miss_and_a_hit_are_closer_than_the_noise(sc
     assert hit["aimed_speedup"] <= last_miss * (1 + api.AIM_RESOLUTION)   # it stopped because of the rule
     assert len(attempts) < 8
     assert rep["status"] == "met" and rep["measured_speedup"] == hit["measured_speedup"] >= required
+
+
+def test_a_target_reachable_only_without_the_margin_is_refused_up_front(scripted, model_path, tmp_path):
+    """The table allows 3.25x at most: 3.2x is reachable on paper but not with the 2% margin the
+    measurement must clear, so the tool says so before any calibration or measurement; --margin 0 runs."""
+    from spdy_onnx.errors import InfeasibleTarget
+    scripted.efficiency = 1.0
+    kw = dict(runtime="scripted", cache_dir=tmp_path / "c", progress=False)
+    with pytest.raises(InfeasibleTarget) as refused:
+        api.optimize(model_path, target=3.2, output=tmp_path / "o.onnx", **kw)
+    assert "3.250x" in str(refused.value) and "margin" in str(refused.value)
+    assert scripted.calls == [] and not (tmp_path / "o.onnx").exists()
+    rep = api.optimize(model_path, target=3.2, output=tmp_path / "o.onnx", margin=0.0, **kw)
+    assert rep["status"] == "met" and rep["measured_speedup"] >= 3.2
