@@ -91,6 +91,7 @@ PARAMS = {
     "Reshape": {1}, "Slice": {1, 2, 3, 4}, "Unsqueeze": {1}, "Squeeze": {1}, "Expand": {1}, "Tile": {1},
     "ConstantOfShape": {0}, "ReduceMean": {1}, "ReduceSum": {1}, "ReduceMax": {1}, "ReduceMin": {1},
     "ReduceProd": {1}, "Pad": {1, 2}, "Split": {1}, "Clip": {1, 2}, "Range": {0, 1, 2},
+    "CumSum": {1}, "Trilu": {1}, "Resize": {1, 2, 3},
 }
 
 
@@ -466,6 +467,100 @@ def _fused_bias_gelu(ctx, a, x):
     return [F.gelu(x)]
 
 
+def _str(a, key, default):
+    v = a.get(key, default)
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _mod(ctx, a, x, y):
+    return [torch.fmod(x, y) if int(a.get("fmod", 0)) else torch.remainder(x, y)]
+
+
+def _prelu(ctx, a, x, slope):
+    return [torch.where(x < 0, x * slope.to(x.dtype), x)]
+
+
+def _instance_norm(ctx, a, x, scale, bias):
+    return [F.instance_norm(x, weight=scale, bias=bias, eps=float(a.get("epsilon", 1e-5)))]
+
+
+def _conv_transpose(ctx, a, x, w, b=None):
+    nd = x.dim() - 2
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}.get(nd)
+    if fn is None:
+        raise Unsupported(f"ConvTranspose over {nd} spatial dims is not supported by the GPU executor")
+    if "output_shape" in a or _str(a, "auto_pad", "NOTSET") != "NOTSET":
+        raise Unsupported("ConvTranspose with output_shape or auto_pad is not supported by the GPU executor")
+    strides = list(a.get("strides", [1] * nd))
+    dil = list(a.get("dilations", [1] * nd))
+    out_pad = list(a.get("output_padding", [0] * nd))
+    pads = list(a.get("pads", [0] * (2 * nd)))
+    y = fn(x, w, b, strides, 0, out_pad, int(a.get("group", 1)), dil)
+    # ONNX pads crop the full output, begin and end separately
+    index = [slice(None), slice(None)] + [slice(pads[i], y.shape[2 + i] - pads[nd + i]) for i in range(nd)]
+    return [y[tuple(index)]]
+
+
+def _arg(fn):
+    def op(ctx, a, x):
+        if int(a.get("select_last_index", 0)):
+            raise Unsupported("ArgMax/ArgMin with select_last_index is not supported by the GPU executor")
+        return [fn(x, dim=int(a.get("axis", 0)), keepdim=bool(a.get("keepdims", 1)))]
+    return op
+
+
+def _cumsum(ctx, a, x, axis):
+    dim = int(axis.reshape(-1)[0]) % x.dim()
+    if int(a.get("reverse", 0)):
+        x = x.flip(dim)
+    y = torch.cumsum(x, dim)
+    if int(a.get("exclusive", 0)):
+        y = y - x
+    return [y.flip(dim) if int(a.get("reverse", 0)) else y]
+
+
+def _trilu(ctx, a, x, k=None):
+    diag = int(k.reshape(-1)[0]) if k is not None and k.numel() else 0
+    return [torch.triu(x, diag) if int(a.get("upper", 1)) else torch.tril(x, diag)]
+
+
+def _einsum(ctx, a, *xs):
+    return [torch.einsum(_str(a, "equation", ""), *xs)]
+
+
+def _gather_elements(ctx, a, x, idx):
+    axis = int(a.get("axis", 0)) % x.dim()
+    idx = idx.to(device=x.device, dtype=torch.int64)
+    return [torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))]
+
+
+def _resize(ctx, a, x, roi=None, scales=None, sizes=None):
+    """Spatial Resize as the exporters write it: nearest (asymmetric, floor) or (bi)linear."""
+    mode = _str(a, "mode", "nearest")
+    coord = _str(a, "coordinate_transformation_mode", "half_pixel")
+    nd = x.dim() - 2
+    if sizes is not None and sizes.numel():
+        out = _ints(sizes)
+        if out[:2] != list(x.shape[:2]):
+            raise Unsupported("Resize of the batch or channel axis is not supported by the GPU executor")
+        kw = {"size": out[2:]}
+    elif scales is not None and scales.numel():
+        sc = [float(v) for v in scales.reshape(-1).tolist()]
+        if sc[:2] != [1.0, 1.0]:
+            raise Unsupported("Resize of the batch or channel axis is not supported by the GPU executor")
+        kw = {"size": [int(math.floor(n * f)) for n, f in zip(x.shape[2:], sc[2:])]}
+    else:
+        raise Unsupported("Resize without scales or sizes is not supported by the GPU executor")
+    if mode == "nearest":
+        if coord != "asymmetric" or _str(a, "nearest_mode", "round_prefer_floor") != "floor":
+            raise Unsupported(f"nearest Resize with {coord} coordinates is not supported by the GPU executor")
+        return [F.interpolate(x, mode="nearest", **kw)]
+    if mode == "linear" and coord in ("half_pixel", "pytorch_half_pixel", "align_corners") and nd in (1, 2, 3):
+        tmode = {1: "linear", 2: "bilinear", 3: "trilinear"}[nd]
+        return [F.interpolate(x, mode=tmode, align_corners=coord == "align_corners", **kw)]
+    raise Unsupported(f"Resize mode {mode} with {coord} coordinates is not supported by the GPU executor")
+
+
 OPS = {
     "Identity": lambda ctx, a, x: [x],
     "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _div,
@@ -496,6 +591,13 @@ OPS = {
     "Or": _binary(torch.logical_or), "Xor": _binary(torch.logical_xor),
     "Min": _variadic(torch.minimum), "Max": _variadic(torch.maximum), "Sum": _variadic(torch.add),
     "Split": _split, "Range": _range, "Tile": _tile, "Pad": _pad, "Dropout": _dropout,
+    "Mod": _mod, "Sign": lambda ctx, a, x: [torch.sign(x)], "Sin": lambda ctx, a, x: [torch.sin(x)],
+    "Cos": lambda ctx, a, x: [torch.cos(x)], "Softplus": lambda ctx, a, x: [F.softplus(x)],
+    "Softsign": lambda ctx, a, x: [F.softsign(x)], "Selu": lambda ctx, a, x: [torch.selu(x)],
+    "Mish": lambda ctx, a, x: [F.mish(x)], "PRelu": _prelu, "InstanceNormalization": _instance_norm,
+    "ConvTranspose": _conv_transpose, "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin),
+    "CumSum": _cumsum, "Trilu": _trilu, "Einsum": _einsum, "GatherElements": _gather_elements,
+    "Resize": _resize,
     "spdy.Gelu": _fused_bias_gelu,
 }
 

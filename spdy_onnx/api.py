@@ -32,6 +32,12 @@ SURPLUS = 0.06                # a hit beyond required x (1 + SURPLUS) is re-solv
 # run-to-run noise (BERT-base size, 1 core: aims 2.45x-2.53x measured 1.97x-2.18x in one run), so once a
 # miss and a hit are this close the hit is kept instead of bisecting between them.
 AIM_RESOLUTION = 0.03
+# When the table's largest speedup is under this multiple of the requirement, the fastest profile it allows
+# is measured end to end before any calibration: on conv nets at batch 1 the table can be off by 2x
+# (a ResNet-style net: 2.17x predicted, 1.01x measured), and a target the engine cannot reach should fail
+# in a minute, not after the database and the search. The result is cached with the table.
+FASTEST_CHECK_RATIO = 2.0
+FASTEST_SLACK = 0.03          # refuse only when even a run this much luckier would miss the requirement
 STRATEGIES = ("spdy", "uniform", "global-magnitude", "dp-loss", "magnitude-dp")
 
 
@@ -163,6 +169,46 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     return table
 
 
+def fastest_profile_speedup(prep: Prepared, table: LatencyTable, sites, *, cache_dir=None,
+                            use_cache: bool = True) -> float | None:
+    """The end-to-end speedup of the fastest profile the table allows (every site at its fastest level,
+    magnitude weights: the zeros, not their values, set the kernels), or None where the engine cannot
+    run here. Cached per table, model, batch and engine."""
+    from spdy_onnx.database import MagnitudeDatabase, SemiStructuredDatabase
+
+    names = [s.name for s in sites]
+    picks = table.matrix(names).argmin(axis=1)
+    key = cache.cache_key(model=prep.digest, engine=prep.runtime.fingerprint(), batch=prep.batch_size,
+                          table=[table.levels, table.dense_total_ms, table.times], picks=[int(j) for j in picks],
+                          kind="fastest-profile")
+    path = Path(cache_dir or cache.default_cache_dir()) / "fastest" / f"{key}.json"
+    if use_cache:
+        hit = cache.load_cached(path, _read_fastest)
+        if hit is not None:
+            log.info("fastest profile: %.3fx end to end (cached)", hit)
+            return hit
+    database_cls = SemiStructuredDatabase if table.pattern == "2:4" else MagnitudeDatabase
+    database = database_cls(sites, graph.read_weights(prep.model, sites), list(table.levels))
+    weights = {s.weight: database.weight(s.name, int(j)) for s, j in zip(sites, picks)}
+    candidate = prep.static_copy(write_weights(prep.model, weights), "fastest")
+    comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
+                                      feeds=modelio.example_inputs(prep.specs))
+    if comparison is None:
+        return None
+    log.info("fastest profile the table allows: predicted %.3fx, measured %.3fx end to end",
+             table.max_speedup(names), comparison.speedup)
+    write_json_atomic(path, {"speedup": comparison.speedup, "predicted": table.max_speedup(names)})
+    return comparison.speedup
+
+
+def _read_fastest(path: Path) -> float:
+    import json
+    value = float(json.loads(Path(path).read_text())["speedup"])
+    if not value > 0:
+        raise ValueError("not a positive speedup")
+    return value
+
+
 STALE_TABLE = 0.05    # a cached table whose dense total is this far from a fresh run is measured again
 
 
@@ -273,6 +319,13 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         raise InfeasibleTarget(target, max_speedup, margin=margin)
     log.info("%d sites to choose for, %d left dense; largest achievable speedup %.3fx",
              len(sites), len(prep.excluded), max_speedup)
+    fastest = None
+    if max_speedup < FASTEST_CHECK_RATIO * target * (1 + margin):
+        t0 = time.perf_counter()
+        fastest = fastest_profile_speedup(prep, table, sites, cache_dir=cache_dir, use_cache=use_cache)
+        phases["fastest_check_s"] = time.perf_counter() - t0
+        if fastest is not None and fastest * (1 + FASTEST_SLACK) < target * (1 + margin):
+            raise InfeasibleTarget(target, max_speedup, margin=margin, measured=fastest)
 
     t0 = time.perf_counter()
     chooser = strategies.make_chooser(
@@ -427,17 +480,24 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                 "strategy": strategy, "pattern": table.pattern,
                 "profile": {n: table.levels[j] for n, j in profile.items()}}
         modelio.save_model_atomic(set_metadata(pruned, meta), output)
+    if fastest is not None:
+        rep["fastest_profile_measured_speedup"] = fastest
     rep["warnings"] = _noise_warnings(table, comparison)
     rep["seconds_total"] = time.perf_counter() - t_start
     write_json_atomic(report_path, rep)
     rep["report_path"] = str(report_path)
     if status == "missed":
         measured_all = [a["measured_speedup"] for a in attempts if a.get("measured_speedup") is not None]
-        fastest = [a for a in attempts if a.get("measured_speedup") is not None
-                   and a["aimed_speedup"] >= max_speedup * 0.999]
+        fastest_tried = [a for a in attempts if a.get("measured_speedup") is not None
+                         and a["aimed_speedup"] >= max_speedup * 0.999]
+        if fastest_tried:
+            fastest_seen = (fastest_tried[-1]["predicted_speedup"], max(a["measured_speedup"] for a in fastest_tried))
+        else:   # the up-front check measured it, when it ran
+            fastest_seen = (max_speedup, fastest) if fastest is not None else None
+        if fastest_seen is not None and fastest_seen[1] >= required:
+            fastest_seen = None   # the engine can go faster than required: the search, not the engine, missed
         raise TargetMissed(target, measured, len(attempts), best=max(measured_all, default=measured),
-                           fastest=(fastest[-1]["predicted_speedup"], max(a["measured_speedup"] for a in fastest))
-                           if fastest else None, batch_size=prep.batch_size)
+                           fastest=fastest_seen, batch_size=prep.batch_size)
     return rep
 
 

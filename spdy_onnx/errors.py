@@ -6,12 +6,25 @@ class SpdyError(Exception):
 
 
 class InfeasibleTarget(SpdyError):
-    def __init__(self, target: float, max_speedup: float, *, margin: float = 0.0):
+    def __init__(self, target: float, max_speedup: float, *, margin: float = 0.0, measured: float | None = None):
+        """`measured`: the end-to-end speedup of that fastest profile, when it was measured."""
         self.target = target
         self.max_speedup = max_speedup
-        text = (f"target {target:g}x is infeasible on this engine: the largest achievable speedup is "
-                f"{max_speedup:.3f}x (with every prunable site at its fastest measured level)")
-        if target <= max_speedup < target * (1 + margin):
+        self.measured = measured
+        if measured is not None:
+            text = (f"target {target:g}x is infeasible on this engine: the fastest profile the latency table "
+                    f"allows (every prunable site at its fastest level, predicted {max_speedup:.2f}x) measured "
+                    f"{measured:.3f}x end to end; ")
+            if measured > 1.01:
+                text += (f"ask for at most about {measured:.2f}x"
+                         + (f" (with the {margin:g} margin, {measured / (1 + margin):.2f}x)" if margin > 0 else ""))
+            else:
+                text += "pruning does not make this model faster on this engine at this batch size"
+            text += ", or try a larger --batch-size if you deploy one (sparse kernels pay more there)"
+        else:
+            text = (f"target {target:g}x is infeasible on this engine: the largest achievable speedup is "
+                    f"{max_speedup:.3f}x (with every prunable site at its fastest measured level)")
+        if measured is None and target <= max_speedup < target * (1 + margin):
             # reachable on paper, but not with the safety margin the measurement must clear
             text += (f", under the {target * (1 + margin):.3f}x that target x (1 + margin {margin:g}) requires; "
                      "lower the target, or --margin 0 to accept no safety margin")
@@ -33,7 +46,7 @@ class TargetMissed(SpdyError):
             at = f" at batch {batch_size}" if batch_size else ""
             text += (f"; the fastest profile the latency table allows (predicted {fastest[0]:.2f}x) measured "
                      f"{fastest[1]:.3f}x end to end, so this engine does not reach {target:g}x on this "
-                     f"model{at}: ask for at most about {self.best:.2f}x")
+                     f"model{at}: ask for at most about {max(self.best, fastest[1]):.2f}x")
             if batch_size == 1:
                 text += ", or try a larger --batch-size if you deploy one (sparse kernels pay more there)"
         super().__init__(text + "; no model was written (see the report for every attempt)")

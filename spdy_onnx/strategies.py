@@ -62,8 +62,16 @@ class Chooser:
                 final = self.refit(final)
             summary = None
             if self.correction is not None:
-                tuned, summary = self.correction(final)
-                final = {**final, **tuned}
+                from spdy_onnx.correct import CorrectionUnsupported
+                try:
+                    tuned, summary = self.correction(final)
+                    final = {**final, **tuned}
+                except CorrectionUnsupported as exc:
+                    # an optional refinement: the measured draft weights are still a valid result
+                    log.warning("%s; the global correction is skipped and the reconstructed weights are "
+                                "written as they are (lower accuracy)", exc)
+                    self.correction = None
+                    self.info["global_correction_skipped"] = str(exc)
             self._final = (key, final, summary)
         self.correction_summary = self._final[2]
         return self._final[1]

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "models"))
 import tiny  # noqa: E402
 
 from spdy_onnx import api, graph, modelio  # noqa: E402
-from spdy_onnx.errors import TargetMissed  # noqa: E402
+from spdy_onnx.errors import InfeasibleTarget, TargetMissed  # noqa: E402
 from spdy_onnx.passes.prune import write_weights  # noqa: E402
 from spdy_onnx.passes.semi_structured import eligible, prune_2_4, satisfies_2_4  # noqa: E402
 
@@ -132,7 +132,7 @@ def test_optimize_on_gpu_reports_a_measurement(tmp_path):
     try:
         rep = api.optimize(path, target=target, runtime="cuda-2:4", batch_size=8, latency_table=table_path,
                            output=out, progress=False, max_attempts=2)
-    except TargetMissed as exc:
+    except (TargetMissed, InfeasibleTarget) as exc:   # the fastest profile or a draft measured short
         assert exc.measured is not None
         return
     assert rep["status"] == "met" and rep["measured_speedup"] >= target

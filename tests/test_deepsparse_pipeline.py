@@ -32,7 +32,7 @@ def test_optimize_writes_valid_model_with_measured_speedup(mlp_path, tmp_path, c
     try:
         rep = api.optimize(mlp_path, target="1.5x", output=out, cache_dir=cache_dir, max_attempts=4,
                            margin=-0.05, **FAST)
-    except TargetMissed as exc:  # a busy machine can do this; then nothing may be written
+    except (TargetMissed, InfeasibleTarget) as exc:  # a busy machine can do this; then nothing may be written
         assert not out.exists() and exc.measured < 1.5 * 0.95
         pytest.skip(f"machine too noisy to meet the target here: {exc}")
     assert mlp_path.read_bytes() == before                      # input untouched

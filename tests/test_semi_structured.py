@@ -499,8 +499,9 @@ def test_cuda_runtime_dry_run_on_cpu(tmp_path):
         rep = api.optimize(src, target=1.2, runtime="cuda-2:4", batch_size=2, latency_table=tmp_path / "synth.json",
                            output=out, progress=False, max_attempts=1, min_weights=0, runtime_options=opts)
     except Exception as exc:  # a missed target on a noisy CPU is fine; the measurement must be there
-        from spdy_onnx.errors import TargetMissed
-        assert isinstance(exc, TargetMissed) and exc.measured is not None
+        from spdy_onnx.errors import InfeasibleTarget, TargetMissed
+        # the CPU ran the table's fastest profile up front, or the profiles of the aim search
+        assert isinstance(exc, (TargetMissed, InfeasibleTarget)) and exc.measured is not None
         return
     assert rep["status"] == "met" and rep["measurement"]["dry_run"] is True
     assert rep["measurement"]["sparse_sites"] == sum(1 for s in rep["sites"] if s["sparsity"] == 0.5)
