@@ -170,10 +170,11 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
 
 
 def fastest_profile_speedup(prep: Prepared, table: LatencyTable, sites, *, cache_dir=None,
-                            use_cache: bool = True) -> float | None:
+                            use_cache: bool = True, required: float | None = None) -> float | None:
     """The end-to-end speedup of the fastest profile the table allows (every site at its fastest level,
     magnitude weights: the zeros, not their values, set the kernels), or None where the engine cannot
-    run here. Cached per table, model, batch and engine."""
+    run here. A first measurement under `required` is repeated on a fresh compile and the better of the
+    two kept: a refusal must not rest on one unlucky compile. Cached per table, model, batch and engine."""
     from spdy_onnx.database import MagnitudeDatabase, SemiStructuredDatabase
 
     names = [s.name for s in sites]
@@ -191,14 +192,19 @@ def fastest_profile_speedup(prep: Prepared, table: LatencyTable, sites, *, cache
     database = database_cls(sites, graph.read_weights(prep.model, sites), list(table.levels))
     weights = {s.weight: database.weight(s.name, int(j)) for s, j in zip(sites, picks)}
     candidate = prep.static_copy(write_weights(prep.model, weights), "fastest")
-    comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
-                                      feeds=modelio.example_inputs(prep.specs))
-    if comparison is None:
-        return None
-    log.info("fastest profile the table allows: predicted %.3fx, measured %.3fx end to end",
-             table.max_speedup(names), comparison.speedup)
-    write_json_atomic(path, {"speedup": comparison.speedup, "predicted": table.max_speedup(names)})
-    return comparison.speedup
+    speedups = []
+    for _ in range(2):
+        comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
+                                          feeds=modelio.example_inputs(prep.specs))
+        if comparison is None:
+            return None
+        speedups.append(comparison.speedup)
+        if required is None or comparison.speedup >= required:
+            break
+    log.info("fastest profile the table allows: predicted %.3fx, measured %s end to end",
+             table.max_speedup(names), " and ".join(f"{v:.3f}x" for v in speedups))
+    write_json_atomic(path, {"speedup": max(speedups), "measured": speedups, "predicted": table.max_speedup(names)})
+    return max(speedups)
 
 
 def _read_fastest(path: Path) -> float:
@@ -322,7 +328,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     fastest = None
     if max_speedup < FASTEST_CHECK_RATIO * target * (1 + margin):
         t0 = time.perf_counter()
-        fastest = fastest_profile_speedup(prep, table, sites, cache_dir=cache_dir, use_cache=use_cache)
+        fastest = fastest_profile_speedup(prep, table, sites, cache_dir=cache_dir, use_cache=use_cache,
+                                          required=target * (1 + margin) / (1 + FASTEST_SLACK))
         phases["fastest_check_s"] = time.perf_counter() - t0
         if fastest is not None and fastest * (1 + FASTEST_SLACK) < target * (1 + margin):
             raise InfeasibleTarget(target, max_speedup, margin=margin, measured=fastest)
