@@ -24,6 +24,9 @@ class InfeasibleTarget(SpdyError):
         else:
             text = (f"target {target:g}x is infeasible on this engine: the largest achievable speedup is "
                     f"{max_speedup:.3f}x (with every prunable site at its fastest measured level)")
+            if max_speedup <= 1.01:
+                text += ("; no sparsity level runs faster than dense here: at this batch size the pruned "
+                         "layers are too small to pay, try a larger --batch-size if you deploy one")
         if measured is None and target <= max_speedup < target * (1 + margin):
             # reachable on paper, but not with the safety margin the measurement must clear
             text += (f", under the {target * (1 + margin):.3f}x that target x (1 + margin {margin:g}) requires; "

@@ -244,3 +244,19 @@ def test_a_short_first_measurement_of_the_fastest_profile_is_repeated(scripted, 
                        cache_dir=tmp_path / "c", progress=False)
     assert rep["status"] == "met"
     assert rep["fastest_profile_measured_speedup"] == pytest.approx(3.25 * 0.64)
+
+
+def test_a_table_where_no_level_pays_says_so(model_path, tmp_path):
+    """Small layers at batch 1: every sparse level is slower than dense, the largest speedup is 1.0x."""
+    from spdy_onnx import graph
+    from spdy_onnx.errors import InfeasibleTarget
+    sites, _ = graph.find_sites(onnx.load(model_path))
+    table = LatencyTable(levels=LEVELS, times={s.name: [1.0, 1.4, 1.3, 1.2] for s in sites},
+                         dense_total_ms=len(sites) + 0.5, runtime="table", meta={"cores": 1})
+    table.save(tmp_path / "t.json")
+    with pytest.raises(InfeasibleTarget) as refused:
+        api.optimize(model_path, target=1.5, runtime="table", latency_table=tmp_path / "t.json",
+                     output=tmp_path / "o.onnx", progress=False)
+    assert refused.value.max_speedup == pytest.approx(1.0)
+    assert "no sparsity level runs faster than dense" in str(refused.value)
+    assert not (tmp_path / "o.onnx").exists()
