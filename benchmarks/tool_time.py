@@ -26,6 +26,7 @@ def phase_totals(phases: dict) -> list[tuple[str, float]]:
     drafts = sum(v for k, v in phases.items() if k.startswith("benchmark_s_") and k.endswith("_draft"))
     finals = sum(v for k, v in phases.items() if k.startswith("benchmark_s_") and not k.endswith("_draft"))
     return [("latency table (profiling)", phases.get("latency_table_s", 0.0)),
+            ("fastest profile, measured up front", phases.get("fastest_check_s", 0.0)),
             ("Hessians, OBS database, evaluator", phases.get("calibration_s", 0.0)),
             ("search and re-solves", sum(v for k, v in phases.items() if k.startswith("choose_s_"))),
             ("draft measurements", drafts),
