@@ -77,7 +77,8 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     """Tuned copies of `weights` ({initializer: array}, pruned) and of the sites' biases; and a summary.
 
     `model` is the dense model, `data` the calibration samples, `loss` 'mse' (masked to real tokens
-    when the feed has an attention mask) or 'kl'. Returns the weights to write (site weights and bias
+    when the feed has an attention mask) or 'kl', or one of them per compared output joined by '+'
+    (the evaluator's `loss_name`: every floating-point output counts). Returns the weights to write (site weights and bias
     initializers) and {'loss_before', 'loss_after', 'epochs_run', 'best_epoch', 'seconds', ...}.
     """
     import torch
@@ -95,16 +96,18 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     # verified to give the same outputs (spdy_onnx.shorten): one session/executor per length
     dense_session = make_session(model)
     dense_inputs = [i.name for i in dense_session.get_inputs()]
-    dense_output = dense_session.get_outputs()[0].name
+    from spdy_onnx.evaluate import compared_outputs
+    dense_outputs = compared_outputs(dense_session)
+    loss_names = loss.split("+") if len(loss.split("+")) == len(dense_outputs) else [loss] * len(dense_outputs)
     buckets = shorten.LengthBuckets(model, train[0])
     dense_sessions = {None: dense_session}   # length -> session of the dense model's short copy
 
     def full_outputs(feed):
-        return ort_run(dense_session, [dense_output], {k: feed[k] for k in dense_inputs})
+        return ort_run(dense_session, dense_outputs, {k: feed[k] for k in dense_inputs})
 
     def short_outputs(n, short_model, feed):
         dense_sessions[n] = make_session(short_model)
-        return ort_run(dense_sessions[n], [dense_output], {k: feed[k] for k in dense_inputs})
+        return ort_run(dense_sessions[n], dense_outputs, {k: feed[k] for k in dense_inputs})
 
     # (length, feed) items: cut to a verified short length, or (None, the whole feed)
     train = [buckets.cut(f, full_outputs, short_outputs) for f in train]
@@ -169,15 +172,18 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
         return {}, {"skipped": "no site weight can be tuned (all behind Transpose/Cast or shared)"}
 
     def run(item, grad: bool):
+        """The compared outputs of the pruned graph, in the order of `dense_outputs`."""
         n, feed = item
         executor = executors[n]
         with torch.set_grad_enabled(grad):
-            return executor.forward({k: feed[k] for k in executor.input_names})[0]
+            outs = executor.forward({k: feed[k] for k in executor.input_names})
+        by_name = dict(zip(executor.output_names, outs))
+        return [by_name[name] for name in dense_outputs]
 
     def dense_output_of(item):
         n, feed = item
-        return torch.from_numpy(np.array(ort_run(dense_sessions[n], [dense_output], {k: feed[k] for k in dense_inputs})[0],
-                                         dtype=np.float32))
+        refs = ort_run(dense_sessions[n], dense_outputs, {k: feed[k] for k in dense_inputs})
+        return [torch.from_numpy(np.array(r, dtype=np.float32)) for r in refs]
 
     def targets(feeds):
         return [dense_output_of(f) for f in feeds]
@@ -189,14 +195,20 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
             out.append(None if m is None else torch.from_numpy(m))
         return out
 
-    def loss_of(y, ref, mask):
-        if loss == "kl":
+    def one_loss(kind, y, ref, mask):
+        y = y.to(torch.float32)
+        if kind == "kl":
             logp = torch.log_softmax(ref.reshape(ref.shape[0], -1), dim=-1)
             logq = torch.log_softmax(y.reshape(y.shape[0], -1), dim=-1)
             return (logp.exp() * (logp - logq)).sum(-1).mean()
         if mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
             y, ref = y[mask], ref[mask]
         return ((y - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-12)
+
+    def loss_of(ys, refs, mask):
+        """The mean over the compared outputs, as the search's evaluator scores them."""
+        values = [one_loss(kind, y, ref, mask) for kind, y, ref in zip(loss_names, ys, refs)]
+        return values[0] if len(values) == 1 else torch.stack(values).mean()
 
     def train_step(opt, feed, ref, mask):
         value = loss_of(run(feed, True), ref, mask)

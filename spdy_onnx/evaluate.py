@@ -70,6 +70,26 @@ def choose_loss(loss: str, output_shape) -> str:
     return "kl" if len(output_shape) == 2 and output_shape[-1] > 1 else "mse"
 
 
+FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
+
+
+def compared_outputs(session) -> list[str]:
+    """The outputs the loss compares: every floating-point output (a QA model's start and end logits, a
+    detector's scores and boxes), or the first output when none is floating point."""
+    outs = session.get_outputs()
+    names = [o.name for o in outs if o.type in FLOAT_TYPES]
+    return names or [outs[0].name]
+
+
+def combined_loss(loss_names: list[str], refs: list[np.ndarray], outs: list[np.ndarray], mask) -> float:
+    """Mean over the compared outputs of each one's loss (KL or normalised MSE, see choose_loss)."""
+    values = []
+    for name, ref, out in zip(loss_names, refs, outs):
+        fn = kl_divergence if name == "kl" else normalised_mse
+        values.append(fn(*_real_tokens(ref, out, mask)))
+    return float(np.mean(values))
+
+
 def _real_tokens(ref: np.ndarray, out: np.ndarray, mask):
     """Compare only real-token positions of (batch, seq, ...) outputs when the feed has a padding mask."""
     if mask is None or ref.ndim < 3 or ref.shape[:2] != mask.shape:
@@ -87,7 +107,7 @@ class Evaluator:
         m = weights_as_inputs(model, self.weight_names)
         self._graph_with_inputs, self._threads = m, threads
         self.session = make_session(m, threads=threads)
-        self.output = self.session.get_outputs()[0].name
+        self.outputs = compared_outputs(self.session)
         self.batch_size = next(iter(specs.values()))[0][0]
         self.data = data
         dense = {s.weight: database.weight(s.name, 0) for s in sites}
@@ -100,7 +120,8 @@ class Evaluator:
         self.feeds = [self._cut(f, dense) for f in feeds]
         self.reference = [self._run(f, dense) for f in self.feeds]
         self.masks = [calibrate.token_mask(f) for _, f in self.feeds]
-        self.loss_name = choose_loss(loss, self.reference[0].shape)
+        self.loss_names = [choose_loss(loss, ref.shape) for ref in self.reference[0]]
+        self.loss_name = "+".join(self.loss_names)   # one name per compared output, e.g. kl+kl
         self._memo: dict[tuple, float] = {}
         # evaluations of earlier (possibly killed) runs on the same model, data and database
         self.journal = Journal(journal)
@@ -114,18 +135,18 @@ class Evaluator:
     def _cut(self, feed, dense):
         """(length, feed): cut to a verified short length, or (None, the whole feed)."""
         def full_outputs(f):
-            return run(self.session, [self.output], {**f, **dense})
+            return run(self.session, self.outputs, {**f, **dense})
 
         def short_outputs(n, short, f):
             self.sessions[n] = make_session(short, threads=self._threads)
             self._graphs[n] = short
-            return run(self.sessions[n], [self.output], {**f, **dense})
+            return run(self.sessions[n], self.outputs, {**f, **dense})
 
         return self._buckets.cut(feed, full_outputs, short_outputs)
 
     def _run(self, item, weights, sessions=None):
         n, feed = item
-        return run((sessions or self.sessions)[n], [self.output], {**feed, **weights})[0]
+        return run((sessions or self.sessions)[n], self.outputs, {**feed, **weights})
 
     def _weights(self, picks) -> dict:
         out = {}
@@ -140,7 +161,6 @@ class Evaluator:
     def loss_of_weights(self, weights: dict) -> float:
         """The loss of arbitrary weights {initializer: array} (not memoised). Initializers that are not
         site weights (biases a correction tuned) cost one extra session."""
-        fn = kl_divergence if self.loss_name == "kl" else normalised_mse
         inputs = set(self.weight_names)
         extra = {k: v for k, v in weights.items() if k not in inputs}
         sessions = self.sessions
@@ -149,7 +169,7 @@ class Evaluator:
             used = {n for n, _ in self.feeds}
             sessions = {n: make_session(write_weights(self._graphs[n], extra), threads=self._threads) for n in used}
         fed = {k: v for k, v in weights.items() if k in inputs}
-        return float(np.mean([fn(*_real_tokens(ref, self._run(item, fed, sessions), mask))
+        return float(np.mean([combined_loss(self.loss_names, ref, self._run(item, fed, sessions), mask)
                               for item, ref, mask in zip(self.feeds, self.reference, self.masks)]))
 
     def loss(self, picks) -> float:
@@ -157,8 +177,7 @@ class Evaluator:
         if key in self._memo:
             return self._memo[key]
         weights = self._weights(key)
-        fn = kl_divergence if self.loss_name == "kl" else normalised_mse
-        values = [fn(*_real_tokens(ref, self._run(item, weights), mask))
+        values = [combined_loss(self.loss_names, ref, self._run(item, weights), mask)
                   for item, ref, mask in zip(self.feeds, self.reference, self.masks)]
         value = float(np.mean(values))
         self._memo[key] = value

@@ -262,8 +262,8 @@ def test_padding_tokens_are_left_out_of_hessians_and_losses():
     ev = Evaluator(model, sites, db, data, specs=specs)
     assert all(m is not None for m in ev.masks)
     # a loss computed over real tokens only equals the one computed by hand
-    out = [ev._run(f, {"w": db.weight("mm", 1)}) for f in ev.feeds]
-    by_hand = np.mean([normalised_mse(r[m], o[m]) for r, o, m in zip(ev.reference, out, ev.masks)])
+    out = [ev._run(f, {"w": db.weight("mm", 1)})[0] for f in ev.feeds]
+    by_hand = np.mean([normalised_mse(r[0][m], o[m]) for r, o, m in zip(ev.reference, out, ev.masks)])
     assert ev.loss([1]) == pytest.approx(by_hand)
     assert calibrate.token_mask({"x": x[:1]}) is None
 
@@ -286,3 +286,57 @@ def test_levels_swept_together_match_one_at_a_time(monkeypatch):
         np.testing.assert_array_equal(b == 0, f == 0)
         np.testing.assert_allclose(f, obs.best_reconstruction(w, h, chol, dead, s), rtol=1e-4, atol=1e-5)
         assert obs.reconstruction_error(w, f, h) <= obs.reconstruction_error(w, b, h)
+
+
+def _two_head_model():
+    """x -> (x @ wa, x @ wb, argmax(x @ wa)): two float heads and an integer output."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(3)
+    wa = (rng.standard_normal((32, 8)) / 6).astype(np.float32)
+    wb = (rng.standard_normal((32, 16)) / 6).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"], name="head_a"),
+             helper.make_node("MatMul", ["x", "wb"], ["b"], name="head_b"),
+             helper.make_node("ArgMax", ["a"], ["cls"], axis=-1, keepdims=0)]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 32])],
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4, 8]),
+                           helper.make_tensor_value_info("cls", TensorProto.INT64, [1, 4]),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4, 16])],
+                          [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(wb, "wb")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_every_float_output_counts_in_the_loss():
+    """A second head (a QA model's end logits, a detector's boxes) must not be invisible to the search:
+    pruning only the site that feeds it raises the loss, by the mean of the per-output losses."""
+    model = _two_head_model()
+    data = {"x": np.random.default_rng(0).standard_normal((8, 4, 32)).astype(np.float32)}
+    specs = {"x": ((1, 4, 32), np.dtype(np.float32))}
+    sites, _ = graph.find_sites(model)
+    assert [s.name for s in sites] == ["head_a", "head_b"]
+    db = MagnitudeDatabase(sites, graph.read_weights(model, sites), [0.0, 0.5, 0.9])
+    ev = Evaluator(model, sites, db, data, specs=specs, eval_samples=8)
+    assert ev.outputs == ["a", "b"] and ev.loss_name == "mse+mse"     # the integer output is left out
+    assert ev.loss([0, 0]) == pytest.approx(0.0, abs=1e-12)
+    only_b = ev.loss([0, 2])
+    assert only_b > 0
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    wb = db.weight("head_b", 2)
+    by_hand = np.mean([0.5 * (0.0 + normalised_mse(sess.run(["b"], {"x": data["x"][i:i + 1]})[0],
+                                                   data["x"][i:i + 1] @ wb)) for i in range(8)])
+    assert only_b == pytest.approx(by_hand, rel=1e-4)
+
+
+def test_the_correction_tunes_for_every_float_output():
+    pytest.importorskip("torch")
+    from spdy_onnx import correct
+    model = _two_head_model()
+    data = {"x": np.random.default_rng(0).standard_normal((64, 4, 32)).astype(np.float32)}
+    sites, _ = graph.find_sites(model)
+    db = MagnitudeDatabase(sites, graph.read_weights(model, sites), [0.0, 0.5, 0.9])
+    weights = {"wa": db.weight("head_a", 0), "wb": db.weight("head_b", 2)}   # only the second head pruned
+    tuned, summary = correct.global_correction(model, sites, weights, data, loss="mse+mse", batch_size=1,
+                                               epochs=2, max_seconds=None, seed=0)
+    assert summary["loss_before"] > 0 and summary["loss_after"] < summary["loss_before"]
+    assert "wb" in tuned and np.array_equal(tuned["wb"] == 0, weights["wb"] == 0)   # zeros kept
