@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from architectures import ARCHITECTURES  # noqa: E402
 
 
-def run_one(name, onnx_path, data_path, target, cores, workdir: Path) -> dict:
-    row = {"model": name, "what": ARCHITECTURES[name][5], "target": target}
+def run_one(name, onnx_path, data_path, target, cores, workdir: Path, batch_size: int = 1) -> dict:
+    row = {"model": name, "what": ARCHITECTURES[name][5], "target": target, "batch_size": batch_size}
     from spdy_onnx.graph import find_sites, select_sites
     from spdy_onnx.modelio import load_model
     found, unprunable = find_sites(load_model(onnx_path))
@@ -40,7 +40,7 @@ def run_one(name, onnx_path, data_path, target, cores, workdir: Path) -> dict:
     row.update(sites=len(chosen), left_dense=len(excluded) + len(unprunable))
     t0 = time.perf_counter()
     try:
-        rep = api.optimize(onnx_path, target=target, data=str(data_path), cores=cores,
+        rep = api.optimize(onnx_path, target=target, data=str(data_path), cores=cores, batch_size=batch_size,
                            cache_dir=workdir / "cache", output=workdir / f"{name}.onnx", progress=False)
         quality = rep.get("quality", {})
         row.update(status=rep["status"], measured=rep["measured_speedup"], predicted=rep["predicted_speedup"],
@@ -65,7 +65,7 @@ def _fmt(v, spec="{:.2f}x"):
 
 def render(rows, args) -> str:
     import deepsparse
-    lines = [f"DeepSparse {deepsparse.__version__}, batch 1, {args.cores} core(s), CPU: {cpu_name()}; "
+    lines = [f"DeepSparse {deepsparse.__version__}, batch {args.batch_size}, {args.cores} core(s), CPU: {cpu_name()}; "
              "cold cache for every model; default settings with `--data` (64 random samples).", "",
              "| model | sites (left dense) | target | table max | fastest measured | status | measured | "
              "correction | time s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -84,6 +84,7 @@ def main(argv=None):
     p.add_argument("--target", type=float, default=1.5)
     p.add_argument("--target-for", action="append", default=[], metavar="NAME=T", help="another target for one model")
     p.add_argument("--cores", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="the batch size optimised for (default 1)")
     p.add_argument("--out", type=Path, default=None, help="JSON rows")
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args(argv)
@@ -93,7 +94,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="spdy-arch-") as tmp:
         for name in names:
             row = run_one(name, args.models_dir / f"{name}.onnx", args.models_dir / f"{name}_calib.npz",
-                          targets.get(name, args.target), args.cores, Path(tmp) / name)
+                          targets.get(name, args.target), args.cores, Path(tmp) / name, batch_size=args.batch_size)
             rows.append(row)
             print(json.dumps(row), flush=True)
     table = render(rows, args)
