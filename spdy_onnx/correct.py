@@ -195,19 +195,9 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
             out.append(None if m is None else torch.from_numpy(m))
         return out
 
-    def one_loss(kind, y, ref, mask):
-        y = y.to(torch.float32)
-        if kind == "kl":
-            logp = torch.log_softmax(ref.reshape(ref.shape[0], -1), dim=-1)
-            logq = torch.log_softmax(y.reshape(y.shape[0], -1), dim=-1)
-            return (logp.exp() * (logp - logq)).sum(-1).mean()
-        if mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
-            y, ref = y[mask], ref[mask]
-        return ((y - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-12)
-
     def loss_of(ys, refs, mask):
         """The mean over the compared outputs, as the search's evaluator scores them."""
-        values = [one_loss(kind, y, ref, mask) for kind, y, ref in zip(loss_names, ys, refs)]
+        values = [torch_loss(kind, y, ref, mask) for kind, y, ref in zip(loss_names, ys, refs)]
         return values[0] if len(values) == 1 else torch.stack(values).mean()
 
     def train_step(opt, feed, ref, mask):
@@ -305,6 +295,21 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
                "tuned_sites": sum(1 for s in slots if s[0] == "weight"),
                "seconds": time.perf_counter() - t_start}
     return result, summary
+
+
+def torch_loss(kind: str, y, ref, mask=None):
+    """The evaluator's loss (evaluate.kl_divergence / normalised_mse) on torch tensors, differentiable:
+    KL over the last axis per position, or normalised MSE; real tokens only when a padding mask of the
+    output's (batch, seq) shape is given."""
+    import torch
+    y = y.to(torch.float32)
+    if mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
+        y, ref = y[mask], ref[mask]
+    if kind == "kl":
+        logp = torch.log_softmax(ref.reshape(-1, ref.shape[-1]), dim=-1)
+        logq = torch.log_softmax(y.reshape(-1, y.shape[-1]), dim=-1)
+        return (logp.exp() * (logp - logq)).sum(-1).mean()
+    return ((y - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-12)
 
 
 def _adam(params, lr):

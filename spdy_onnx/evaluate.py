@@ -61,13 +61,17 @@ def normalised_mse(ref: np.ndarray, out: np.ndarray) -> float:
     return num / den if den > 0 else num
 
 
-def choose_loss(loss: str, output_shape) -> str:
-    """auto: KL for class scores (rank-2 outputs with several columns), normalised MSE otherwise."""
+def choose_loss(loss: str, output_shape, name: str = "") -> str:
+    """auto: KL for class scores (rank-2 outputs with several columns, or an output named like logits,
+    e.g. a language model's (batch, tokens, vocabulary)), normalised MSE otherwise. KL is taken over
+    the last axis, per position."""
     if loss in ("kl", "mse"):
         return loss
     if loss != "auto":
         raise SpdyError(f"unknown loss '{loss}'; choose kl, mse or auto")
-    return "kl" if len(output_shape) == 2 and output_shape[-1] > 1 else "mse"
+    if len(output_shape) == 2 and output_shape[-1] > 1:
+        return "kl"
+    return "kl" if len(output_shape) >= 3 and output_shape[-1] > 1 and "logit" in name.lower() else "mse"
 
 
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
@@ -120,7 +124,7 @@ class Evaluator:
         self.feeds = [self._cut(f, dense) for f in feeds]
         self.reference = [self._run(f, dense) for f in self.feeds]
         self.masks = [calibrate.token_mask(f) for _, f in self.feeds]
-        self.loss_names = [choose_loss(loss, ref.shape) for ref in self.reference[0]]
+        self.loss_names = [choose_loss(loss, ref.shape, name) for ref, name in zip(self.reference[0], self.outputs)]
         self.loss_name = "+".join(self.loss_names)   # one name per compared output, e.g. kl+kl
         self._memo: dict[tuple, float] = {}
         # evaluations of earlier (possibly killed) runs on the same model, data and database

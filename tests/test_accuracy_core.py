@@ -340,3 +340,32 @@ def test_the_correction_tunes_for_every_float_output():
                                                epochs=2, max_seconds=None, seed=0)
     assert summary["loss_before"] > 0 and summary["loss_after"] < summary["loss_before"]
     assert "wb" in tuned and np.array_equal(tuned["wb"] == 0, weights["wb"] == 0)   # zeros kept
+
+
+def test_auto_loss_reads_the_output_shape_and_name():
+    from spdy_onnx.evaluate import choose_loss
+    assert choose_loss("auto", (4, 1000)) == "kl"                        # class scores
+    assert choose_loss("auto", (4, 1)) == "mse"                          # one regression value
+    assert choose_loss("auto", (1, 128, 384), "last_hidden_state") == "mse"
+    assert choose_loss("auto", (1, 64, 8000), "logits") == "kl"          # a language model, per token
+    assert choose_loss("auto", (1, 64, 8000), "out") == "mse"
+    assert choose_loss("mse", (4, 1000)) == "mse" and choose_loss("kl", (1, 8, 3), "x") == "kl"
+
+
+@pytest.mark.parametrize("kind,shape,masked", [("kl", (3, 10), False), ("kl", (2, 5, 7), True),
+                                               ("kl", (2, 5, 7), False), ("mse", (2, 5, 7), True),
+                                               ("mse", (3, 10), False)])
+def test_the_correction_minimises_the_loss_the_search_scores(kind, shape, masked):
+    """The torch loss of the global correction equals the evaluator's numpy loss on the same outputs."""
+    torch = pytest.importorskip("torch")
+    from spdy_onnx.correct import torch_loss
+    from spdy_onnx.evaluate import combined_loss
+    rng = np.random.default_rng(0)
+    ref, out = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    mask = (rng.random(shape[:2]) < 0.6) if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    expected = combined_loss([kind], [ref], [out], mask)
+    got = torch_loss(kind, torch.from_numpy(out), torch.from_numpy(ref),
+                     None if mask is None else torch.from_numpy(mask))
+    assert float(got) == pytest.approx(expected, rel=1e-4)
