@@ -46,6 +46,9 @@ def run_one(name, onnx_path, data_path, target, cores, workdir: Path, batch_size
         row.update(status=rep["status"], measured=rep["measured_speedup"], predicted=rep["predicted_speedup"],
                    max_table=rep["max_achievable_speedup"], fastest=rep.get("fastest_profile_measured_speedup"),
                    attempts=len(rep["attempts"]),
+                   attempt_speedups=[{k: a.get(k) for k in ("aimed_speedup", "predicted_speedup",
+                                                            "measured_speedup", "weights")}
+                                     for a in rep["attempts"]],
                    correction="skipped: " + quality["global_correction_skipped"]
                    if "global_correction_skipped" in quality else
                    ("ran" if "global_correction" in quality else "off"))
