@@ -209,7 +209,8 @@ def _run(args) -> int:
                 print(f"{args.baseline[-50:]:50s} {c.baseline_ms:10.3f}")
             print(f"{args.model[-50:]:50s} {c.candidate_ms:10.3f}")
             if args.baseline:
-                print(f"speedup {c.speedup:.3f}x (per-round p25 {c.ratio_p25:.3f}, p75 {c.ratio_p75:.3f}); "
+                print(f"speedup {c.speedup:.3f}x (ratio of the median times; per-round ratios p25 "
+                      f"{c.ratio_p25:.3f}, p75 {c.ratio_p75:.3f}); "
                       f"{c.rounds} interleaved rounds x {c.iterations_per_round} runs; "
                       f"batch {args.batch_size}, cores {c.extra.get('cores')}")
             if c.foreign_load_cores > 0.5:
