@@ -69,6 +69,12 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _str(a, key, default):
+    """A string attribute (onnx gives bytes)."""
+    v = a.get(key, default)
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def _ints(t) -> list[int]:
     return [int(v) for v in t.reshape(-1).tolist()]
 
@@ -336,8 +342,7 @@ def _pad(ctx, a, x, pads=None, value=None, axes=None):
     else:
         pads = _ints(pads)
         fill = float(value) if value is not None and value.numel() else 0.0
-    mode = a.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = _str(a, "mode", "constant")
     r = x.dim()
     torch_pads = []
     for ax in reversed(range(r)):
@@ -359,8 +364,7 @@ def _layernorm(ctx, a, x, scale, bias=None):
 
 
 def _gelu(ctx, a, x):
-    approx = a.get("approximate", b"none")
-    approx = approx.decode() if isinstance(approx, bytes) else approx
+    approx = _str(a, "approximate", "none")
     return [F.gelu(x, approximate="tanh" if approx == "tanh" else "none")]
 
 
@@ -376,8 +380,7 @@ def _pool(kind):
             raise Unsupported(f"{kind} pooling over {nd} spatial dims is not supported by the GPU executor")
         k = list(a["kernel_shape"])
         strides = list(a.get("strides", [1] * nd))
-        auto = a.get("auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else auto
+        auto = _str(a, "auto_pad", "NOTSET")
         if auto not in ("NOTSET", "VALID"):
             raise Unsupported(f"pooling with auto_pad={auto} is not supported by the GPU executor")
         begin, end = _pool_pads(a, nd) if auto == "NOTSET" else ([0] * nd, [0] * nd)
@@ -406,8 +409,7 @@ def _global_pool(kind):
 def conv_padding(a, in_spatial, kernel, strides, dilations):
     """(begin, end) pads per spatial dim, auto_pad resolved from the static input shape."""
     nd = len(kernel)
-    auto = a.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = _str(a, "auto_pad", "NOTSET")
     if auto == "NOTSET":
         pads = list(a.get("pads", [0] * (2 * nd)))
         return pads[:nd], pads[nd:]
@@ -465,11 +467,6 @@ def _dropout(ctx, a, x, *rest):
 
 def _fused_bias_gelu(ctx, a, x):
     return [F.gelu(x)]
-
-
-def _str(a, key, default):
-    v = a.get(key, default)
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def _mod(ctx, a, x, y):

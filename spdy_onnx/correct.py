@@ -98,7 +98,11 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     dense_inputs = [i.name for i in dense_session.get_inputs()]
     from spdy_onnx.evaluate import compared_outputs
     dense_outputs = compared_outputs(dense_session)
-    loss_names = loss.split("+") if len(loss.split("+")) == len(dense_outputs) else [loss] * len(dense_outputs)
+    loss_names = loss.split("+")
+    if len(loss_names) == 1:
+        loss_names *= len(dense_outputs)
+    if len(loss_names) != len(dense_outputs):
+        raise SpdyError(f"loss '{loss}' names {len(loss_names)} outputs; the model has {len(dense_outputs)} to compare")
     buckets = shorten.LengthBuckets(model, train[0])
     dense_sessions = {None: dense_session}   # length -> session of the dense model's short copy
 

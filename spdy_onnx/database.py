@@ -61,3 +61,9 @@ class SemiStructuredDatabase:
             from spdy_onnx.passes.semi_structured import prune_2_4
             self._pruned[name] = prune_2_4(self.sites[name], self.sources[name])
         return self._pruned[name]
+
+
+def magnitude_database(sites, sources: dict[str, np.ndarray], levels: list[float], pattern: str = "unstructured"):
+    """The data-free database for a table's pattern: 2:4 by magnitude, or unstructured magnitude."""
+    cls = SemiStructuredDatabase if pattern == "2:4" else MagnitudeDatabase
+    return cls(sites, sources, levels)

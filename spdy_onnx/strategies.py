@@ -180,15 +180,10 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
 
 def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
                   cache_dir, progress, eval_samples=None) -> Chooser:
-    from spdy_onnx.database import MagnitudeDatabase
+    from spdy_onnx.database import magnitude_database
 
     levels = list(table.levels)
     sources = graph.read_weights(prep.model, sites)
-    if table.pattern == "2:4":
-        from spdy_onnx.database import SemiStructuredDatabase
-        database_cls = SemiStructuredDatabase
-    else:
-        database_cls = None
 
     if data is None:
         if strategy in ("spdy", "dp-loss"):
@@ -196,7 +191,7 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
                         "data-free error model (share of weight magnitude removed) and plain magnitude pruning.")
         if strategy == "dp-loss":
             raise SpdyError("--strategy dp-loss measures losses and needs calibration data (--data)")
-        database = (database_cls or MagnitudeDatabase)(sites, sources, levels)
+        database = magnitude_database(sites, sources, levels, table.pattern)
         feeds = modelio.example_inputs(prep.specs)
         common = dict(sites=sites, levels=levels, database=database, feeds=feeds)
         if strategy == "uniform":
@@ -216,7 +211,7 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
     from spdy_onnx import cache
     memo = cache.cache_key(model=prep.digest, sites=[s.name for s in sites], levels=levels, loss=loss,
                            database=getattr(database, "folder", type(database).__name__), pattern=table.pattern,
-                           data=calibrate.data_digest(calib), samples=eval_samples, version=2)
+                           data=calibrate.data_digest(calib), samples=eval_samples, version=3)
     journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
     evaluator = evaluate.Evaluator(prep.calibration_model, sites, database, calib, loss=loss, specs=prep.specs,
                                    eval_samples=eval_samples, journal=journal)
