@@ -2,6 +2,7 @@
 
     python models/tiny.py mlp out.onnx          # 4 x (MatMul 512x512 + Add + Relu), input (1, 64, 512)
     python models/tiny.py cnn out.onnx          # Conv/BN/Relu, a depthwise conv, GlobalAveragePool, Gemm
+    python models/tiny.py blocks out.onnx       # two inverted-residual blocks (1x1 expand, depthwise, 1x1 project)
 """
 from __future__ import annotations
 
@@ -107,15 +108,41 @@ def cnn(channels: int = 64, size: int = 32, classes: int = 100, batch: int | str
     return _model(nodes, [inp], [out], inits)
 
 
+def inverted_residual(channels: int = 16, expand: int = 6, size: int = 28, blocks: int = 2, batch: int | str = 1,
+                      seed: int = 0) -> onnx.ModelProto:
+    """MobileNetV2-style blocks: x + project(relu(depthwise(relu(expand(x))))). DeepSparse runs such a
+    block as one fused kernel while dense, which is what tied levels are about."""
+    rng = np.random.default_rng(seed)
+    c, e = channels, channels * expand
+    inits, nodes, x = [], [], "x"
+    for b in range(blocks):
+        for name, shape in ((f"e{b}_w", (e, c, 1, 1)), (f"d{b}_w", (e, 1, 3, 3)), (f"p{b}_w", (c, e, 1, 1))):
+            fan_in = shape[1] * shape[2] * shape[3]
+            inits.append(numpy_helper.from_array(
+                (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32), name))
+        nodes += [
+            helper.make_node("Conv", [x, f"e{b}_w"], [f"e{b}"], name=f"expand{b}"),
+            helper.make_node("Relu", [f"e{b}"], [f"e{b}_r"], name=f"expand{b}_relu"),
+            helper.make_node("Conv", [f"e{b}_r", f"d{b}_w"], [f"d{b}"], name=f"depthwise{b}", pads=[1, 1, 1, 1], group=e),
+            helper.make_node("Relu", [f"d{b}"], [f"d{b}_r"], name=f"depthwise{b}_relu"),
+            helper.make_node("Conv", [f"d{b}_r", f"p{b}_w"], [f"p{b}"], name=f"project{b}"),
+            helper.make_node("Add", [f"p{b}", x], [f"y{b}"], name=f"residual{b}"),
+        ]
+        x = f"y{b}"
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, size, size])
+    out = helper.make_tensor_value_info(x, TensorProto.FLOAT, [batch, c, size, size])
+    return _model(nodes, [inp], [out], inits)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["mlp", "cnn"])
+    p.add_argument("kind", choices=["mlp", "cnn", "blocks"])
     p.add_argument("out")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     args = p.parse_args()
-    model = mlp(args.width, args.depth, args.seq) if args.kind == "mlp" else cnn()
+    model = {"mlp": lambda: mlp(args.width, args.depth, args.seq), "cnn": cnn, "blocks": inverted_residual}[args.kind]()
     onnx.save(model, args.out)
     print(f"wrote {args.out}")
 

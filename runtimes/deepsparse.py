@@ -48,6 +48,18 @@ SECOND_REPEAT_LIMIT_S = 150.0   # no second pass after a first one this long (BE
 STEADY_SPREAD = 0.02            # nor when the dense model, re-measured first, is within this of the first pass
 
 
+def merge_groups(groups: list[list[str]], known: set[str]) -> list[list[str]]:
+    """Overlapping groups merged, sites without times dropped, groups of one left out; sorted."""
+    merged: list[set[str]] = []
+    for group in groups:
+        members = {n for n in group if n in known}
+        for other in [m for m in merged if m & members]:
+            members |= other
+            merged.remove(other)
+        merged.append(members)
+    return sorted(sorted(m) for m in merged if len(m) > 1)
+
+
 class DeepSparseRuntime:
     name = "deepsparse"
     pattern = "unstructured"
@@ -106,6 +118,17 @@ class DeepSparseRuntime:
                 times[owner] = times.get(owner, 0.0) + ms * weights.get(owner, 1) / total_w
         return times
 
+    @staticmethod
+    def fused(layer_info: list[dict], aliases: dict[str, str]) -> list[list[str]]:
+        """Sites the engine ran as one kernel in this analysis (one layer naming several sites' outputs)."""
+        groups = []
+        for layer in layer_info:
+            names = [n.strip() for n in str(layer.get("canonical_name", "")).split(",")]
+            owners = sorted({aliases[n] for n in names if n in aliases})
+            if len(owners) > 1:
+                groups.append(owners)
+        return groups
+
     def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases, checkpoint=None) -> LatencyTable:
         """One engine run per (repeat, level); each finished run is journaled to `checkpoint`, so a killed
         profiling resumes where it stopped."""
@@ -113,6 +136,7 @@ class DeepSparseRuntime:
         weights = {s.name: s.n_weights for s in sites}
         runs: dict[float, list[dict]] = {lvl: [] for lvl in levels}
         totals: list[float] = []
+        fused: list[list[str]] = []
         order = list(levels)
         journal = Journal(checkpoint)
         done = {(e.get("repeat"), e.get("level")): e for e in journal.read()
@@ -146,9 +170,11 @@ class DeepSparseRuntime:
                     if entry is None:
                         result = self._analyse(model_path, inputs, batch_size, lvl)
                         entry = {"repeat": rep, "level": lvl, "total": float(result["average_total_time"]),
-                                 "times": self.attribute(result["layer_info"], aliases, weights)}
+                                 "times": self.attribute(result["layer_info"], aliases, weights),
+                                 "fused": self.fused(result["layer_info"], aliases)}
                         journal.append(entry)
                     runs[lvl].append(entry["times"])
+                    fused.extend(entry.get("fused", []))
                     if lvl == 0.0:
                         totals.append(entry["total"])
                     bar.update(1)
@@ -174,7 +200,7 @@ class DeepSparseRuntime:
                 "foreign_load_cores": load.cores, "unmapped_sites": unmapped,
                 "layers_total_ms": float(np.median([sum(r.values()) for r in runs[0.0]]))}
         return LatencyTable(levels=list(levels), times=times, dense_total_ms=dense_total, runtime=self.name,
-                            pattern=self.pattern, meta=meta)
+                            pattern=self.pattern, meta=meta, fused_groups=merge_groups(fused, set(times)))
 
     def dense_check_ms(self, model_path, *, batch_size, feeds) -> float:
         """The dense total of one profiling run, to check a cached table against the machine now."""

@@ -147,7 +147,7 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     shapes = {k: list(v[0]) for k, v in prep.specs.items()}
     key = cache.cache_key(model=prep.digest, engine=prep.runtime.fingerprint(), batch=prep.batch_size,
                           shapes=shapes, levels=level_list, pattern=prep.runtime.pattern,
-                          sites=sorted(s.name for s in prep.all_sites))
+                          sites=sorted(s.name for s in prep.all_sites), table_format=2)   # 2: fused groups
     path = Path(cache_dir or cache.default_cache_dir()) / "tables" / f"{key}.json"
     feeds = feeds if feeds is not None else modelio.example_inputs(prep.specs)
     if use_cache:
@@ -178,7 +178,7 @@ def fastest_profile_speedup(prep: Prepared, table: LatencyTable, sites, *, cache
     from spdy_onnx.database import magnitude_database
 
     names = [s.name for s in sites]
-    picks = table.matrix(names).argmin(axis=1)
+    picks = table.fastest_picks(names)
     key = cache.cache_key(model=prep.digest, engine=prep.runtime.fingerprint(), batch=prep.batch_size,
                           table=[table.levels, table.dense_total_ms, table.times], picks=[int(j) for j in picks],
                           kind="fastest-profile")
@@ -561,6 +561,8 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
         "measurement": comparison.to_json() if comparison else None,
         "attempts": attempts, "phases_s": phases,
         "sites": per_site,
+        # sites the engine fuses: the solver keeps each group at one level (strategies on the DP)
+        "fused_groups": [[sites[i].name for i in g] for g in table.tied_groups([s.name for s in sites])],
         "left_dense": dict(sorted(prep.excluded.items())),
     }
 

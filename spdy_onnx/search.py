@@ -120,7 +120,7 @@ class SpdySearch(Chooser):
         shape = error_shape(times.shape[1])
 
         def profile_of(c):
-            return solve_dp(np.asarray(c)[:, None] * shape[None, :], times, budget)
+            return solve_dp(np.asarray(c)[:, None] * shape[None, :], times, budget, groups=self.groups)
 
         profile_of(np.zeros(times.shape[0]))  # raises Infeasible early
         refine = self.best_c is not None

@@ -5,6 +5,9 @@
 
 Time is discretised into `buckets` steps of budget/buckets. Times may be anything (non-monotone,
 dense slower than sparse); every option stays available.
+
+`groups` ties layers to one shared level: layers an engine fuses into one kernel are timed together
+at each level, and only profiles that keep them at one level run at the speed the table says.
 """
 from __future__ import annotations
 
@@ -47,10 +50,34 @@ def _dp(errors: np.ndarray, ticks: np.ndarray, n_buckets: int) -> np.ndarray | N
     return picks
 
 
-def solve_dp(errors, times, budget: float, *, buckets: int = DEFAULT_BUCKETS) -> np.ndarray:
+def tied_units(n_layers: int, groups=None) -> list[list[int]]:
+    """Disjoint lists of layer indices, covering every layer once: each group (merged where groups
+    share a layer) is one unit, every other layer its own. Checked: indices in range."""
+    parent = list(range(n_layers))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for group in groups or ():
+        members = [int(i) for i in group]
+        if any(i < 0 or i >= n_layers for i in members):
+            raise ValueError(f"group {members} has a layer index outside 0..{n_layers - 1}")
+        for i in members[1:]:
+            parent[root(i)] = root(members[0])
+    units: dict[int, list[int]] = {}
+    for i in range(n_layers):
+        units.setdefault(root(i), []).append(i)
+    return list(units.values())
+
+
+def solve_dp(errors, times, budget: float, *, buckets: int = DEFAULT_BUCKETS, groups=None) -> np.ndarray:
     """Level index per layer minimising total error with sum of times <= budget (real-valued).
 
-    Raises Infeasible when even the fastest level of every layer exceeds the budget.
+    Layers in one of `groups` (lists of layer indices) get the same level. Raises Infeasible when
+    even the fastest choice exceeds the budget.
     """
     errors = np.asarray(errors, dtype=np.float64)
     times = np.asarray(times, dtype=np.float64)
@@ -58,6 +85,19 @@ def solve_dp(errors, times, budget: float, *, buckets: int = DEFAULT_BUCKETS) ->
         raise ValueError(f"errors {errors.shape} and times {times.shape} must be the same (layers, levels) shape")
     if not (np.isfinite(errors).all() and np.isfinite(times).all()) or (times < 0).any():
         raise ValueError("errors and times must be finite, times non-negative")
+    if groups:
+        units = tied_units(errors.shape[0], groups)
+        if len(units) < errors.shape[0]:
+            unit_picks = _solve_untied(np.array([errors[u].sum(axis=0) for u in units]),
+                                       np.array([times[u].sum(axis=0) for u in units]), budget, buckets)
+            picks = np.zeros(errors.shape[0], dtype=np.int64)
+            for unit, j in zip(units, unit_picks):
+                picks[unit] = j
+            return picks
+    return _solve_untied(errors, times, budget, buckets)
+
+
+def _solve_untied(errors: np.ndarray, times: np.ndarray, budget: float, buckets: int) -> np.ndarray:
     n_layers = errors.shape[0]
     if n_layers == 0:
         return np.zeros(0, dtype=np.int64)

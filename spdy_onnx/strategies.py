@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 class Chooser:
     """Maps (times, budget) to level picks, and a profile to the weights to write."""
 
-    def __init__(self, *, sites, levels, database, evaluator=None, feeds=None):
+    def __init__(self, *, sites, levels, database, evaluator=None, feeds=None, groups=None):
         self.sites = sites
         self.names = [s.name for s in sites]
+        self.groups = groups or []   # index lists of sites the engine fuses: the DP keeps each at one level
         self.levels = levels
         self.database = database
         self.evaluator = evaluator
@@ -103,7 +104,7 @@ class ErrorDP(Chooser):
         self.errors = errors
 
     def choose(self, times, budget):
-        return solve_dp(self.errors, times, budget)
+        return solve_dp(self.errors, times, budget, groups=self.groups)
 
 
 class Uniform(Chooser):
@@ -184,6 +185,7 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
 
     levels = list(table.levels)
     sources = graph.read_weights(prep.model, sites)
+    groups = table.tied_groups([s.name for s in sites])
 
     if data is None:
         if strategy in ("spdy", "dp-loss"):
@@ -193,7 +195,7 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
             raise SpdyError("--strategy dp-loss measures losses and needs calibration data (--data)")
         database = magnitude_database(sites, sources, levels, table.pattern)
         feeds = modelio.example_inputs(prep.specs)
-        common = dict(sites=sites, levels=levels, database=database, feeds=feeds)
+        common = dict(sites=sites, levels=levels, database=database, feeds=feeds, groups=groups)
         if strategy == "uniform":
             return Uniform(**common)
         if strategy == "global-magnitude":
@@ -215,7 +217,7 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
     journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
     evaluator = evaluate.Evaluator(prep.calibration_model, sites, database, calib, loss=loss, specs=prep.specs,
                                    eval_samples=eval_samples, journal=journal)
-    common = dict(sites=sites, levels=levels, database=database, evaluator=evaluator, feeds=feeds)
+    common = dict(sites=sites, levels=levels, database=database, evaluator=evaluator, feeds=feeds, groups=groups)
     if strategy == "uniform":
         return Uniform(**common)
     if strategy == "global-magnitude":

@@ -2,6 +2,11 @@
 
 Model time = T_fixed + sum over prunable sites of t[site][level], where T_fixed is the dense total
 minus the dense time of the sites being chosen for. Sites left dense (excluded) stay inside T_fixed.
+
+`fused_groups` lists sites the engine ran as one fused kernel in some profiling run. The sum holds only
+while such sites share one level: DeepSparse runs MobileNetV2's dense expand-depthwise-project blocks
+as one kernel, and a profile with one of them sparse and another dense measured 1.20x where the sum
+said 1.37x; tied, the same blocks measured as predicted (benchmarks/results/fused_groups_mobilenetv2.txt).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ class LatencyTable:
     runtime: str
     pattern: str = "unstructured"
     meta: dict = field(default_factory=dict)  # engine version, cpu, cores, batch, shapes, model digest, spread
+    fused_groups: list[list[str]] = field(default_factory=list)   # sites that must share one level
 
     def validate(self) -> "LatencyTable":
         if not self.levels or self.levels[0] != 0.0:
@@ -39,6 +45,10 @@ class LatencyTable:
                 raise SpdyError(f"latency table: site '{name}' has {len(row)} times for {len(self.levels)} levels")
             if not all(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0 for t in row):
                 raise SpdyError(f"latency table: site '{name}' has a negative or non-numeric time")
+        for group in self.fused_groups:
+            unknown = [n for n in group if n not in self.times]
+            if unknown:
+                raise SpdyError(f"latency table: fused group names site(s) without times: {', '.join(unknown[:3])}")
         return self
 
     def matrix(self, sites: list[str]) -> np.ndarray:
@@ -48,6 +58,22 @@ class LatencyTable:
                             + (" ..." if len(missing) > 5 else ""))
         return np.array([self.times[s] for s in sites], dtype=np.float64).reshape(len(sites), len(self.levels))
 
+    def tied_groups(self, sites: list[str]) -> list[list[int]]:
+        """The fused groups as indices into `sites`, members outside `sites` dropped (they stay dense
+        with their own reason), groups of fewer than two left out."""
+        index = {name: i for i, name in enumerate(sites)}
+        groups = [[index[n] for n in group if n in index] for group in self.fused_groups]
+        return [g for g in groups if len(g) > 1]
+
+    def fastest_picks(self, sites: list[str]) -> np.ndarray:
+        """The fastest level of every site, tied sites at the fastest level of their group's summed time."""
+        from spdy_onnx.solver import tied_units
+        times = self.matrix(sites)
+        picks = times.argmin(axis=1)
+        for unit in tied_units(len(sites), self.tied_groups(sites)):
+            picks[unit] = int(times[unit].sum(axis=0).argmin())
+        return picks
+
     def fixed_ms(self, sites: list[str]) -> float:
         """Time of everything the solver does not choose for (excluded sites stay dense here)."""
         return self.dense_total_ms - float(sum(self.times[s][0] for s in sites))
@@ -56,7 +82,8 @@ class LatencyTable:
         return self.dense_total_ms / target - self.fixed_ms(sites)
 
     def max_speedup(self, sites: list[str]) -> float:
-        fastest = self.fixed_ms(sites) + float(self.matrix(sites).min(axis=1).sum())
+        picks = self.fastest_picks(sites)
+        fastest = self.fixed_ms(sites) + float(self.matrix(sites)[np.arange(len(sites)), picks].sum())
         return self.dense_total_ms / fastest if fastest > 0 else math.inf
 
     def predicted_ms(self, profile: dict[str, int]) -> float:
@@ -66,8 +93,11 @@ class LatencyTable:
         return self.dense_total_ms / self.predicted_ms(profile)
 
     def to_json(self) -> dict:
-        return {"schema": SCHEMA, "runtime": self.runtime, "pattern": self.pattern, "levels": self.levels,
+        data = {"schema": SCHEMA, "runtime": self.runtime, "pattern": self.pattern, "levels": self.levels,
                 "dense_total_ms": self.dense_total_ms, "meta": self.meta, "times": self.times}
+        if self.fused_groups:
+            data["fused_groups"] = self.fused_groups
+        return data
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_json_atomic(path, self.to_json())
@@ -80,7 +110,8 @@ class LatencyTable:
             table = cls(levels=[float(v) for v in data["levels"]],
                         times={str(k): [float(t) for t in v] for k, v in data["times"].items()},
                         dense_total_ms=float(data["dense_total_ms"]), runtime=str(data["runtime"]),
-                        pattern=str(data.get("pattern", "unstructured")), meta=dict(data.get("meta", {})))
+                        pattern=str(data.get("pattern", "unstructured")), meta=dict(data.get("meta", {})),
+                        fused_groups=[[str(n) for n in g] for g in data.get("fused_groups", [])])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SpdyError(f"latency table is malformed: {exc!r}") from None
         return table.validate()

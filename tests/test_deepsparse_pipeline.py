@@ -225,3 +225,49 @@ def test_dynamic_batch_model_with_input_shape(tmp_path, cache_dir):
     # the deployed file keeps the user's dynamic input dimensions
     dims = out.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch" and dims[1].dim_param == "seq"
+
+
+def test_sites_the_engine_fuses_are_recorded_and_tied(tmp_path, cache_dir):
+    """DeepSparse runs a dense inverted-residual block as one kernel; the table records the block, and
+    every DP strategy keeps its sites at one level (a sparse site beside a dense one breaks the fusion
+    and runs slower than the table's sum)."""
+    path = tmp_path / "blocks.onnx"
+    onnx.save(tiny.inverted_residual(), path)
+    table, saved = api.profile(path, output=tmp_path / "t.json", cores=1, levels="0.5,0.9", cache_dir=cache_dir,
+                               runtime_options={"repeats": 1}, progress=False)
+    assert table.fused_groups, "the engine fused nothing: the block layout changed"
+    fused = set().union(*map(set, table.fused_groups))
+    assert {"expand0", "project0"} <= fused
+    assert LatencyTable.load(saved).fused_groups == table.fused_groups    # kept in the saved table
+    # a table where pruning expand0 buys almost nothing: untied, the DP leaves it dense beside a sparse
+    # project0; tied, the two share a level
+    levels = [0.0, 0.5, 0.9]
+    times = {"expand0": [1.0, 0.99, 0.98], "project0": [1.0, 0.5, 0.3], "expand1": [1.0, 0.8, 0.6],
+             "project1": [1.0, 0.8, 0.6], "depthwise0": [0.5, 0.5, 0.5], "depthwise1": [0.5, 0.5, 0.5]}
+    chosen = {}
+    for groups in ([], [["expand0", "project0"]]):
+        LatencyTable(levels=levels, times=times, dense_total_ms=6.5, runtime="table",
+                     fused_groups=groups).save(tmp_path / "replay.json")
+        rep = api.optimize(path, target=1.25, runtime="table", latency_table=tmp_path / "replay.json",
+                           output=tmp_path / "o.onnx", min_weights=0, exclude=["depthwise0", "depthwise1"],
+                           progress=False)
+        assert rep["fused_groups"] == groups
+        chosen[bool(groups)] = {s["name"]: s["sparsity"] for s in rep["sites"]}
+    assert chosen[False]["expand0"] == 0.0 < chosen[False]["project0"]
+    assert chosen[True]["expand0"] == chosen[True]["project0"] > 0.0
+
+
+def test_fused_layers_become_merged_groups_of_known_sites():
+    from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime, merge_groups
+    from spdy_onnx.errors import SpdyError
+    layers = [{"canonical_name": "a_out,b_out"}, {"canonical_name": "c_out"}, {"canonical_name": "b_out,c_out,x"},
+              {"canonical_name": "d_out,e_out"}]
+    aliases = {"a_out": "a", "b_out": "b", "c_out": "c", "d_out": "d", "e_out": "e"}
+    runs = DeepSparseRuntime.fused(layers, aliases)
+    assert runs == [["a", "b"], ["b", "c"], ["d", "e"]]
+    # overlapping groups merge; a site without times (e) leaves a group of one, which is dropped
+    assert merge_groups(runs, {"a", "b", "c", "d"}) == [["a", "b", "c"]]
+    table = LatencyTable(levels=[0.0, 0.5], times={"a": [1, 1], "b": [1, 1]}, dense_total_ms=2, runtime="t",
+                         fused_groups=[["a", "zz"]])
+    with pytest.raises(SpdyError, match="fused group"):
+        table.validate()
