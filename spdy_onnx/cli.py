@@ -198,6 +198,9 @@ def _run(args) -> int:
                 print(f"{n[:40]:40s} {row[0]:9.3f} {row[j]:10.3f} {table.levels[j]:6.3f}")
             print(f"\ndense total {table.dense_total_ms:.3f} ms; sites {len(table.times)}; "
                   f"largest achievable speedup (all sites) {table.max_speedup(list(table.times)):.3f}x")
+            if table.fused_groups:
+                print(f"{len(table.fused_groups)} group(s) of sites the engine fuses, each kept at one level: "
+                      + "; ".join(f"{len(g)} sites from {g[0]}" for g in table.fused_groups))
             print(f"wrote {path}")
         elif args.command == "benchmark":
             from spdy_onnx.api import benchmark
