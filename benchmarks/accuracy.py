@@ -300,6 +300,8 @@ def main(argv=None):
                    help="batch size to time at (default: per model, MiniLM 1, MobileNetV2 16)")
     p.add_argument("--correct-epochs", type=int, default=None,
                    help="optimize's global correction epochs (default: optimize's default)")
+    p.add_argument("--reconstruct", choices=["obs", "magnitude"], default=None,
+                   help="optimize's --reconstruct (default: optimize's own)")
     p.add_argument("--margin", type=float, default=None,
                    help="optimize's --margin (default: optimize's own); a negative one accepts a shortfall, "
                         "e.g. to see a baseline at the grid level just under the target")
@@ -401,6 +403,8 @@ def run_one(name, onnx_path, calib, table_path, task, *, strategy, target, args,
             extra["margin"] = args.margin
         if args.eval_samples is not None:
             extra["eval_samples"] = args.eval_samples
+        if args.reconstruct is not None:
+            extra["reconstruct"] = args.reconstruct
         rep = api.optimize(onnx_path, target=target, data=str(calib), strategy=strategy, cores=args.cores,
                            batch_size=batch, cache_dir=cache_dir, search_budget=args.search_budget, seed=args.seed,
                            latency_table=str(table_path), output=out, report=report, progress=False, **extra)
@@ -473,6 +477,7 @@ def render_table(name, info, task, rows, args) -> str:
         f"{info['describe'][0].upper() + info['describe'][1:]}. Seed {args.seed}"
         + (f", search budget {args.search_budget}" if args.search_budget else "")
         + (f", margin {args.margin:g}" if args.margin is not None else "")
+        + (f", --reconstruct {args.reconstruct}" if args.reconstruct else "")
         + (f", {args.eval_samples} samples per search evaluation" if args.eval_samples else "") + ".",
         "",
     ]
