@@ -37,7 +37,12 @@ AIM_RESOLUTION = 0.03
 # (benchmarks/results/architectures.md: a grouped ResNet-18, 2.50x predicted, 1.14x measured), and a target the engine cannot reach should fail
 # in a minute, not after the database and the search. The result is cached with the table.
 FASTEST_CHECK_RATIO = 2.0
-FASTEST_SLACK = 0.03          # refuse only when even a run this much luckier would miss the requirement
+FASTEST_SLACK = 0.03
+# A draft that misses the requirement by less than this is measured once more and the two pooled before
+# the aim goes up: a miss this small is within compile-to-compile noise, and on MobileNetV2 raising the
+# aim by one such miss (1.10x measured for 1.12x) nearly doubled the calibration loss of the kept profile
+# (benchmarks/results/accuracy_mobilenetv2_fused.json, SPDY at 1.1x: 0.052 at the first aim, 0.099 after).
+NEAR_MISS = 0.03          # refuse only when even a run this much luckier would miss the requirement
 STRATEGIES = ("spdy", "uniform", "global-magnitude", "dp-loss", "magnitude-dp")
 
 
@@ -348,7 +353,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         t0 = time.perf_counter()
         comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
                                           feeds=chooser.timing_feeds())
-        phases[f"benchmark_s_{attempt}" + ("_draft" if weights_kind == "draft" else "")] = time.perf_counter() - t0
+        phase = f"benchmark_s_{attempt}" + ("_draft" if weights_kind == "draft" else "")
+        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - t0
         record = {"attempt": attempt, "aimed_speedup": aim, "predicted_speedup": predicted,
                   "measured_speedup": comparison.speedup if comparison else None,
                   "measurement": comparison.to_json() if comparison else None}
@@ -395,7 +401,15 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                 comparison = seen[key]   # the same profile again: its measurement stands
             else:
                 pruned = write_weights(prep.model, chooser.weights(profile))
-                comparison = measure(attempt, aim, predicted, pruned, "draft" if chooser.corrects else "database")
+                kind = "draft" if chooser.corrects else "database"
+                comparison = measure(attempt, aim, predicted, pruned, kind)
+                if comparison is not None and required * (1 - NEAR_MISS) <= comparison.speedup < required:
+                    again = measure(attempt, aim, predicted, pruned, kind)
+                    if again is not None:
+                        comparison = pooled(comparison, again)
+                        attempts[-1]["pooled_speedup"] = comparison.speedup
+                        log.info("attempt %d: a near miss, measured again: pooled %.3fx (requirement %.3fx)",
+                                 attempt, comparison.speedup, required)
                 seen[key] = comparison
             if comparison is None:
                 not_measured = (profile, predicted)
