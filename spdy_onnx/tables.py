@@ -5,8 +5,8 @@ minus the dense time of the sites being chosen for. Sites left dense (excluded) 
 
 `fused_groups` lists sites the engine ran as one fused kernel in some profiling run. The sum holds only
 while such sites share one level: DeepSparse runs MobileNetV2's dense expand-depthwise-project blocks
-as one kernel, and a profile with one of them sparse and another dense measured 1.20x where the sum
-said 1.37x; tied, the same blocks measured as predicted (benchmarks/results/fused_groups_mobilenetv2.txt).
+as one kernel, and a profile predicted at 1.30x with some of them sparse and others dense measured
+1.17x; tied, a profile with the same prediction measured 1.32x (benchmarks/results/fused_groups_mobilenetv2.txt).
 """
 from __future__ import annotations
 
