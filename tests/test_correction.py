@@ -253,3 +253,35 @@ def test_cli_reports_the_loss_before_and_after_the_correction(mlp_setup, tmp_pat
     assert "before the correction" not in capsys.readouterr().out
     assert main(base + ["-o", str(tmp_path / "c.onnx"), "--correct-epochs", "-1"]) == 2
     assert not (tmp_path / "c.onnx").exists()
+
+
+class FineNoisyClock(NoisyClock):
+    """The scripted measurements on a finer grid, so the aim search meets two different profiles."""
+    name = "fine-noisy-clock"
+    levels = [0.0, 0.5, 0.7, 0.75, 0.8, 0.9]
+
+    def default_levels(self):
+        return self.levels
+
+    def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases, checkpoint=None):
+        times = {s.name: [1.0, 0.8, 0.6, 0.52, 0.45, 0.25] for s in sites}
+        return LatencyTable(levels=levels, times=times, dense_total_ms=len(sites) + 0.5, runtime=self.name,
+                            meta={"cores": 1})
+
+
+def test_a_corrected_miss_falls_back_to_a_profile_that_met_as_a_draft(monkeypatch, mlp_setup, tmp_path):
+    """Drafts: 70% misses (1.30x), 80% meets with room (1.90x), 75% meets (1.56x) and is kept; its
+    corrected file then measures 1.45x and 1.46x. Instead of a new search, the 80% profile, already
+    measured above the requirement, is corrected and measured (1.85x)."""
+    monkeypatch.setitem(REGISTRY, "fine-noisy-clock", (__name__, "FineNoisyClock", None))
+    FineNoisyClock.measured, FineNoisyClock.speedups = [], [1.30, 1.90, 1.56, 1.45, 1.46, 1.85]
+    path, data, _ = mlp_setup
+    rep = api.optimize(path, target=1.5, runtime="fine-noisy-clock", output=tmp_path / "o.onnx", data=data,
+                       progress=False, cache_dir=tmp_path / "c", strategy="uniform", correct_epochs=1)
+    assert FineNoisyClock.speedups == []
+    kinds = [a["weights"] for a in rep["attempts"]]
+    assert kinds == ["draft"] * 3 + ["corrected"] * 3
+    assert [a["attempt"] for a in rep["attempts"]] == [1, 2, 3, 3, 3, 3]   # no new draft was searched
+    assert rep["status"] == "met" and rep["measured_speedup"] == pytest.approx(1.85)
+    assert rep["attempts"][-1]["aimed_speedup"] == rep["attempts"][1]["aimed_speedup"]
+    assert {s["sparsity"] for s in rep["sites"]} == {0.8}
