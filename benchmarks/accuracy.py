@@ -300,6 +300,8 @@ def main(argv=None):
                    help="batch size to time at (default: per model, MiniLM 1, MobileNetV2 16)")
     p.add_argument("--correct-epochs", type=int, default=None,
                    help="optimize's global correction epochs (default: optimize's default)")
+    p.add_argument("--search-prior", choices=["shape", "losses"], default=None,
+                   help="optimize's --search-prior (default: optimize's own)")
     p.add_argument("--reconstruct", choices=["obs", "magnitude"], default=None,
                    help="optimize's --reconstruct (default: optimize's own)")
     p.add_argument("--margin", type=float, default=None,
@@ -405,6 +407,8 @@ def run_one(name, onnx_path, calib, table_path, task, *, strategy, target, args,
             extra["eval_samples"] = args.eval_samples
         if args.reconstruct is not None:
             extra["reconstruct"] = args.reconstruct
+        if args.search_prior is not None:
+            extra["search_prior"] = args.search_prior
         rep = api.optimize(onnx_path, target=target, data=str(calib), strategy=strategy, cores=args.cores,
                            batch_size=batch, cache_dir=cache_dir, search_budget=args.search_budget, seed=args.seed,
                            latency_table=str(table_path), output=out, report=report, progress=False, **extra)
@@ -478,6 +482,7 @@ def render_table(name, info, task, rows, args) -> str:
         + (f", search budget {args.search_budget}" if args.search_budget else "")
         + (f", margin {args.margin:g}" if args.margin is not None else "")
         + (f", --reconstruct {args.reconstruct}" if args.reconstruct else "")
+        + (f", --search-prior {args.search_prior}" if args.search_prior else "")
         + (f", {args.eval_samples} samples per search evaluation" if args.eval_samples else "") + ".",
         "",
     ]

@@ -270,7 +270,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
              reconstruct: str = "obs", loss: str = "auto", search_budget=None, eval_samples: int | None = None,
              seed: int = 0, max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = False,
              correct_epochs: int = DEFAULT_CORRECT_EPOCHS, correct_budget=None, progress: bool = True,
-             runtime_options: dict | None = None) -> dict:
+             runtime_options: dict | None = None, search_prior: str = "shape") -> dict:
     """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report."""
     t_start = time.perf_counter()
     target = parse_target(target)
@@ -292,6 +292,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     if correct_epochs < 0:
         raise SpdyError(f"correction epochs must be >= 0, got {correct_epochs}")
     correct_seconds = parse_seconds(correct_budget, what="--correct-budget")
+    if search_prior not in ("shape", "losses"):
+        raise SpdyError(f"unknown --search-prior '{search_prior}'; choose one of: shape, losses")
 
     prep = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
                     exclude=exclude, include=include, min_weights=min_weights, progress=progress,
@@ -302,7 +304,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
                          strategy=strategy, data=data, samples=samples, reconstruct=reconstruct, loss=loss,
                          search_budget=search_budget, eval_samples=eval_samples, seed=seed,
                          max_attempts=max_attempts, margin=margin, refit=refit, correct_epochs=correct_epochs,
-                         correct_seconds=correct_seconds, progress=progress,
+                         correct_seconds=correct_seconds, progress=progress, search_prior=search_prior,
                          t_start=t_start)
     finally:
         prep.close()
@@ -310,7 +312,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
 
 def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_table_path, cache_dir, use_cache,
               strategy, data, samples, reconstruct, loss, search_budget, eval_samples, seed, max_attempts, margin, refit,
-              correct_epochs, correct_seconds, progress, t_start) -> dict:
+              correct_epochs, correct_seconds, progress, t_start, search_prior="shape") -> dict:
     from spdy_onnx import strategies  # the accuracy side: calibration, database, search
 
     phases: dict[str, float] = {}
@@ -342,7 +344,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     chooser = strategies.make_chooser(
         strategy, prep=prep, sites=sites, table=table, data=data, samples=samples, reconstruct=reconstruct,
         loss=loss, search_budget=search_budget, eval_samples=eval_samples, seed=seed, cache_dir=cache_dir,
-        progress=progress, refit=refit, correct_epochs=correct_epochs, correct_seconds=correct_seconds)
+        progress=progress, refit=refit, correct_epochs=correct_epochs, correct_seconds=correct_seconds,
+        search_prior=search_prior)
     phases["calibration_s"] = time.perf_counter() - t0
 
     attempts = []

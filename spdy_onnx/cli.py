@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-budget", default=None,
                    help="SPDY search budget: a number of evaluations (600) or a time (5m, 90s); "
                         "default: the paper's schedule, stopped after 40 s")
+    p.add_argument("--search-prior", choices=["shape", "losses"], default="shape",
+                   help="what SPDY's coefficients scale: the paper's quadratic shape (default), or each site's "
+                        "measured loss curve (the dp-loss errors: sites x levels evaluations, taken from the "
+                        "search's time; the search then starts from dp-loss's profile)")
     p.add_argument("--eval-samples", type=int, default=None,
                    help="calibration samples each search candidate is scored on, the same ones for every "
                         "candidate (default: 16; at least one batch). More samples give a less noisy loss "
@@ -180,6 +184,7 @@ def _run(args) -> int:
                 latency_table=args.latency_table, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                 strategy=args.strategy, data=args.data, samples=args.samples, reconstruct=args.reconstruct,
                 loss=args.loss, search_budget=args.search_budget, eval_samples=args.eval_samples, seed=args.seed,
+                search_prior=args.search_prior,
                 max_attempts=args.max_attempts, margin=args.margin, refit=args.refit,
                 correct_epochs=args.correct_epochs, correct_budget=args.correct_budget, progress=progress,
                 runtime_options={"repeats": args.repeats})

@@ -22,6 +22,8 @@ N_INIT = 100
 PATIENCE = 100
 DEFAULT_SECONDS = 40.0   # the paper's schedule is capped in time unless --search-budget says otherwise
 RESOLVE_EVALS = 30   # a re-solve under a tighter budget re-maps the best c and refines it briefly
+PRIORS = ("shape", "losses")
+MIN_SECONDS = 10.0   # the search keeps at least this long after the loss curves
 
 
 def parse_budget(text) -> tuple[int | None, float | None]:
@@ -47,11 +49,12 @@ def error_shape(n_levels: int) -> np.ndarray:
 
 def spdy_search(n_sites: int, n_levels: int, profile_of, loss_of, *, seed: int = 0, n_init: int = N_INIT,
                 patience: int = PATIENCE, max_evals: int | None = None, max_seconds: float | None = None,
-                start: np.ndarray | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, float, dict]:
+                start: np.ndarray | None = None, seeds=(), progress: bool = True) -> tuple[np.ndarray, np.ndarray, float, dict]:
     """Random initial coefficients, then shrinking-neighbourhood local search.
 
     profile_of(c) -> picks meeting the budget; loss_of(picks) -> float. Returns (best c, its picks,
-    its loss, stats). With `start`, the random phase is skipped and the search refines `start`.
+    its loss, stats). With `start`, the random phase is skipped and the search refines `start`;
+    `seeds` are evaluated before the random ones.
     """
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
@@ -74,7 +77,8 @@ def spdy_search(n_sites: int, n_levels: int, profile_of, loss_of, *, seed: int =
     bar = tqdm(desc="search", unit="eval", disable=not progress, leave=False, total=max_evals)
     best_c = best_picks = None
     best_loss = np.inf
-    inits = [start] if start is not None else [rng.uniform(0, 1, n_sites) for _ in range(n_init)]
+    inits = [start] if start is not None else \
+        [np.asarray(c, dtype=np.float64) for c in seeds] + [rng.uniform(0, 1, n_sites) for _ in range(n_init)]
     for c in inits:
         picks, loss = evaluate(c)
         bar.update(1)
@@ -107,28 +111,52 @@ def spdy_search(n_sites: int, n_levels: int, profile_of, loss_of, *, seed: int =
 class SpdySearch(Chooser):
     """Chooser running the search; later re-solves (tighter budgets) refine the best c found so far."""
 
-    def __init__(self, *, search_budget=None, seed=0, progress=True, **kw):
+    def __init__(self, *, search_budget=None, seed=0, progress=True, prior: str = "shape", **kw):
         super().__init__(**kw)
         self.max_evals, self.max_seconds = parse_budget(search_budget)
         if search_budget is None:
             self.max_seconds = DEFAULT_SECONDS
+        if prior not in PRIORS:
+            raise SpdyError(f"unknown --search-prior '{prior}'; choose one of: {', '.join(PRIORS)}")
         self.seed = seed
         self.progress = progress
+        self.prior = prior
+        self.shape = None   # (sites, levels) error shape the coefficients scale
         self.best_c = None
 
+    def _error_shape(self, n_sites: int, n_levels: int) -> np.ndarray:
+        """SPDY's quadratic shape, or with --search-prior losses each site's measured loss curve (the
+        dp-loss errors, n_sites x (n_levels - 1) evaluations, taken out of the search's time). With the
+        curves the first candidate, c = 1, is exactly dp-loss's profile, so the search starts from it
+        and keeps it unless it finds better."""
+        if self.shape is not None:
+            return self.shape
+        if self.prior == "losses":
+            t0 = time.perf_counter()
+            self.shape = single_site_losses(self.evaluator, n_levels, progress=self.progress)
+            spent = time.perf_counter() - t0
+            self.info["search_prior"] = {"kind": "losses", "seconds": spent}
+            if self.max_seconds is not None:
+                self.max_seconds = max(MIN_SECONDS, self.max_seconds - spent)
+        else:
+            self.shape = np.tile(error_shape(n_levels), (n_sites, 1))
+            self.info["search_prior"] = {"kind": "shape"}
+        return self.shape
+
     def choose(self, times, budget):
-        shape = error_shape(times.shape[1])
+        shape = self._error_shape(times.shape[0], times.shape[1])
 
         def profile_of(c):
-            return solve_dp(np.asarray(c)[:, None] * shape[None, :], times, budget, groups=self.groups)
+            return solve_dp(np.asarray(c)[:, None] * shape, times, budget, groups=self.groups)
 
         profile_of(np.zeros(times.shape[0]))  # raises Infeasible early
         refine = self.best_c is not None
+        measured_prior = self.info.get("search_prior", {}).get("kind") == "losses"
         c, picks, loss, stats = spdy_search(
             times.shape[0], times.shape[1], profile_of, self.evaluator.loss, seed=self.seed + (1 if refine else 0),
             max_evals=self.max_evals if not refine else RESOLVE_EVALS,
             max_seconds=self.max_seconds, start=self.best_c, patience=PATIENCE if not refine else RESOLVE_EVALS,
-            progress=self.progress)
+            seeds=[np.ones(times.shape[0])] if measured_prior else (), progress=self.progress)
         if picks is None:
             raise SpdyError("the calibration loss is NaN or infinite for every candidate the search tried: the "
                             "pruned models' outputs overflow on this data (check the calibration data's scale, "

@@ -154,10 +154,11 @@ class GlobalMagnitude(Chooser):
 
 def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
                  cache_dir, progress, eval_samples: int | None = None, refit: bool = False, correct_epochs: int = 0,
-                 correct_seconds: float | None = None) -> Chooser:
+                 correct_seconds: float | None = None, search_prior: str = "shape") -> Chooser:
     chooser = _make_chooser(strategy, prep=prep, sites=sites, table=table, data=data, samples=samples,
                             reconstruct=reconstruct, loss=loss, search_budget=search_budget, seed=seed,
-                            cache_dir=cache_dir, progress=progress, eval_samples=eval_samples)
+                            cache_dir=cache_dir, progress=progress, eval_samples=eval_samples,
+                            search_prior=search_prior)
     if refit and chooser.evaluator is not None:
         from spdy_onnx.refit import sequential_refit
         dense = {s.weight: chooser.database.weight(s.name, 0) for s in sites}
@@ -180,7 +181,7 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
 
 
 def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
-                  cache_dir, progress, eval_samples=None) -> Chooser:
+                  cache_dir, progress, eval_samples=None, search_prior="shape") -> Chooser:
     from spdy_onnx.database import magnitude_database
 
     levels = list(table.levels)
@@ -226,4 +227,4 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
         return ErrorDP(magnitude_errors(sources, [s.name for s in sites], levels), **common)
     if strategy == "dp-loss":
         return ErrorDP(search.single_site_losses(evaluator, len(levels), progress=progress), **common)
-    return search.SpdySearch(search_budget=search_budget, seed=seed, progress=progress, **common)
+    return search.SpdySearch(search_budget=search_budget, seed=seed, progress=progress, prior=search_prior, **common)

@@ -130,3 +130,21 @@ def test_sequential_refit_lowers_the_loss_and_keeps_the_masks(setup, tmp_path):
             np.testing.assert_array_equal(a[name] == 0, b[name] == 0)     # same masks: same speed
             changed += not np.array_equal(a[name], b[name])
     assert changed >= 2   # later sites see the pruned model's inputs and are corrected
+
+
+def test_search_from_measured_loss_curves_is_never_worse_than_dp_loss(setup, tmp_path):
+    """With each site's measured loss curve as the error shape, c = 1 is dp-loss's own profile: the
+    search starts there and keeps it unless it finds a lower calibration loss."""
+    path, data, table_path = setup
+    kw = dict(correct_epochs=0)
+    dp = run(path, data, table_path, tmp_path / "dp.onnx", strategy="dp-loss", **kw)
+    spdy = run(path, data, table_path, tmp_path / "s.onnx", strategy="spdy", search_prior="losses",
+               search_budget="20", **kw)
+    assert spdy["quality"]["search_prior"]["kind"] == "losses"
+    assert spdy["quality"]["calibration_loss"] <= dp["quality"]["calibration_loss"] + 1e-12
+    shape = run(path, data, table_path, tmp_path / "q.onnx", strategy="spdy", search_prior="shape", **kw)
+    assert shape["quality"]["search_prior"]["kind"] == "shape"
+    default = run(path, data, table_path, tmp_path / "a.onnx", strategy="spdy", **kw)
+    assert default["quality"]["search_prior"]["kind"] == "shape"
+    with pytest.raises(api.SpdyError, match="search-prior"):
+        run(path, data, table_path, tmp_path / "x.onnx", search_prior="bogus")
