@@ -11,70 +11,46 @@ It prints the predicted and measured speedups side by side. Run it on a quiet ma
 """
 from __future__ import annotations
 
-import argparse
-import os
 from pathlib import Path
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+import numpy as np
+from magnitude_profiles import MagnitudeProfiles, parser
 
-import numpy as np  # noqa: E402
-
-from spdy_onnx import api, graph, modelio  # noqa: E402
-from spdy_onnx.database import magnitude_database  # noqa: E402
-from spdy_onnx.passes.prune import write_weights  # noqa: E402
-from spdy_onnx.scores import magnitude_errors  # noqa: E402
-from spdy_onnx.solver import solve_dp  # noqa: E402
+from spdy_onnx.solver import solve_dp
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--cores", type=int, default=1)
+    p = parser(__doc__)
     p.add_argument("--aims", default="1.2,1.35", help="speedups to solve for, comma-separated")
     p.add_argument("--repeats", type=int, default=2, help="end-to-end measurements of each profile")
-    p.add_argument("--cache-dir", default=None)
     args = p.parse_args(argv)
 
-    prep = api.Prepared(args.model, runtime="deepsparse", batch_size=args.batch_size, cores=args.cores,
-                        input_shapes=None, exclude=None, include=None, min_weights=graph.DEFAULT_MIN_WEIGHTS, progress=False)
+    m = MagnitudeProfiles(args.model, batch_size=args.batch_size, cores=args.cores, cache_dir=args.cache_dir)
     try:
-        table = api.latency_table(prep, cache_dir=args.cache_dir)
-        sites = [s for s in prep.sites if s.name in table.times]
-        names = [s.name for s in sites]
-        groups = table.tied_groups(names)
-        times = table.matrix(names)
-        sources = graph.read_weights(prep.model, sites)
-        errors = magnitude_errors(sources, names, list(table.levels))
-        database = magnitude_database(sites, sources, list(table.levels), table.pattern)
-        feeds = modelio.example_inputs(prep.specs)
+        groups = m.table.tied_groups(m.names)
         rows = []
         for aim in [float(a) for a in args.aims.split(",")]:
-            budget = table.dense_total_ms / aim - table.fixed_ms(names)
             for kind, tie in (("untied", None), ("tied", groups)):
-                picks = solve_dp(errors, times, budget, groups=tie)
-                profile = {n: int(j) for n, j in zip(names, picks)}
-                mixed = sum(len({profile[names[i]] for i in g}) > 1 for g in groups)
-                pruned = write_weights(prep.model, {s.weight: database.weight(s.name, profile[s.name]) for s in sites})
-                candidate = prep.static_copy(pruned, f"{kind}-{aim}")
-                measured = [prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=args.batch_size,
-                                                 feeds=feeds).speedup for _ in range(args.repeats)]
-                sparsity = sum(table.levels[profile[s.name]] * s.n_weights for s in sites) / sum(s.n_weights for s in sites)
-                rows.append((aim, kind, mixed, table.predicted_speedup(profile), measured, sparsity))
+                picks = solve_dp(m.errors, m.times, m.budget(aim), groups=tie)
+                profile = {n: int(j) for n, j in zip(m.names, picks)}
+                mixed = sum(len({profile[m.names[i]] for i in g}) > 1 for g in groups)
+                candidate = m.write(profile, f"{kind}-{aim}")
+                measured = [m.speedup(candidate) for _ in range(args.repeats)]
+                rows.append((aim, kind, mixed, m.table.predicted_speedup(profile), measured, m.sparsity(profile)))
                 print(f"aim {aim:g} {kind}: predicted {rows[-1][3]:.3f}x, measured "
-                      f"{', '.join(f'{m:.3f}x' for m in measured)}", flush=True)
+                      f"{', '.join(f'{v:.3f}x' for v in measured)}", flush=True)
     finally:
-        prep.close()
+        m.close()
 
     print(f"\nmodel {Path(args.model).name} | DeepSparse, {args.cores} core(s), batch {args.batch_size} | "
-          f"{len(sites)} sites, {len(groups)} fused groups among them (sizes "
+          f"{len(m.sites)} sites, {len(groups)} fused groups among them (sizes "
           f"{', '.join(str(len(g)) for g in groups) or '-'}) | magnitude errors, magnitude weights | "
-          f"{args.repeats} interleaved measurements of {prep.runtime.rounds} rounds each")
+          f"{args.repeats} interleaved measurements of {m.prep.runtime.rounds} rounds each")
     print("| aim | DP | fused groups left mixed | predicted | measured (median) | measured / predicted | sparsity |")
     print("|---|---|---|---|---|---|---|")
     for aim, kind, mixed, predicted, measured, sparsity in rows:
         med = float(np.median(measured))
-        print(f"| {aim:g}x | {kind} | {mixed} | {predicted:.3f}x | {med:.3f}x ({', '.join(f'{m:.3f}' for m in measured)}) "
+        print(f"| {aim:g}x | {kind} | {mixed} | {predicted:.3f}x | {med:.3f}x ({', '.join(f'{v:.3f}' for v in measured)}) "
               f"| {med / predicted:.3f} | {sparsity:.0%} |")
 
 
