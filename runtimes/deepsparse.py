@@ -23,6 +23,7 @@ from spdy_onnx.journal import Journal  # noqa: E402
 from spdy_onnx.levels import log_density_grid  # noqa: E402
 from spdy_onnx.runtimes import Comparison  # noqa: E402
 from spdy_onnx.runtimes.cpu_load import ForeignLoad  # noqa: E402
+from spdy_onnx.solver import tied_units  # noqa: E402
 from spdy_onnx.tables import LatencyTable  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,12 @@ STEADY_SPREAD = 0.02            # nor when the dense model, re-measured first, i
 
 
 def merge_groups(groups: list[list[str]], known: set[str]) -> list[list[str]]:
-    """Overlapping groups merged, sites without times dropped, groups of one left out; sorted."""
-    merged: list[set[str]] = []
-    for group in groups:
-        members = {n for n in group if n in known}
-        for other in [m for m in merged if m & members]:
-            members |= other
-            merged.remove(other)
-        merged.append(members)
-    return sorted(sorted(m) for m in merged if len(m) > 1)
+    """Overlapping groups merged (the solver's tied units), sites without times dropped, groups of one
+    left out; sorted."""
+    names = sorted({n for g in groups for n in g if n in known})
+    index = {n: i for i, n in enumerate(names)}
+    units = tied_units(len(names), [[index[n] for n in g if n in index] for g in groups])
+    return sorted(sorted(names[i] for i in u) for u in units if len(u) > 1)
 
 
 class DeepSparseRuntime:

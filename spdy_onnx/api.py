@@ -37,12 +37,12 @@ AIM_RESOLUTION = 0.03
 # (benchmarks/results/architectures.md: a grouped ResNet-18, 2.50x predicted, 1.14x measured), and a target the engine cannot reach should fail
 # in a minute, not after the database and the search. The result is cached with the table.
 FASTEST_CHECK_RATIO = 2.0
-FASTEST_SLACK = 0.03
+FASTEST_SLACK = 0.03          # refuse only when even a run this much luckier would miss the requirement
 # A draft that misses the requirement by less than this is measured once more and the two pooled before
 # the aim goes up: a miss this small is within compile-to-compile noise, and on MobileNetV2 raising the
 # aim by one such miss (1.10x measured for 1.12x) nearly doubled the calibration loss of the kept profile
 # (benchmarks/results/accuracy_mobilenetv2_fused.json, SPDY at 1.1x: 0.052 at the first aim, 0.099 after).
-NEAR_MISS = 0.03          # refuse only when even a run this much luckier would miss the requirement
+NEAR_MISS = 0.03
 STRATEGIES = ("spdy", "uniform", "global-magnitude", "dp-loss", "magnitude-dp")
 
 
@@ -292,8 +292,9 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     if correct_epochs < 0:
         raise SpdyError(f"correction epochs must be >= 0, got {correct_epochs}")
     correct_seconds = parse_seconds(correct_budget, what="--correct-budget")
-    if search_prior not in ("shape", "losses"):
-        raise SpdyError(f"unknown --search-prior '{search_prior}'; choose one of: shape, losses")
+    from spdy_onnx.search import PRIORS
+    if search_prior not in PRIORS:
+        raise SpdyError(f"unknown --search-prior '{search_prior}'; choose one of: {', '.join(PRIORS)}")
 
     prep = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
                     exclude=exclude, include=include, min_weights=min_weights, progress=progress,

@@ -116,8 +116,6 @@ class SpdySearch(Chooser):
         self.max_evals, self.max_seconds = parse_budget(search_budget)
         if search_budget is None:
             self.max_seconds = DEFAULT_SECONDS
-        if prior not in PRIORS:
-            raise SpdyError(f"unknown --search-prior '{prior}'; choose one of: {', '.join(PRIORS)}")
         self.seed = seed
         self.progress = progress
         self.prior = prior
