@@ -300,7 +300,7 @@ def main(argv=None):
                    help="batch size to time at (default: per model, MiniLM 1, MobileNetV2 16)")
     p.add_argument("--correct-epochs", type=int, default=None,
                    help="optimize's global correction epochs (default: optimize's default)")
-    p.add_argument("--search-prior", choices=["shape", "losses"], default=None,
+    p.add_argument("--search-prior", choices=["auto", "shape", "losses"], default=None,
                    help="optimize's --search-prior (default: optimize's own)")
     p.add_argument("--reconstruct", choices=["obs", "magnitude"], default=None,
                    help="optimize's --reconstruct (default: optimize's own)")

@@ -270,7 +270,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
              reconstruct: str = "obs", loss: str = "auto", search_budget=None, eval_samples: int | None = None,
              seed: int = 0, max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = False,
              correct_epochs: int = DEFAULT_CORRECT_EPOCHS, correct_budget=None, progress: bool = True,
-             runtime_options: dict | None = None, search_prior: str = "shape") -> dict:
+             runtime_options: dict | None = None, search_prior: str = "auto") -> dict:
     """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report."""
     t_start = time.perf_counter()
     target = parse_target(target)
@@ -313,7 +313,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
 
 def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_table_path, cache_dir, use_cache,
               strategy, data, samples, reconstruct, loss, search_budget, eval_samples, seed, max_attempts, margin, refit,
-              correct_epochs, correct_seconds, progress, t_start, search_prior="shape") -> dict:
+              correct_epochs, correct_seconds, progress, t_start, search_prior="auto") -> dict:
     from spdy_onnx import strategies  # the accuracy side: calibration, database, search
 
     phases: dict[str, float] = {}

@@ -75,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-budget", default=None,
                    help="SPDY search budget: a number of evaluations (600) or a time (5m, 90s); "
                         "default: the paper's schedule, stopped after 40 s")
-    p.add_argument("--search-prior", choices=["shape", "losses"], default="shape",
-                   help="what SPDY's coefficients scale: the paper's quadratic shape (default), or each site's "
-                        "measured loss curve (the dp-loss errors: sites x levels evaluations, taken from the "
-                        "search's time; the search then starts from dp-loss's profile)")
+    p.add_argument("--search-prior", choices=["auto", "shape", "losses"], default="auto",
+                   help="what SPDY's coefficients scale: each site's measured loss curve (the dp-loss errors; "
+                        "the search then starts from dp-loss's profile), or the paper's quadratic shape. "
+                        "losses measures every level; auto (default) measures the curves at as many levels "
+                        "as fit in 3/4 of the search budget, and uses the shape when fewer than 3 fit")
     p.add_argument("--eval-samples", type=int, default=None,
                    help="calibration samples each search candidate is scored on, the same ones for every "
                         "candidate (default: 16; at least one batch). More samples give a less noisy loss "

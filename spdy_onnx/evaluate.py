@@ -176,6 +176,10 @@ class Evaluator:
         return float(np.mean([combined_loss(self.loss_names, ref, self._run(item, fed, sessions), mask)
                               for item, ref, mask in zip(self.feeds, self.reference, self.masks)]))
 
+    def is_cached(self, picks) -> bool:
+        """Whether loss(picks) is already known (this run or the journal of an earlier one)."""
+        return tuple(int(j) for j in picks) in self._memo
+
     def loss(self, picks) -> float:
         key = tuple(int(j) for j in picks)
         if key in self._memo:

@@ -22,8 +22,10 @@ N_INIT = 100
 PATIENCE = 100
 DEFAULT_SECONDS = 40.0   # the paper's schedule is capped in time unless --search-budget says otherwise
 RESOLVE_EVALS = 30   # a re-solve under a tighter budget re-maps the best c and refines it briefly
-PRIORS = ("shape", "losses")
+PRIORS = ("auto", "shape", "losses")
 MIN_SECONDS = 10.0   # the search keeps at least this long after the loss curves
+CURVE_SHARE = 0.75   # auto: the loss curves may take this share of the search's budget
+MIN_CURVE_LEVELS = 3   # auto: fewer affordable sparse levels per site than this -> the quadratic shape
 
 
 def parse_budget(text) -> tuple[int | None, float | None]:
@@ -111,7 +113,7 @@ def spdy_search(n_sites: int, n_levels: int, profile_of, loss_of, *, seed: int =
 class SpdySearch(Chooser):
     """Chooser running the search; later re-solves (tighter budgets) refine the best c found so far."""
 
-    def __init__(self, *, search_budget=None, seed=0, progress=True, prior: str = "shape", **kw):
+    def __init__(self, *, search_budget=None, seed=0, progress=True, prior: str = "auto", **kw):
         super().__init__(**kw)
         self.max_evals, self.max_seconds = parse_budget(search_budget)
         if search_budget is None:
@@ -123,23 +125,64 @@ class SpdySearch(Chooser):
         self.best_c = None
 
     def _error_shape(self, n_sites: int, n_levels: int) -> np.ndarray:
-        """SPDY's quadratic shape, or with --search-prior losses each site's measured loss curve (the
-        dp-loss errors, n_sites x (n_levels - 1) evaluations, taken out of the search's time). With the
-        curves the first candidate, c = 1, is exactly dp-loss's profile, so the search starts from it
-        and keeps it unless it finds better."""
+        """What the coefficients scale: each site's measured loss curve, or SPDY's quadratic shape.
+
+        The curves are the dp-loss errors (one evaluation per site and sparse level), so the first
+        candidate, c = 1, is dp-loss's own profile and the search keeps it unless it finds better.
+        `losses` measures every level; `auto` measures the curves at as many evenly spaced levels
+        as fit in CURVE_SHARE of the search budget (linear in between), and falls back to the shape
+        when fewer than MIN_CURVE_LEVELS fit (a large model with slow evaluations). The curves'
+        time comes out of the search's."""
         if self.shape is not None:
             return self.shape
+        measured = None
         if self.prior == "losses":
-            t0 = time.perf_counter()
-            self.shape = single_site_losses(self.evaluator, n_levels, progress=self.progress)
-            spent = time.perf_counter() - t0
-            self.info["search_prior"] = {"kind": "losses", "seconds": spent}
-            if self.max_seconds is not None:
-                self.max_seconds = max(MIN_SECONDS, self.max_seconds - spent)
-        else:
+            measured = list(range(1, n_levels))
+        elif self.prior == "auto":
+            measured = self._affordable_levels(n_sites, n_levels)
+        if measured is None:
             self.shape = np.tile(error_shape(n_levels), (n_sites, 1))
-            self.info["search_prior"] = {"kind": "shape"}
+            self.info.setdefault("search_prior", {}).update(kind="shape")
+            return self.shape
+        t0 = time.perf_counter()
+        self.shape = single_site_losses(self.evaluator, n_levels, levels=measured, progress=self.progress)
+        spent = time.perf_counter() - t0
+        self.info.setdefault("search_prior", {}).update(kind="losses", levels_measured=measured, seconds=spent)
+        log.info("search prior: loss curves of %d sites at %d of %d sparse levels in %.1fs",
+                 n_sites, len(measured), n_levels - 1, spent)
+        if self.max_seconds is not None:
+            self.max_seconds = max(MIN_SECONDS, self.max_seconds - spent)
+        elif self.max_evals is not None:
+            self.max_evals = max(1, self.max_evals - n_sites * len(measured))
         return self.shape
+
+    def _affordable_levels(self, n_sites: int, n_levels: int) -> list[int] | None:
+        """Evenly spaced sparse levels (always the sparsest) whose curves fit the auto share of the
+        budget, timed on one uncached evaluation; evaluations already in the journal are free."""
+        wanted = [(i, j) for i in range(n_sites) for j in range(1, n_levels)]
+        uncached = [(i, j) for i, j in wanted if not self.evaluator.is_cached(one_site(n_sites, i, j))]
+        if not uncached:
+            return list(range(1, n_levels))
+        if self.max_evals is not None:
+            affordable = CURVE_SHARE * self.max_evals
+            per_eval = None
+        else:
+            self.evaluator.loss(np.zeros(n_sites, dtype=np.int64))   # the base every curve subtracts
+            i, j = uncached[0]
+            t0 = time.perf_counter()
+            self.evaluator.loss(one_site(n_sites, i, j))
+            per_eval = max(time.perf_counter() - t0, 1e-6)
+            affordable = CURVE_SHARE * self.max_seconds / per_eval
+        per_site = int(affordable // n_sites)
+        self.info["search_prior"] = {"seconds_per_evaluation": per_eval, "affordable_levels_per_site": per_site}
+        if per_site >= n_levels - 1:
+            return list(range(1, n_levels))
+        if per_site < MIN_CURVE_LEVELS:
+            log.info("search prior: the quadratic shape (loss curves at %d+ levels of %d sites would not fit "
+                     "%.0f%% of the search budget; --search-prior losses measures them anyway)",
+                     MIN_CURVE_LEVELS, n_sites, 100 * CURVE_SHARE)
+            return None
+        return curve_levels(n_levels, per_site)
 
     def choose(self, times, budget):
         shape = self._error_shape(times.shape[0], times.shape[1])
@@ -166,18 +209,38 @@ class SpdySearch(Chooser):
         return picks
 
 
-def single_site_losses(evaluator, n_levels: int, *, progress=True) -> np.ndarray:
-    """dp-loss baseline: loss increase with one site at each level and all others dense."""
+def one_site(n_sites: int, i: int, j: int) -> np.ndarray:
+    """Picks with site i at level j and every other site dense."""
+    picks = np.zeros(n_sites, dtype=np.int64)
+    picks[i] = j
+    return picks
+
+
+def curve_levels(n_levels: int, count: int) -> list[int]:
+    """`count` sparse levels (1..n_levels-1) spread evenly, the sparsest always among them."""
+    points = np.unique(np.round(np.linspace(0, n_levels - 1, count + 1)).astype(int))
+    return [int(j) for j in points if j > 0]
+
+
+def single_site_losses(evaluator, n_levels: int, *, levels=None, progress=True) -> np.ndarray:
+    """dp-loss baseline: loss increase with one site at each level and all others dense.
+
+    With `levels`, only those sparse levels are evaluated and the rest of each curve is linear
+    between them (from 0 at dense); the sparsest level must be among them."""
     n_sites = len(evaluator.sites)
+    levels = list(range(1, n_levels)) if levels is None else sorted(int(j) for j in levels)
+    if not levels or levels[-1] != n_levels - 1 or levels[0] < 1:
+        raise ValueError("levels must be sparse levels and include the sparsest")
     base = evaluator.loss(np.zeros(n_sites, dtype=np.int64))
     errors = np.zeros((n_sites, n_levels))
-    bar = tqdm(total=n_sites * (n_levels - 1), desc="per-site losses", unit="eval", disable=not progress,
+    bar = tqdm(total=n_sites * len(levels), desc="per-site losses", unit="eval", disable=not progress,
                leave=False)
+    points = np.array([0] + levels)
     for i in range(n_sites):
-        for j in range(1, n_levels):
-            picks = np.zeros(n_sites, dtype=np.int64)
-            picks[i] = j
-            errors[i, j] = max(0.0, evaluator.loss(picks) - base)
+        values = [0.0]
+        for j in levels:
+            values.append(max(0.0, evaluator.loss(one_site(n_sites, i, j)) - base))
             bar.update(1)
+        errors[i] = np.interp(np.arange(n_levels), points, values)
     bar.close()
     return errors

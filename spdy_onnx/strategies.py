@@ -154,7 +154,7 @@ class GlobalMagnitude(Chooser):
 
 def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
                  cache_dir, progress, eval_samples: int | None = None, refit: bool = False, correct_epochs: int = 0,
-                 correct_seconds: float | None = None, search_prior: str = "shape") -> Chooser:
+                 correct_seconds: float | None = None, search_prior: str = "auto") -> Chooser:
     chooser = _make_chooser(strategy, prep=prep, sites=sites, table=table, data=data, samples=samples,
                             reconstruct=reconstruct, loss=loss, search_budget=search_budget, seed=seed,
                             cache_dir=cache_dir, progress=progress, eval_samples=eval_samples,
@@ -181,7 +181,7 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
 
 
 def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
-                  cache_dir, progress, eval_samples=None, search_prior="shape") -> Chooser:
+                  cache_dir, progress, eval_samples=None, search_prior="auto") -> Chooser:
     from spdy_onnx.database import magnitude_database
 
     levels = list(table.levels)

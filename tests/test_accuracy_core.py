@@ -12,7 +12,7 @@ from spdy_onnx.errors import SpdyError
 from spdy_onnx.evaluate import Evaluator, kl_divergence, normalised_mse
 from spdy_onnx.database import MagnitudeDatabase
 from spdy_onnx.passes import magnitude_prune
-from spdy_onnx.search import error_shape, parse_budget, spdy_search
+from spdy_onnx.search import SpdySearch, curve_levels, error_shape, parse_budget, single_site_losses, spdy_search
 from spdy_onnx.solver import solve_dp
 
 
@@ -369,3 +369,62 @@ def test_the_correction_minimises_the_loss_the_search_scores(kind, shape, masked
     got = torch_loss(kind, torch.from_numpy(out), torch.from_numpy(ref),
                      None if mask is None else torch.from_numpy(mask))
     assert float(got) == pytest.approx(expected, rel=1e-4)
+
+
+class _CurveEvaluator:
+    """Loss = sum over sites of a known per-site curve; counts what it is asked."""
+
+    def __init__(self, curves):
+        self.curves = np.asarray(curves, dtype=np.float64)
+        self.sites = list(range(self.curves.shape[0]))
+        self.asked = []
+
+    def is_cached(self, picks):
+        return False
+
+    def loss(self, picks):
+        self.asked.append(tuple(int(j) for j in picks))
+        return 0.25 + float(self.curves[np.arange(len(picks)), picks].sum())
+
+
+def test_curve_levels_spread_evenly_and_keep_the_sparsest():
+    assert curve_levels(13, 4) == [3, 6, 9, 12]
+    assert curve_levels(13, 6) == [2, 4, 6, 8, 10, 12]
+    assert curve_levels(13, 12) == list(range(1, 13))
+    for n, k in itertools.product(range(3, 15), range(1, 14)):
+        levels = curve_levels(n, k)
+        assert levels[-1] == n - 1 and levels == sorted(set(levels)) and 1 <= len(levels) <= k
+
+
+def test_loss_curves_on_some_levels_are_exact_there_and_linear_between():
+    rng = np.random.default_rng(0)
+    curves = np.cumsum(rng.uniform(0, 1, (3, 7)), axis=1)
+    curves[:, 0] = 0
+    full = single_site_losses(_CurveEvaluator(curves), 7, progress=False)
+    np.testing.assert_allclose(full, curves)
+    ev = _CurveEvaluator(curves)
+    some = single_site_losses(ev, 7, levels=[3, 6], progress=False)
+    assert len(ev.asked) == 1 + 3 * 2                      # the dense base, then 2 levels per site
+    np.testing.assert_allclose(some[:, [0, 3, 6]], curves[:, [0, 3, 6]])
+    np.testing.assert_allclose(some[:, 1], curves[:, 3] / 3)
+    np.testing.assert_allclose(some[:, 5], (curves[:, 3] + 2 * curves[:, 6]) / 3)
+    with pytest.raises(ValueError):
+        single_site_losses(ev, 7, levels=[2, 4], progress=False)   # the sparsest is missing
+
+
+def test_auto_prior_spends_three_quarters_of_an_evaluation_budget_on_curves():
+    curves = np.tile((np.arange(13) / 12.0) ** 2, (4, 1))
+    ev = _CurveEvaluator(curves)
+    search = SpdySearch(search_budget="40", progress=False, sites=[_Named(i) for i in range(4)],
+                        levels=list(np.linspace(0, 0.9, 13)), database=None, evaluator=ev)
+    shape = search._error_shape(4, 13)
+    # 3/4 of 40 evaluations = 30: 7 sparse levels per site of the 12
+    assert search.info["search_prior"]["levels_measured"] == curve_levels(13, 7)
+    assert len(ev.asked) == 1 + 4 * len(curve_levels(13, 7))
+    assert search.max_evals == 40 - 4 * len(curve_levels(13, 7))
+    np.testing.assert_allclose(shape[:, curve_levels(13, 7)], curves[:, curve_levels(13, 7)])
+
+
+class _Named:
+    def __init__(self, i):
+        self.name = f"s{i}"

@@ -144,7 +144,25 @@ def test_search_from_measured_loss_curves_is_never_worse_than_dp_loss(setup, tmp
     assert spdy["quality"]["calibration_loss"] <= dp["quality"]["calibration_loss"] + 1e-12
     shape = run(path, data, table_path, tmp_path / "q.onnx", strategy="spdy", search_prior="shape", **kw)
     assert shape["quality"]["search_prior"]["kind"] == "shape"
-    default = run(path, data, table_path, tmp_path / "a.onnx", strategy="spdy", **kw)
-    assert default["quality"]["search_prior"]["kind"] == "shape"
     with pytest.raises(api.SpdyError, match="search-prior"):
         run(path, data, table_path, tmp_path / "x.onnx", search_prior="bogus")
+
+
+def test_auto_prior_measures_the_curves_it_can_afford(setup, tmp_path):
+    """auto (the default): every level when the curves fit 3/4 of the budget, evenly spaced levels with
+    the sparsest when only some do, the quadratic shape when too few do."""
+    path, data, table_path = setup
+    kw = dict(correct_epochs=0, strategy="spdy")
+    n_sites = len(graph.find_sites(onnx.load(path))[0])
+    roomy = run(path, data, table_path, tmp_path / "a.onnx", search_budget=None, **kw)["quality"]["search_prior"]
+    assert roomy["kind"] == "losses" and roomy["levels_measured"] == [1, 2, 3]
+    # curves already in the evaluation journal cost nothing, so a tight budget still uses them
+    cached = run(path, data, table_path, tmp_path / "b.onnx", search_budget=str(2 * n_sites), **kw)
+    assert cached["quality"]["search_prior"]["kind"] == "losses"
+    # cold: 1 sparse level per site fits in 3/4 of 2 evaluations per site, under the minimum of 3
+    tight = run(path, data, table_path, tmp_path / "c.onnx", search_budget=str(2 * n_sites),
+                cache_dir=tmp_path / "cold-1", **kw)["quality"]["search_prior"]
+    assert tight["kind"] == "shape" and tight["affordable_levels_per_site"] == 1
+    timed_out = run(path, data, table_path, tmp_path / "d.onnx", search_budget="0.001s",
+                    cache_dir=tmp_path / "cold-2", **kw)["quality"]["search_prior"]
+    assert timed_out["kind"] == "shape" and timed_out["seconds_per_evaluation"] > 0
