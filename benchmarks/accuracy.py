@@ -437,7 +437,7 @@ def run_one(name, onnx_path, calib, table_path, task, *, strategy, target, args,
                    correct_s=_sum_phase(phases, "correct_s_"),
                    loss_before_correction=quality.get("calibration_loss_before_correction"),
                    correction=quality.get("global_correction"),
-                   search=quality.get("search"),
+                   search=quality.get("search"), search_prior=quality.get("search_prior"),
                    attempt_speedups=[(a.get("predicted_speedup"), a.get("measured_speedup"))
                                      for a in rep.get("attempts", [])],
                    profile={s["name"]: s["sparsity"] for s in rep.get("sites", [])})
