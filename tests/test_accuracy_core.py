@@ -382,6 +382,10 @@ class _CurveEvaluator:
     def is_cached(self, picks):
         return False
 
+    @property
+    def evaluations(self):
+        return len(self.asked)
+
     def loss(self, picks):
         self.asked.append(tuple(int(j) for j in picks))
         return 0.25 + float(self.curves[np.arange(len(picks)), picks].sum())
@@ -423,6 +427,20 @@ def test_auto_prior_spends_three_quarters_of_an_evaluation_budget_on_curves():
     assert len(ev.asked) == 1 + 4 * len(curve_levels(13, 7))
     assert search.max_evals == 40 - 4 * len(curve_levels(13, 7))
     np.testing.assert_allclose(shape[:, curve_levels(13, 7)], curves[:, curve_levels(13, 7)])
+
+
+def test_measured_curves_leave_most_of_a_small_budget_to_local_search():
+    """The random starts take at most a third of the evaluations the budget affords."""
+    def search(budget, per_eval=None):
+        s = SpdySearch(search_budget=budget, progress=False, sites=[_Named(i) for i in range(4)],
+                       levels=[0.0, 0.5, 0.9], database=None, evaluator=_CurveEvaluator(np.zeros((4, 3))))
+        if per_eval is not None:
+            s.info["search_prior"] = {"seconds_per_evaluation": per_eval}
+        return s._random_starts()
+    assert search("64") == 21
+    assert search("3000") == 100                   # the paper's 100 when the budget is large
+    assert search("30s", per_eval=0.25) == 40      # 120 evaluations fit in 30 s
+    assert search("30s") == 100                    # no timing known: the paper's schedule
 
 
 class _Named:
