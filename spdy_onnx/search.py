@@ -128,7 +128,7 @@ class SpdySearch(Chooser):
         """What the coefficients scale: each site's measured loss curve, or SPDY's quadratic shape.
 
         The curves are the dp-loss errors (one evaluation per site and sparse level), so the first
-        candidate, c = 1, is dp-loss's own profile and the search keeps it unless it finds better.
+        candidate, a constant c, is dp-loss's own profile and the search keeps it unless it finds better.
         `losses` measures every level; `auto` measures the curves at as many evenly spaced levels
         as fit in CURVE_SHARE of the search budget (linear in between), and falls back to the shape
         when fewer than MIN_CURVE_LEVELS fit (a large model with slow evaluations). The curves'
