@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what SPDY's coefficients scale: each site's measured loss curve (the dp-loss errors; "
                         "the search then starts from dp-loss's profile), or the paper's quadratic shape. "
                         "losses measures every level; auto (default) measures the curves at as many levels "
-                        "as fit in 3/4 of the search budget, and uses the shape when fewer than 3 fit")
+                        "as fit in 3/4 of the search budget, and uses the shape when fewer than 2 fit")
     p.add_argument("--eval-samples", type=int, default=None,
                    help="calibration samples each search candidate is scored on, the same ones for every "
                         "candidate (default: 16; at least one batch). More samples give a less noisy loss "

@@ -25,7 +25,8 @@ RESOLVE_EVALS = 30   # a re-solve under a tighter budget re-maps the best c and 
 PRIORS = ("auto", "shape", "losses")
 MIN_SECONDS = 10.0   # the search keeps at least this long after the loss curves
 CURVE_SHARE = 0.75   # auto: the loss curves may take this share of the search's budget
-MIN_CURVE_LEVELS = 3   # auto: fewer affordable sparse levels per site than this -> the quadratic shape
+MIN_CURVE_LEVELS = 2   # auto: fewer affordable sparse levels per site than this -> the quadratic shape
+TIMED_EVALUATIONS = 3   # auto: the median of this many evaluations sets the cost of one
 
 
 def parse_budget(text) -> tuple[int | None, float | None]:
@@ -161,7 +162,8 @@ class SpdySearch(Chooser):
 
     def _affordable_levels(self, n_sites: int, n_levels: int) -> list[int] | None:
         """Evenly spaced sparse levels (always the sparsest) whose curves fit the auto share of the
-        budget, timed on one uncached evaluation; evaluations already in the journal are free."""
+        budget, timed on a few uncached evaluations (one timing on a noisy machine flipped MiniLM-L6
+        between curves and shape); evaluations already in the journal are free."""
         wanted = [(i, j) for i in range(n_sites) for j in range(1, n_levels)]
         uncached = [(i, j) for i, j in wanted if not self.evaluator.is_cached(one_site(n_sites, i, j))]
         if not uncached:
@@ -171,10 +173,14 @@ class SpdySearch(Chooser):
             per_eval = None
         else:
             self.evaluator.loss(np.zeros(n_sites, dtype=np.int64))   # the base every curve subtracts
-            i, j = uncached[0]
-            t0 = time.perf_counter()
-            self.evaluator.loss(one_site(n_sites, i, j))
-            per_eval = max(time.perf_counter() - t0, 1e-6)
+            # the sparsest levels first: every choice of levels measures them
+            uncached.sort(key=lambda ij: (-ij[1], ij[0]))
+            spent = []
+            for i, j in uncached[:TIMED_EVALUATIONS]:
+                t0 = time.perf_counter()
+                self.evaluator.loss(one_site(n_sites, i, j))
+                spent.append(time.perf_counter() - t0)
+            per_eval = max(float(np.median(spent)), 1e-6)
             affordable = CURVE_SHARE * self.max_seconds / per_eval
         per_site = int(affordable // n_sites)
         self.info["search_prior"] = {"seconds_per_evaluation": per_eval, "affordable_levels_per_site": per_site}

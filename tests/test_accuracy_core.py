@@ -1,5 +1,6 @@
 """Calibration, Hessians, OBS reconstruction, the evaluator and the SPDY search."""
 import itertools
+import time
 
 import numpy as np
 import onnx
@@ -427,6 +428,22 @@ def test_auto_prior_spends_three_quarters_of_an_evaluation_budget_on_curves():
     assert len(ev.asked) == 1 + 4 * len(curve_levels(13, 7))
     assert search.max_evals == 40 - 4 * len(curve_levels(13, 7))
     np.testing.assert_allclose(shape[:, curve_levels(13, 7)], curves[:, curve_levels(13, 7)])
+
+
+def test_one_slow_evaluation_does_not_decide_the_prior():
+    """auto times several evaluations and takes the median: one stall (a noisy machine) must not
+    switch a model whose curves fit the budget to the quadratic shape."""
+    class StallsOnce(_CurveEvaluator):
+        def loss(self, picks):
+            if len(self.asked) == 1:          # the first evaluation after the dense base
+                time.sleep(0.5)
+            return super().loss(picks)
+    ev = StallsOnce(np.tile((np.arange(13) / 12.0) ** 2, (4, 1)))
+    search = SpdySearch(search_budget="2s", progress=False, sites=[_Named(i) for i in range(4)],
+                        levels=list(np.linspace(0, 0.9, 13)), database=None, evaluator=ev)
+    search._error_shape(4, 13)
+    assert search.info["search_prior"]["kind"] == "losses"
+    assert search.info["search_prior"]["seconds_per_evaluation"] < 0.1
 
 
 def test_measured_curves_leave_most_of_a_small_budget_to_local_search():

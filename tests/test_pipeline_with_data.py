@@ -159,7 +159,7 @@ def test_auto_prior_measures_the_curves_it_can_afford(setup, tmp_path):
     # curves already in the evaluation journal cost nothing, so a tight budget still uses them
     cached = run(path, data, table_path, tmp_path / "b.onnx", search_budget=str(2 * n_sites), **kw)
     assert cached["quality"]["search_prior"]["kind"] == "losses"
-    # cold: 1 sparse level per site fits in 3/4 of 2 evaluations per site, under the minimum of 3
+    # cold: 1 sparse level per site fits in 3/4 of 2 evaluations per site, under the minimum of 2
     tight = run(path, data, table_path, tmp_path / "c.onnx", search_budget=str(2 * n_sites),
                 cache_dir=tmp_path / "cold-1", **kw)["quality"]["search_prior"]
     assert tight["kind"] == "shape" and tight["affordable_levels_per_site"] == 1
