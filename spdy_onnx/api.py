@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 
-from spdy_onnx import cache, graph, modelio
+from spdy_onnx import cache, context, graph, modelio
 from spdy_onnx.errors import InfeasibleTarget, SpdyError, TargetMissed
 from spdy_onnx.journal import Journal
 from spdy_onnx.levels import parse_levels
@@ -152,7 +152,7 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     shapes = {k: list(v[0]) for k, v in prep.specs.items()}
     key = cache.cache_key(model=prep.digest, engine=prep.runtime.fingerprint(), batch=prep.batch_size,
                           shapes=shapes, levels=level_list, pattern=prep.runtime.pattern,
-                          sites=sorted(s.name for s in prep.all_sites), table_format=2)   # 2: fused groups
+                          sites=sorted(s.name for s in prep.all_sites), table_format=3)   # 3: level factors
     path = Path(cache_dir or cache.default_cache_dir()) / "tables" / f"{key}.json"
     feeds = feeds if feeds is not None else modelio.example_inputs(prep.specs)
     if use_cache:
@@ -166,6 +166,12 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     partial = path.with_suffix(".partial.jsonl")
     table = prep.runtime.measure(str(prep.dense_static()), prep.all_sites, levels=level_list,
                                  batch_size=prep.batch_size, feeds=feeds, aliases=aliases, checkpoint=partial)
+    total_ms = getattr(prep.runtime, "dense_check_ms", None)
+    if total_ms is not None and table.pattern == "unstructured":
+        measured = context.measure_level_factors(
+            prep, table, lambda path: total_ms(str(path), batch_size=prep.batch_size, feeds=feeds))
+        if measured is not None:
+            table.level_factors, table.meta["level_context"] = measured
     table.meta.update({"model_sha256": prep.digest, "input_shapes": shapes, "seconds": time.perf_counter() - t0,
                        "model": prep.path.name})
     table.validate()
@@ -185,7 +191,7 @@ def fastest_profile_speedup(prep: Prepared, table: LatencyTable, sites, *, cache
     names = [s.name for s in sites]
     picks = table.fastest_picks(names)
     key = cache.cache_key(model=prep.digest, engine=prep.runtime.fingerprint(), batch=prep.batch_size,
-                          table=[table.levels, table.dense_total_ms, table.times], picks=[int(j) for j in picks],
+                          table=[table.levels, table.dense_total_ms, table.times, table.level_factors], picks=[int(j) for j in picks],
                           kind="fastest-profile")
     path = Path(cache_dir or cache.default_cache_dir()) / "fastest" / f"{key}.json"
     if use_cache:
@@ -568,7 +574,7 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
             j = profile[site.name]
             per_site.append({"name": site.name, "op_type": site.op_type, "sparsity": levels[j],
                              "actual_sparsity": sparsity_of(weights[site.weight]),
-                             "dense_ms": table.times[site.name][0], "ms_at_chosen": table.times[site.name][j],
+                             "dense_ms": table.times[site.name][0], "ms_at_chosen": table.site_ms(site.name, j),
                              "n_weights": site.n_weights})
         else:
             row = table.times.get(site.name)

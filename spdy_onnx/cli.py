@@ -204,6 +204,10 @@ def _run(args) -> int:
                 print(f"{n[:40]:40s} {row[0]:9.3f} {row[j]:10.3f} {table.levels[j]:6.3f}")
             print(f"\ndense total {table.dense_total_ms:.3f} ms; sites {len(table.times)}; "
                   f"largest achievable speedup (all sites) {table.max_speedup(list(table.times)):.3f}x")
+            if table.level_factors and max(table.level_factors) > 1.0:
+                low = [f"{v:g}" for v, f in zip(table.levels, table.level_factors) if f > 1.0]
+                print(f"levels {', '.join(low)} count {max(table.level_factors):.2f}x their time: measured among "
+                      "pruned neighbours, where they run slower than in their own run")
             if table.fused_groups:
                 print(f"{len(table.fused_groups)} group(s) of sites the engine fuses, each kept at one level: "
                       + "; ".join(f"{len(g)} sites from {g[0]}" for g in table.fused_groups))

@@ -7,6 +7,10 @@ minus the dense time of the sites being chosen for. Sites left dense (excluded) 
 while such sites share one level: DeepSparse runs MobileNetV2's dense expand-depthwise-project blocks
 as one kernel, and a profile predicted at 1.30x with some of them sparse and others dense measured
 1.17x; tied, a profile with the same prediction measured 1.32x (benchmarks/results/fused_groups_mobilenetv2.txt).
+
+`level_factors` (one per level, empty meaning all 1) scale the sites' times at a level in the solver and
+the prediction, never the dense total or the fixed time: a dense or lightly pruned site among pruned
+ones costs more than the level's own run says (spdy_onnx.context measures by how much).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class LatencyTable:
     pattern: str = "unstructured"
     meta: dict = field(default_factory=dict)  # engine version, cpu, cores, batch, shapes, model digest, spread
     fused_groups: list[list[str]] = field(default_factory=list)   # sites that must share one level
+    level_factors: list[float] = field(default_factory=list)       # per level, empty: all 1 (see above)
 
     def validate(self) -> "LatencyTable":
         if not self.levels or self.levels[0] != 0.0:
@@ -45,6 +50,9 @@ class LatencyTable:
                 raise SpdyError(f"latency table: site '{name}' has {len(row)} times for {len(self.levels)} levels")
             if not all(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0 for t in row):
                 raise SpdyError(f"latency table: site '{name}' has a negative or non-numeric time")
+        if self.level_factors and (len(self.level_factors) != len(self.levels) or not all(
+                isinstance(f, (int, float)) and math.isfinite(f) and f > 0 for f in self.level_factors)):
+            raise SpdyError(f"latency table: level_factors must be {len(self.levels)} positive numbers")
         for group in self.fused_groups:
             unknown = [n for n in group if n not in self.times]
             if unknown:
@@ -56,7 +64,15 @@ class LatencyTable:
         if missing:
             raise SpdyError(f"latency table has no times for site(s): {', '.join(missing[:5])}"
                             + (" ..." if len(missing) > 5 else ""))
-        return np.array([self.times[s] for s in sites], dtype=np.float64).reshape(len(sites), len(self.levels))
+        raw = np.array([self.times[s] for s in sites], dtype=np.float64).reshape(len(sites), len(self.levels))
+        return raw * self.factors()
+
+    def factors(self) -> np.ndarray:
+        return np.asarray(self.level_factors, dtype=np.float64) if self.level_factors else np.ones(len(self.levels))
+
+    def site_ms(self, site: str, j: int) -> float:
+        """A site's time at level j as the solver counts it (level factor included)."""
+        return float(self.times[site][j] * self.factors()[j])
 
     def tied_groups(self, sites: list[str]) -> list[list[int]]:
         """The fused groups as indices into `sites`, members outside `sites` dropped (they stay dense
@@ -87,7 +103,7 @@ class LatencyTable:
         return self.dense_total_ms / fastest if fastest > 0 else math.inf
 
     def predicted_ms(self, profile: dict[str, int]) -> float:
-        return self.fixed_ms(list(profile)) + sum(self.times[s][j] for s, j in profile.items())
+        return self.fixed_ms(list(profile)) + sum(self.site_ms(s, j) for s, j in profile.items())
 
     def predicted_speedup(self, profile: dict[str, int]) -> float:
         return self.dense_total_ms / self.predicted_ms(profile)
@@ -97,6 +113,8 @@ class LatencyTable:
                 "dense_total_ms": self.dense_total_ms, "meta": self.meta, "times": self.times}
         if self.fused_groups:
             data["fused_groups"] = self.fused_groups
+        if self.level_factors:
+            data["level_factors"] = self.level_factors
         return data
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -111,7 +129,8 @@ class LatencyTable:
                         times={str(k): [float(t) for t in v] for k, v in data["times"].items()},
                         dense_total_ms=float(data["dense_total_ms"]), runtime=str(data["runtime"]),
                         pattern=str(data.get("pattern", "unstructured")), meta=dict(data.get("meta", {})),
-                        fused_groups=[[str(n) for n in g] for g in data.get("fused_groups", [])])
+                        fused_groups=[[str(n) for n in g] for g in data.get("fused_groups", [])],
+                        level_factors=[float(f) for f in data.get("level_factors", [])])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SpdyError(f"latency table is malformed: {exc!r}") from None
         return table.validate()

@@ -1,0 +1,105 @@
+"""Level factors: low levels timed among pruned neighbours scale the solver's times, not the fixed time."""
+import numpy as np
+import pytest
+
+from spdy_onnx import context
+from spdy_onnx.errors import SpdyError
+from spdy_onnx.solver import solve_dp
+from spdy_onnx.tables import LatencyTable
+
+LEVELS = [0.0, 0.4, 0.543, 0.7, 0.85, 0.95]
+
+
+def _engine(times: np.ndarray, fixed: float, penalty: float, speed: float, background: int):
+    """A fake engine: sites at a level under 0.6 among pruned ones take `penalty` x their table time;
+    everything runs `speed` x slower than when the table was measured."""
+    def total(picks):
+        ms = fixed
+        for i, j in enumerate(picks):
+            ms += times[i, j] * (penalty if LEVELS[j] < context.CONTEXT_BELOW else 1.0)
+        return ms * speed
+    return total
+
+
+@pytest.mark.parametrize("penalty,speed", [(1.3, 1.0), (1.25, 1.7), (1.0, 0.8), (1.5, 1.2)])
+def test_pooled_factor_recovers_the_engines_penalty_under_drift(penalty, speed):
+    rng = np.random.default_rng(0)
+    times = np.sort(rng.uniform(0.2, 1.0, (10, len(LEVELS))), axis=1)[:, ::-1]
+    fixed = 2.0
+    units = [[i] for i in range(10)]
+    background, design = context.designs(LEVELS, units, 10)
+    assert LEVELS[background] == 0.85
+    engine = _engine(times, fixed, penalty, speed, background)
+    base = np.full(10, background)
+    measured = [engine(np.where(mask, j, base)) for j, mask in design]
+    predicted = fixed + times[:, background].sum()
+    factor, each = context.pooled_factor(times, background, design, engine(base), predicted, measured)
+    assert factor == pytest.approx(penalty)
+    assert each == pytest.approx([penalty] * len(design))
+
+
+def test_pooled_factor_is_clamped():
+    times = np.ones((4, len(LEVELS)))
+    background, design = context.designs(LEVELS, [[0], [1], [2], [3]], 4)
+    # faster than the table among pruned neighbours: taken as noise, factor 1
+    low, _ = context.pooled_factor(times, background, design, 10.0, 10.0, [9.0] * len(design))
+    assert low == 1.0
+    high, each = context.pooled_factor(times, background, design, 10.0, 10.0, [30.0] * len(design))
+    assert high == context.MAX_FACTOR and min(each) > context.MAX_FACTOR
+
+
+def test_designs_alternate_units_keep_fused_groups_whole_and_flip_parity():
+    units = [[0, 3], [1], [2], [4, 5]]
+    background, design = context.designs(LEVELS, units, 6)
+    assert [LEVELS[j] for j, _ in design] == [0.0, 0.4, 0.543]
+    first, second = design[0][1], design[1][1]
+    assert list(first) == [True, False, True, True, False, False]      # units 0 and 2: [0, 3] whole, [2]
+    assert list(first | second) == [True] * 6 and not (first & second).any()
+    for _, mask in design:                                            # a fused group never splits
+        for unit in units:
+            assert len(set(mask[unit])) == 1
+    assert context.designs([0.0, 0.9], [[0], [1]], 2)[1][0][0] == 0   # the dense level alone
+    assert context.designs([0.0, 0.5], [[0], [1]], 2) is None          # no pruned background
+    assert context.designs(LEVELS, [[0, 1]], 2) is None                # nothing to alternate
+
+
+def test_factors_scale_site_times_but_not_the_dense_total_or_fixed_time():
+    times = {"a": [1.0, 0.9, 0.4], "b": [2.0, 1.6, 0.5]}
+    plain = LatencyTable(levels=[0.0, 0.5, 0.9], times=times, dense_total_ms=4.0, runtime="t")
+    scaled = LatencyTable(levels=[0.0, 0.5, 0.9], times=times, dense_total_ms=4.0, runtime="t",
+                          level_factors=[1.5, 1.5, 1.0])
+    assert scaled.fixed_ms(["a", "b"]) == plain.fixed_ms(["a", "b"]) == pytest.approx(1.0)
+    np.testing.assert_allclose(scaled.matrix(["a", "b"]), [[1.5, 1.35, 0.4], [3.0, 2.4, 0.5]])
+    # a dense site among pruned ones: 1.0 + 1.5 x 1.0 + 0.5, against 1.0 + 1.0 + 0.5 in the plain table
+    assert scaled.predicted_ms({"a": 0, "b": 2}) == pytest.approx(3.0)
+    assert plain.predicted_ms({"a": 0, "b": 2}) == pytest.approx(2.5)
+    assert scaled.site_ms("b", 1) == pytest.approx(2.4)
+    # the solver sees the factor: a dense and b at 0.5 fit 2.65 ms in the plain table, not in the scaled one
+    errors = np.array([[0.0, 1.0, 3.0], [0.0, 1.0, 3.0]])
+    assert list(solve_dp(errors, plain.matrix(["a", "b"]), budget=2.65)) == [0, 1]
+    assert list(solve_dp(errors, scaled.matrix(["a", "b"]), budget=2.65)) == [0, 2]
+    again = LatencyTable.from_json(scaled.to_json())
+    assert again.level_factors == [1.5, 1.5, 1.0]
+    assert "level_factors" not in plain.to_json()
+    with pytest.raises(SpdyError, match="level_factors"):
+        LatencyTable(levels=[0.0, 0.5], times={"a": [1.0, 0.5]}, dense_total_ms=2.0, runtime="t",
+                     level_factors=[1.2]).validate()
+
+
+@pytest.mark.deepsparse
+def test_profiling_on_deepsparse_measures_the_low_levels_among_pruned_ones(tmp_path, cache_dir):
+    pytest.importorskip("deepsparse")
+    import onnx
+    import tiny
+
+    from spdy_onnx import api
+    path = tmp_path / "m.onnx"
+    onnx.save(tiny.mlp(width=256, depth=4, seq=32), path)
+    table, _ = api.profile(path, output=tmp_path / "t.json", cores=1, levels="0.5,0.9", cache_dir=cache_dir,
+                           progress=False, runtime_options={"repeats": 1})
+    assert len(table.level_factors) == 3
+    assert table.level_factors[0] == table.level_factors[1] >= 1.0 and table.level_factors[2] == 1.0
+    info = table.meta["level_context"]
+    assert info["background_level"] == 0.9 and set(info["per_level"]) == {"0.0", "0.5"}
+    assert all(v["measured_ms"] > 0 for v in info["per_level"].values())
+    assert LatencyTable.load(tmp_path / "t.json").level_factors == table.level_factors
