@@ -168,8 +168,10 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
                                  batch_size=prep.batch_size, feeds=feeds, aliases=aliases, checkpoint=partial)
     total_ms = getattr(prep.runtime, "dense_check_ms", None)
     if total_ms is not None and table.pattern == "unstructured":
+        per_run = (time.perf_counter() - t0) / max(1, int(table.meta.get("repeats", 1)) * len(level_list))
         measured = context.measure_level_factors(
-            prep, table, lambda path: total_ms(str(path), batch_size=prep.batch_size, feeds=feeds))
+            prep, table, lambda path: total_ms(str(path), batch_size=prep.batch_size, feeds=feeds),
+            max_runs=int(context.MAX_SECONDS // per_run) if per_run > 0 else None)
         if measured is not None:
             table.level_factors, table.meta["level_context"] = measured
     table.meta.update({"model_sha256": prep.digest, "input_shapes": shapes, "seconds": time.perf_counter() - t0,

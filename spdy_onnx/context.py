@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 CONTEXT_BELOW = 0.6     # levels under this are measured among pruned neighbours
 BACKGROUND = 0.85       # the neighbours' level (the nearest grid level at or above CONTEXT_BELOW)
 MAX_FACTOR = 1.8        # a larger pooled factor is taken as a noisy run, not as the engine
+# Engine runs are budgeted from profiling's own pace: as many low levels as fit, the dense level first,
+# none when fewer than two runs fit. MiniLM-L6 takes 4-8 s per run (all four fit); a BERT-base-size model
+# about 21 s at batch 1 on one core (none: its tool time was 19.6 minutes for a 20-minute goal).
+MAX_SECONDS = 40.0
 
 
 def designs(levels: list[float], units: list[list[int]], n_sites: int):
@@ -66,9 +70,10 @@ def pooled_factor(times: np.ndarray, background: int, design: list[tuple[int, np
     return float(min(max(pooled, 1.0), MAX_FACTOR)), each
 
 
-def measure_level_factors(prep, table, total_ms) -> tuple[list[float], dict] | None:
+def measure_level_factors(prep, table, total_ms, max_runs: int | None = None) -> tuple[list[float], dict] | None:
     """Per-level factors for `table` (1 at and above CONTEXT_BELOW) and what was measured, or None when
-    the grid has nothing to measure. `total_ms(path)` times one file the way the table was timed."""
+    the grid has nothing to measure or fewer than two runs are allowed. `total_ms(path)` times one file
+    the way the table was timed; `max_runs` caps the runs (the background file and one per level)."""
     from spdy_onnx import graph
     from spdy_onnx.database import magnitude_database
     from spdy_onnx.passes.prune import write_weights
@@ -81,6 +86,11 @@ def measure_level_factors(prep, table, total_ms) -> tuple[list[float], dict] | N
     if plan is None:
         return None
     background, design = plan
+    if max_runs is not None:
+        if max_runs < 2:
+            log.info("level factors not measured: one engine run takes too long for %.0f s", MAX_SECONDS)
+            return None
+        design = design[:max_runs - 1]
     database = magnitude_database(sites, graph.read_weights(prep.model, sites), list(table.levels), table.pattern)
 
     def file_for(picks, tag):

@@ -103,3 +103,43 @@ def test_profiling_on_deepsparse_measures_the_low_levels_among_pruned_ones(tmp_p
     assert info["background_level"] == 0.9 and set(info["per_level"]) == {"0.0", "0.5"}
     assert all(v["measured_ms"] > 0 for v in info["per_level"].values())
     assert LatencyTable.load(tmp_path / "t.json").level_factors == table.level_factors
+
+
+def test_a_run_budget_measures_the_dense_level_first_and_too_small_a_budget_nothing(tmp_path):
+    import onnx
+    import tiny
+
+    from spdy_onnx import api
+    path = tmp_path / "m.onnx"
+    onnx.save(tiny.mlp(width=32, depth=4, seq=4), path)
+    prep = api.Prepared(path, runtime="table", batch_size=1, cores=1, input_shapes=None, exclude=None,
+                        include=None, min_weights=0, progress=False)
+    try:
+        names = [s.name for s in prep.all_sites]
+        table = LatencyTable(levels=LEVELS, times={n: [1.0, 0.95, 0.8, 0.6, 0.4, 0.2] for n in names},
+                             dense_total_ms=len(names) + 1.0, runtime="table")
+        timed = []
+
+        def total_ms(file):
+            # every site at a level under 0.6 costs 1.2x the table: the file's zeros say which
+            m = onnx.load(str(file))
+            ms = 1.0
+            for init in m.graph.initializer:
+                w = onnx.numpy_helper.to_array(init)
+                if w.ndim == 2:
+                    zeros = float((w == 0).mean())
+                    j = int(np.argmin(np.abs(np.asarray(LEVELS) - zeros)))
+                    ms += table.times[names[0]][j] * (1.2 if LEVELS[j] < context.CONTEXT_BELOW else 1.0)
+            timed.append(file)
+            return ms
+
+        factors, info = context.measure_level_factors(prep, table, total_ms, max_runs=2)
+        assert len(timed) == 2 and list(info["per_level"]) == ["0.0"]
+        assert factors == pytest.approx([1.2, 1.2, 1.2, 1.0, 1.0, 1.0])
+        timed.clear()
+        factors, info = context.measure_level_factors(prep, table, total_ms)
+        assert len(timed) == 4 and list(info["per_level"]) == ["0.0", "0.4", "0.543"]
+        assert info["factor"] == pytest.approx(1.2)
+        assert context.measure_level_factors(prep, table, total_ms, max_runs=1) is None
+    finally:
+        prep.close()
