@@ -307,8 +307,8 @@ def main(argv=None):
     p.add_argument("--margin", type=float, default=None,
                    help="optimize's --margin (default: optimize's own); a negative one accepts a shortfall, "
                         "e.g. to see a baseline at the grid level just under the target")
-    p.add_argument("--no-level-factors", action="store_true",
-                   help="drop the table's level factors (spdy_onnx.context) to compare with and without")
+    p.add_argument("--level-context", action="store_true",
+                   help="profile with optimize's --level-context (level factors, spdy_onnx.context)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("accuracy.json"), help="all rows as JSON")
     p.add_argument("--markdown", type=Path, default=None, help="also write the tables to this Markdown file")
@@ -356,12 +356,8 @@ def main(argv=None):
         say(f"[{name}] profiling on DeepSparse ({args.cores} core(s), batch {batch}) ...")
         t0 = time.perf_counter()
         table, table_path = api.profile(onnx_path, output=work / f"{name}.latency.json", cores=args.cores,
-                                        batch_size=batch, cache_dir=cache_dir, progress=False)
-        if args.no_level_factors and table.level_factors:
-            # the table as it was before spdy_onnx.context: every level's own run, summed
-            info["level_factors_dropped"] = table.level_factors
-            table.level_factors = []
-            table.save(table_path)
+                                        batch_size=batch, cache_dir=cache_dir, progress=False,
+                                        level_context=args.level_context)
         info.update(profile_s=time.perf_counter() - t0, table=str(table_path), levels=list(table.levels),
                     dense_table_ms=table.dense_total_ms, table_meta=_jsonable(table.meta))
         say(f"[{name}] latency table: {len(table.times)} sites x {len(table.levels)} levels, dense "

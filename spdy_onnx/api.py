@@ -142,17 +142,22 @@ class Prepared:
 
 
 def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=None,
-                  use_cache: bool = True, feeds=None) -> LatencyTable:
-    """The table from --latency-table, else from the cache, else measured on the engine and cached."""
+                  use_cache: bool = True, feeds=None, level_context: bool = False) -> LatencyTable:
+    """The table from --latency-table, else from the cache, else measured on the engine and cached.
+
+    `level_context` also times the low levels among pruned neighbours (spdy_onnx.context)."""
     if latency_table:
         table = LatencyTable.load(latency_table)
         log.info("using latency table %s (%s, %d sites)", latency_table, table.runtime, len(table.times))
         return table
     level_list = parse_levels(levels) if levels is not None else prep.runtime.default_levels()
     shapes = {k: list(v[0]) for k, v in prep.specs.items()}
-    key = cache.cache_key(model=prep.digest, engine=prep.runtime.fingerprint(), batch=prep.batch_size,
-                          shapes=shapes, levels=level_list, pattern=prep.runtime.pattern,
-                          sites=sorted(s.name for s in prep.all_sites), table_format=3)   # 3: level factors
+    parts = dict(model=prep.digest, engine=prep.runtime.fingerprint(), batch=prep.batch_size, shapes=shapes,
+                 levels=level_list, pattern=prep.runtime.pattern, sites=sorted(s.name for s in prep.all_sites),
+                 table_format=2)   # 2: fused groups
+    if level_context:
+        parts["level_context"] = 1
+    key = cache.cache_key(**parts)
     path = Path(cache_dir or cache.default_cache_dir()) / "tables" / f"{key}.json"
     feeds = feeds if feeds is not None else modelio.example_inputs(prep.specs)
     if use_cache:
@@ -167,7 +172,10 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     table = prep.runtime.measure(str(prep.dense_static()), prep.all_sites, levels=level_list,
                                  batch_size=prep.batch_size, feeds=feeds, aliases=aliases, checkpoint=partial)
     total_ms = getattr(prep.runtime, "dense_check_ms", None)
-    if total_ms is not None and table.pattern == "unstructured":
+    if level_context and (total_ms is None or table.pattern != "unstructured"):
+        log.warning("--level-context is for unstructured sparsity on DeepSparse; %s profiles without it",
+                    prep.runtime.name)
+    elif level_context:
         per_run = (time.perf_counter() - t0) / max(1, int(table.meta.get("repeats", 1)) * len(level_list))
         measured = context.measure_level_factors(
             prep, table, lambda path: total_ms(str(path), batch_size=prep.batch_size, feeds=feeds),
@@ -278,7 +286,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
              reconstruct: str = "obs", loss: str = "auto", search_budget=None, eval_samples: int | None = None,
              seed: int = 0, max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = False,
              correct_epochs: int = DEFAULT_CORRECT_EPOCHS, correct_budget=None, progress: bool = True,
-             runtime_options: dict | None = None, search_prior: str = "auto") -> dict:
+             runtime_options: dict | None = None, search_prior: str = "auto", level_context: bool = False) -> dict:
     """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report."""
     t_start = time.perf_counter()
     target = parse_target(target)
@@ -314,20 +322,20 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
                          search_budget=search_budget, eval_samples=eval_samples, seed=seed,
                          max_attempts=max_attempts, margin=margin, refit=refit, correct_epochs=correct_epochs,
                          correct_seconds=correct_seconds, progress=progress, search_prior=search_prior,
-                         t_start=t_start)
+                         level_context=level_context, t_start=t_start)
     finally:
         prep.close()
 
 
 def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_table_path, cache_dir, use_cache,
               strategy, data, samples, reconstruct, loss, search_budget, eval_samples, seed, max_attempts, margin, refit,
-              correct_epochs, correct_seconds, progress, t_start, search_prior="auto") -> dict:
+              correct_epochs, correct_seconds, progress, t_start, search_prior="auto", level_context=False) -> dict:
     from spdy_onnx import strategies  # the accuracy side: calibration, database, search
 
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
     table = latency_table(prep, levels=levels, latency_table=latency_table_path, cache_dir=cache_dir,
-                          use_cache=use_cache)
+                          use_cache=use_cache, level_context=level_context)
     phases["latency_table_s"] = time.perf_counter() - t0
     sites = _restrict_to_table(prep, table)
     if not sites:
@@ -610,7 +618,8 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
 
 
 def profile(model_path, *, runtime="deepsparse", output=None, batch_size=1, cores=None, input_shapes=None,
-            levels=None, cache_dir=None, use_cache=True, progress=True, runtime_options=None) -> tuple[LatencyTable, Path]:
+            levels=None, cache_dir=None, use_cache=True, progress=True, runtime_options=None,
+            level_context: bool = False) -> tuple[LatencyTable, Path]:
     """Measure (or fetch from cache) the latency table of every prunable site and save it as JSON."""
     model_path = Path(model_path)
     output = Path(output) if output else model_path.with_name(model_path.stem + ".latency.json")
@@ -620,7 +629,8 @@ def profile(model_path, *, runtime="deepsparse", output=None, batch_size=1, core
                     exclude=None, include=None, min_weights=graph.DEFAULT_MIN_WEIGHTS, progress=progress,
                     runtime_options=runtime_options)
     try:
-        table = latency_table(prep, levels=levels, cache_dir=cache_dir, use_cache=use_cache)
+        table = latency_table(prep, levels=levels, cache_dir=cache_dir, use_cache=use_cache,
+                              level_context=level_context)
         table.save(output)
         return table, output
     finally:

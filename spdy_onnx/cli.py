@@ -31,6 +31,10 @@ def _table_opts(p):
     p.add_argument("--cache-dir", default=None, help="where latency tables and databases are cached "
                                                      "(default: $SPDY_ONNX_CACHE or ~/.cache/spdy-onnx)")
     p.add_argument("--no-cache", action="store_true", help="re-measure even if a cached table exists")
+    p.add_argument("--level-context", action="store_true",
+                   help="also time the levels under 60%% among pruned neighbours (4 more engine runs) and scale "
+                        "their times by what that shows; off by default: closer predictions for profiles "
+                        "that keep sites dense, no accuracy gain measured (README, How it works)")
     p.add_argument("--repeats", type=int, default=None,
                    help="profiling repeats per level; medians are kept (default: 2, or 1 when one pass over "
                         "the levels takes more than 150 s, or when the dense model re-measured at the start "
@@ -188,14 +192,15 @@ def _run(args) -> int:
                 search_prior=args.search_prior,
                 max_attempts=args.max_attempts, margin=args.margin, refit=args.refit,
                 correct_epochs=args.correct_epochs, correct_budget=args.correct_budget, progress=progress,
-                runtime_options={"repeats": args.repeats})
+                runtime_options={"repeats": args.repeats}, level_context=args.level_context)
             _print_optimize(rep)
         elif args.command == "profile":
             from spdy_onnx.api import profile
             table, path = profile(args.model, runtime=args.runtime, output=args.output,
                                   batch_size=args.batch_size, cores=args.cores, input_shapes=args.input_shape,
                                   levels=args.levels, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                                  progress=progress, runtime_options={"repeats": args.repeats})
+                                  progress=progress, runtime_options={"repeats": args.repeats},
+                                  level_context=args.level_context)
             names = sorted(table.times, key=lambda n: -table.times[n][0])
             print(f"{'site':40s} {'dense ms':>9s} {'fastest ms':>10s} {'at':>6s}")
             for n in names:

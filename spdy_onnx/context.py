@@ -9,9 +9,11 @@ table's time when MiniLM-L6 (batch 1, 1 core) was profiled, pooled 1.19, and 1.0
 repeated three times each by benchmarks/level_context.py, 0.92-1.22x, pooled 1.08 and 1.03. SPDY keeps
 such sites where the baselines do not, and its drafts measured further under their prediction.
 
-So right after profiling, each level below CONTEXT_BELOW is measured once in that setting, with one
-file at the background level alone to fix the machine's speed, and one factor pooled over those levels
-(single runs are noisy) scales their times. The dense total and the fixed time stay as measured.
+With `--level-context`, right after profiling, each level below CONTEXT_BELOW is measured once in that
+setting, with one file at the background level alone to fix the machine's speed, and one factor pooled
+over those levels (single runs are noisy) scales their times. The dense total and the fixed time stay
+as measured. It is off by default: in a paired run on one MiniLM-L6 table it brought neither the first
+draft nor the kept profile's accuracy consistently closer (benchmarks/results/accuracy_minilm_factors_*).
 """
 from __future__ import annotations
 
