@@ -72,7 +72,7 @@ class LatencyTable:
 
     def site_ms(self, site: str, j: int) -> float:
         """A site's time at level j as the solver counts it (level factor included)."""
-        return float(self.times[site][j] * self.factors()[j])
+        return float(self.times[site][j] * (self.level_factors[j] if self.level_factors else 1.0))
 
     def tied_groups(self, sites: list[str]) -> list[list[int]]:
         """The fused groups as indices into `sites`, members outside `sites` dropped (they stay dense
