@@ -95,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the held-out quality")
     p.add_argument("--correct-epochs", type=int, default=1,
                    help="global correction after the profile is chosen (with --data; needs PyTorch): epochs of "
-                        "tuning every kept weight and bias against the dense model's outputs (at most 1024 "
+                        "tuning every kept weight and bias against the dense model's outputs (at most 2048 "
                         "samples each), zeros kept; 0 turns it off (default: %(default)s)")
     p.add_argument("--correct-budget", default=None, metavar="TIME",
-                   help="time for the global correction (90s, 5m): each epoch tunes on as many of the 1024 "
+                   help="time for the global correction (90s, 5m): each epoch tunes on as many of the 2048 "
                         "samples as fit it, judged from one trial step (default: 2m)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     p.add_argument("--max-attempts", type=int, default=6,

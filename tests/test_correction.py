@@ -285,3 +285,32 @@ def test_a_corrected_miss_falls_back_to_a_profile_that_met_as_a_draft(monkeypatc
     assert rep["status"] == "met" and rep["measured_speedup"] == pytest.approx(1.85)
     assert rep["attempts"][-1]["aimed_speedup"] == rep["attempts"][1]["aimed_speedup"]
     assert {s["sparsity"] for s in rep["sites"]} == {0.8}
+
+
+def test_the_time_budget_is_judged_on_the_timed_batch_and_the_mean_cost():
+    """Batch `probe` is the one timed; the count is what the budget leaves after the held-back work."""
+    timed = []
+    train = [("short", None), ("mean", None), ("long", None)] * 10
+    hold = [("hold", None)] * 2
+
+    def target(feed):
+        timed.append(("target", feed[0]))
+        return None
+
+    def forward(feed):
+        timed.append(("forward", feed[0]))
+
+    def step_seconds(feed, ref):
+        timed.append(("step", feed[0]))
+        return 0.5
+
+    # each training batch costs ~0.5 s (a step; targets and forwards take ~0): 10 s fit about 20 of 30
+    n = correct._samples_in_time(train, hold, 10.0, 1, target, forward, step_seconds, cost=1.0, probe=1)
+    assert {name for _, name in timed} == {"mean"}
+    assert 18 <= n <= 20
+    # twice the cost per batch (longer batches on average): about half as many fit
+    n2 = correct._samples_in_time(train, hold, 10.0, 1, target, forward, step_seconds, cost=2.0, probe=1)
+    assert 9 <= n2 <= 10
+    # a budget that fits nothing still tunes on a few batches, never more than there are
+    assert correct._samples_in_time(train, hold, 0.0, 1, target, forward, step_seconds, probe=1) == 8
+    assert correct._samples_in_time(train[:3], hold, 1e6, 1, target, forward, step_seconds, probe=1) == 3
