@@ -62,9 +62,9 @@ class StoredDatabase:
 
 
 # The Hessians (and so the database) use the first this many calibration samples. More data goes to the
-# global correction, where it measurably helps (MiniLM-L6 at 1.5x: cosine to dense 0.888 with 1,024
-# sentences, 0.903 with 2,048); on a BERT-base-size encoder every 1,024 more sentences would add about
-# 90 s of Hessians to a 20-minute budget.
+# global correction, where it measurably helps (one MiniLM-L6 profile at 1.6x: cosine to dense 0.875 with
+# 1,024 sentences, 0.892 with 2,048; benchmarks/results/correction_data_minilm_1.6x.txt); on a
+# BERT-base-size encoder every 1,024 more sentences would add about 90 s of Hessians to a 20-minute budget.
 HESSIAN_SAMPLES = 1024
 
 

@@ -314,3 +314,23 @@ def test_the_time_budget_is_judged_on_the_timed_batch_and_the_mean_cost():
     # a budget that fits nothing still tunes on a few batches, never more than there are
     assert correct._samples_in_time(train, hold, 0.0, 1, target, forward, step_seconds, probe=1) == 8
     assert correct._samples_in_time(train[:3], hold, 1e6, 1, target, forward, step_seconds, probe=1) == 3
+
+
+def test_the_database_uses_the_first_hessian_samples_only(mlp_setup, tmp_path, monkeypatch):
+    """More calibration data than the Hessians' cap reuses the database of its first samples, and the
+    pruned weights are the same; the correction still sees every sample."""
+    from spdy_onnx import reconstruct
+    monkeypatch.setattr(reconstruct, "HESSIAN_SAMPLES", 16)
+    path, data, table_path = mlp_setup
+    first = tmp_path / "first16.npz"
+    np.savez(first, x=np.load(data)["x"][:16])
+    out = tmp_path / "runs"
+    out.mkdir()
+    _optimize(path, first, table_path, out / "a.onnx", correct_epochs=0)
+    _optimize(path, data, table_path, out / "b.onnx", correct_epochs=0)
+    assert len(list((out / "cache" / "databases").iterdir())) == 1
+    a, b = _inits(out / "a.onnx"), _inits(out / "b.onnx")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    tuned = _optimize(path, data, table_path, out / "c.onnx", correct_epochs=1)
+    summary = tuned["quality"]["global_correction"]
+    assert summary["train_batches"] + summary["held_back_batches"] == 48
