@@ -43,7 +43,7 @@ from onnx import numpy_helper  # noqa: E402
 
 MARK = "spdy.skeleton"
 MIN_ELEMENTS = 16
-DEFAULT_TARGETS = "1.05,1.1,1.15,1.2,1.25,1.3,1.4,1.5,1.7,2.0"
+DEFAULT_TARGETS = "1.02,1.05,1.1,1.15,1.2,1.25,1.3,1.4,1.5,1.7,2.0"
 
 log = logging.getLogger("gpu_24")
 
@@ -132,7 +132,9 @@ def _all_24(model, sites):
 
 
 def run(pack_dir: Path, out: Path, targets: list[float], fixtures: Path | None, max_targets: int,
-        budget_s: float, device: str = "cuda") -> None:
+        budget_s: float, device: str = "cuda", models: list[str] | None = None, max_attempts: int = 4) -> None:
+    """Two passes, so a short lease still brings back every table: first each model's table and its
+    all-eligible-2:4 measurement, then the targets, round-robin over the models while the budget lasts."""
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -145,25 +147,73 @@ def run(pack_dir: Path, out: Path, targets: list[float], fixtures: Path | None, 
         gpu_full, gpu = "CPU DRY RUN (not a GPU measurement)", "cpu-dryrun"
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu24-"))
-    results = {"gpu": gpu_full, "torch": torch.__version__, "cuda": torch.version.cuda, "models": []}
+    results = {"gpu": gpu_full, "torch": torch.__version__, "cuda": torch.version.cuda, "models": [],
+               "max_attempts": max_attempts, "budget_s": budget_s}
     print(f"GPU: {gpu_full}; torch {torch.__version__}, CUDA {torch.version.cuda}")
-    for skel in sorted(pack_dir.glob("*.skel.onnx")):
+    skels = sorted(pack_dir.glob("*.skel.onnx"))
+    if models:
+        by_name = {s.name[: -len(".skel.onnx")]: s for s in skels}
+        unknown = [m for m in models if m not in by_name]
+        if unknown:
+            raise SystemExit(f"not in the pack: {', '.join(unknown)} (it has {', '.join(sorted(by_name))})")
+        skels = [by_name[m] for m in models]
+
+    def save():
+        (out / "gpu24_results.json").write_text(json.dumps(results, indent=1))
+
+    prepared = []
+    for skel in skels:
         try:
-            _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_start, results, device)
+            prepared.append(_profile_one(skel, work, out, gpu, targets, fixtures, max_targets, results, device))
         except Exception:  # noqa: BLE001 - one model failing must not lose the others' numbers
             import traceback
             traceback.print_exc()
             results["models"].append({"model": skel.name, "error": traceback.format_exc(limit=3)})
-        (out / "gpu24_results.json").write_text(json.dumps(results, indent=1))
+        save()
+        print(f"   [{time.perf_counter() - t_start:.0f} s]")
+    # targets: round k runs each model's k-th target (middle of its feasible range first)
+    rounds = max((len(p["targets"]) for p in prepared), default=0)
+    for k in range(rounds):
+        for p in prepared:
+            if k >= len(p["targets"]):
+                continue
+            if time.perf_counter() - t_start > budget_s:
+                p["entry"].setdefault("skipped_targets", []).append(p["targets"][k])
+                continue
+            try:
+                _target_one(p, p["targets"][k], work, device, max_attempts)
+            except Exception:  # noqa: BLE001
+                import traceback
+                traceback.print_exc()
+                p["entry"]["runs"].append({"target": p["targets"][k], "status": "error",
+                                           "error": traceback.format_exc(limit=3)})
+            save()
+            print(f"   [{time.perf_counter() - t_start:.0f} s]")
+    skipped = {p["entry"]["model"]: p["entry"]["skipped_targets"] for p in prepared
+               if p["entry"].get("skipped_targets")}
+    if skipped:
+        print(f"time budget ({budget_s:.0f} s) spent; targets not run: {skipped}")
     results["seconds"] = time.perf_counter() - t_start
     results["markdown"] = markdown(results)
-    (out / "gpu24_results.json").write_text(json.dumps(results, indent=1))
+    save()
     print("\n" + results["markdown"])
 
 
-def _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_start, results, device):
+def _spread(feasible: list[float], max_targets: int) -> list[float]:
+    """At most max_targets of the feasible targets, spread over the range with the highest included,
+    ordered middle first, then highest, then the rest (a short budget runs the most telling first)."""
+    if not max_targets or not feasible:
+        return []
+    if len(feasible) > max_targets:
+        feasible = [feasible[i] for i in sorted(set(np.linspace(0, len(feasible) - 1, max_targets)
+                                                    .round().astype(int)))]
+    mid = feasible[(len(feasible) - 1) // 2]
+    rest = [t for t in reversed(feasible) if t != mid]
+    return [mid] + rest
+
+
+def _profile_one(skel, work, out, gpu, targets, fixtures, max_targets, results, device):
     from spdy_onnx import api, modelio
-    from spdy_onnx.errors import InfeasibleTarget, SpdyError, TargetMissed
     from spdy_onnx.runtimes.cuda_sparse import CudaSemiStructuredRuntime
 
     name = skel.name[: -len(".skel.onnx")]
@@ -194,6 +244,7 @@ def _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_s
     paying = [n for n in names if table.times[n][1] < table.times[n][0]]
     max_pred = table.max_speedup(names)
     # every eligible site 2:4, measured end to end: what the model really gets at most
+    t1 = time.perf_counter()
     rt = CudaSemiStructuredRuntime(progress=False, device=device)
     feeds = modelio.example_inputs(modelio.input_specs(model, batch))
     all_path = work / f"{name}.all24.onnx"
@@ -208,54 +259,61 @@ def _run_one(skel, work, out, gpu, targets, fixtures, max_targets, budget_s, t_s
              "sum_sites_dense_ms": table.meta.get("sites_dense_ms"), "table": table_path.name,
              "dtype": table.meta.get("dtype"), "cuda_graph": table.meta.get("cuda_graph"),
              "backends": {n: table.meta["sites"][n].get("backend") for n in names},
+             "profile_seconds": t1 - t0, "all_24_seconds": time.perf_counter() - t1,
              "runs": []}
     print(f"dense {total:.3f} ms; eligible sites {len(names)}/{len(all_sites)} = {100 * eligible_ms / total:.1f}% "
           f"of the time; 2:4 faster at {len(paying)}; max achievable {max_pred:.3f}x predicted, "
-          f"{entry['all_eligible_24_measured'] or float('nan'):.3f}x measured with every eligible site 2:4")
+          f"{entry['all_eligible_24_measured'] or float('nan'):.3f}x measured with every eligible site 2:4 "
+          f"(table {t1 - t0:.0f} s, all-2:4 check {time.perf_counter() - t1:.0f} s)")
     for n in names:
         d, s = table.times[n]
         info = table.meta["sites"][n]
         print(f"   {n[-48:]:48s} mnk={info.get('gemm_mnk')} dense {d:.4f} ms  2:4 {s:.4f} ms  "
               f"x{d / s:.2f} ({info.get('backend')})")
-    feasible = [t for t in targets if t < max_pred * 0.995]
-    if max_targets and len(feasible) > max_targets:  # spread over the feasible range, highest included
-        feasible = [feasible[i] for i in sorted(set(np.linspace(0, len(feasible) - 1, max_targets).round()
-                                                    .astype(int)))]
-    chosen_targets = feasible if max_targets else []
-    for target in chosen_targets:
-        if time.perf_counter() - t_start > budget_s:
-            print(f"   time budget ({budget_s:.0f} s) spent: no more targets")
-            break
-        rep_path = work / f"{name}.{target:g}.report.json"
-        run_entry = {"target": target}
-        try:
-            rep = api.optimize(path, target=target, runtime="cuda-2:4", batch_size=batch,
-                               latency_table=table_path, output=work / f"{name}.{target:g}.onnx",
-                               report=rep_path, progress=False, cache_dir=work / "cache",
-                               runtime_options=options)
-        except TargetMissed:
-            rep = json.loads(rep_path.read_text())
-        except InfeasibleTarget as exc:
-            run_entry.update(status="infeasible", error=str(exc))
-            entry["runs"].append(run_entry)
-            continue
-        except SpdyError as exc:
-            run_entry.update(status="error", error=str(exc))
-            entry["runs"].append(run_entry)
-            print(f"   target {target:g}x: error {exc}")
-            continue
-        n24 = sum(1 for s in rep["sites"] if s["sparsity"] == 0.5)
-        run_entry.update(status=rep["status"], predicted=rep["predicted_speedup"],
-                         measured=rep["measured_speedup"], dense_ms=rep["dense_ms"], pruned_ms=rep["pruned_ms"],
-                         sites_2_4=n24, attempts=[{k: a[k] for k in ("aimed_speedup", "predicted_speedup",
-                                                                     "measured_speedup")}
-                                                  for a in rep["attempts"]],
-                         p25=(rep["measurement"] or {}).get("speedup_p25"),
-                         p75=(rep["measurement"] or {}).get("speedup_p75"))
-        entry["runs"].append(run_entry)
-        print(f"   target {target:g}x: {rep['status']}; predicted {rep['predicted_speedup']:.3f}x, measured "
-              f"{rep['measured_speedup']:.3f}x ({n24} sites 2:4, {len(rep['attempts'])} attempt(s))")
+    # a target is worth running when the table allows it with the guarantee's margin to spare
+    feasible = [t for t in targets if t * (1 + api.DEFAULT_MARGIN) * 1.01 <= max_pred]
     results["models"].append(entry)
+    return {"entry": entry, "name": name, "path": path, "table_path": table_path, "batch": batch,
+            "options": options, "targets": _spread(feasible, max_targets)}
+
+
+def _target_one(p, target, work, device, max_attempts):
+    from spdy_onnx import api
+    from spdy_onnx.errors import InfeasibleTarget, SpdyError, TargetMissed
+
+    name, entry = p["name"], p["entry"]
+    rep_path = work / f"{name}.{target:g}.report.json"
+    run_entry = {"target": target}
+    t0 = time.perf_counter()
+    try:
+        rep = api.optimize(p["path"], target=target, runtime="cuda-2:4", batch_size=p["batch"],
+                           latency_table=p["table_path"], output=work / f"{name}.{target:g}.onnx",
+                           report=rep_path, progress=False, cache_dir=work / "cache",
+                           runtime_options=p["options"], max_attempts=max_attempts)
+    except TargetMissed:
+        rep = json.loads(rep_path.read_text())
+    except InfeasibleTarget as exc:
+        run_entry.update(status="infeasible", error=str(exc), seconds=time.perf_counter() - t0)
+        entry["runs"].append(run_entry)
+        print(f"   {name} target {target:g}x: infeasible ({exc})")
+        return
+    except SpdyError as exc:
+        run_entry.update(status="error", error=str(exc), seconds=time.perf_counter() - t0)
+        entry["runs"].append(run_entry)
+        print(f"   {name} target {target:g}x: error {exc}")
+        return
+    n24 = sum(1 for s in rep["sites"] if s["sparsity"] == 0.5)
+    run_entry.update(status=rep["status"], predicted=rep["predicted_speedup"],
+                     measured=rep["measured_speedup"], dense_ms=rep["dense_ms"], pruned_ms=rep["pruned_ms"],
+                     sites_2_4=n24, attempts=[{k: a[k] for k in ("aimed_speedup", "predicted_speedup",
+                                                                 "measured_speedup")}
+                                              for a in rep["attempts"]],
+                     p25=(rep["measurement"] or {}).get("speedup_p25"),
+                     p75=(rep["measurement"] or {}).get("speedup_p75"), seconds=time.perf_counter() - t0)
+    entry["runs"].append(run_entry)
+    print(f"   {name} target {target:g}x: {rep['status']}; predicted {rep['predicted_speedup']:.3f}x, measured "
+          f"{rep['measured_speedup'] or float('nan'):.3f}x ({n24} sites 2:4, {len(rep['attempts'])} attempt(s), "
+          f"{time.perf_counter() - t0:.0f} s)")
 
 
 def markdown(results: dict) -> str:
@@ -292,7 +350,11 @@ def main(argv=None) -> int:
     p.add_argument("--pack", type=Path, default=Path(".gpu24"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--targets", default=DEFAULT_TARGETS)
-    p.add_argument("--max-targets", type=int, default=4, help="at most N feasible targets per model, spread over the feasible range")
+    p.add_argument("--max-targets", type=int, default=3,
+                   help="at most N feasible targets per model, spread over the feasible range")
+    p.add_argument("--models", default=None,
+                   help="comma-separated model names from the pack (e.g. minilm-l6-b128), in the order to run")
+    p.add_argument("--max-attempts", type=int, default=4, help="optimize's attempts per target")
     p.add_argument("--fixtures", type=Path, default=None, help="also copy the tables here")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new targets after this long")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -303,7 +365,8 @@ def main(argv=None) -> int:
         pack(args.models, args.out)
     else:
         run(args.pack, args.out, [float(t) for t in args.targets.split(",")], args.fixtures, args.max_targets,
-            args.budget_s, args.device)
+            args.budget_s, args.device, models=args.models.split(",") if args.models else None,
+            max_attempts=args.max_attempts)
     return 0
 
 
