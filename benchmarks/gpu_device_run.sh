@@ -5,7 +5,8 @@
 # (benchmarks/GPU.md says how) and OUT set to a folder for the results:
 #   OUT=/tmp/gpu_out bash benchmarks/gpu_device_run.sh
 # DEVICE=cpu PACK=DIR runs the same steps as a dry run on a machine without a GPU (times are not GPU times).
-# Writes OUT/log.txt, OUT/gpu24_results.json and one OUT/gpu_<model>-b<batch>_<gpu>.json table per model.
+# Writes OUT/log.txt, OUT/gemm_sweep.json, OUT/gpu24_results.json and OUT/tables.tar.gz (one
+# gpu_<model>-b<batch>_<gpu>.json latency table per model).
 #
 # The package is put on the path without pip (the GPU image has its own torch, numpy and onnx, and no
 # network), and everything runs from /tmp so the repository's spdy_onnx/ (without passes/ and runtimes/
@@ -28,11 +29,18 @@ python3 -c "import torch, numpy, onnx, onnxruntime; print('torch', torch.__versi
 'onnxruntime', onnxruntime.__version__)" 2>&1 | tee -a "$LOG"
 TIMEOUT_OPT=""
 python3 -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout ${TEST_EACH_S:-90}"
+echo "== GEMM sweep" | tee -a "$LOG"
+timeout "${SWEEP_S:-120}" python3 "$R/benchmarks/gpu_gemm_sweep.py" --out "$OUT/gemm_sweep.json" \
+    --device "${DEVICE:-cuda}" 2>&1 | tee -a "$LOG"
 echo "== GPU tests" | tee -a "$LOG"
 timeout "${TEST_S:-150}" python3 -m pytest -v -p no:cacheprovider $TIMEOUT_OPT -rfE \
     "$R/tests/test_cuda_runtime.py" 2>&1 | tee -a "$LOG"
 echo "== gpu_24 run" | tee -a "$LOG"
-timeout "${RUN_S:-330}" python3 "$R/benchmarks/gpu_24.py" run --pack "${PACK:-$R/.gpu24}" --out "$OUT" \
+mkdir -p "$OUT/tables"
+timeout "${RUN_S:-330}" python3 "$R/benchmarks/gpu_24.py" run --pack "${PACK:-$R/.gpu24}" --out "$OUT/tables" \
     --device "${DEVICE:-cuda}" --budget-s "${BUDGET_S:-240}" ${MODELS:+--models "$MODELS"} 2>&1 | tee -a "$LOG"
 echo "== exit $?" | tee -a "$LOG"
+# one archive for the tables: the device tool brings back at most 8 files
+mv "$OUT/tables/gpu24_results.json" "$OUT/" 2>/dev/null
+tar -czf "$OUT/tables.tar.gz" -C "$OUT/tables" . && rm -rf "$OUT/tables"
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,utilization.gpu,memory.used --format=csv 2>&1 | tee -a "$LOG"

@@ -129,7 +129,7 @@ class CudaSemiStructuredRuntime:
         from spdy_onnx.runtimes import torch_onnx as tx
         if self.dry_run:
             return ["reference"]
-        have = tx.sparse_backends()
+        have = tx.sparse_backends(self.device, self._dtype(torch))
         if self.backends:
             have = [b for b in self.backends if b in have]
         if not have:
@@ -137,6 +137,24 @@ class CudaSemiStructuredRuntime:
         return have
 
     # --- timing helpers --------------------------------------------------------------------------
+    def _runnable(self, torch, fns: dict, failed: dict) -> dict:
+        """The callables that run at their real shape: a backend can build a kernel for a weight and
+        still refuse the activations (cuSPARSELt rejects some very tall inputs), so each 2:4 form is
+        run once before it is timed; failures are recorded and that form is left out."""
+        out = {}
+        for key, fn in fns.items():
+            if key == "dense":
+                out[key] = fn
+                continue
+            try:
+                fn()
+                if not self.dry_run:
+                    torch.cuda.synchronize()
+                out[key] = fn
+            except Exception as exc:  # noqa: BLE001
+                failed[key] = str(exc).splitlines()[0][:200]
+        return out
+
     def _graphed(self, torch, fn, reps: int):
         """A replayable callable running fn `reps` times: a CUDA graph, or eager if capture fails."""
         def eager():
@@ -266,6 +284,9 @@ class CudaSemiStructuredRuntime:
                         fns[b] = _bind(ex.site_op(site.name, b, pruned), x)
                     except Exception as exc:  # noqa: BLE001 - a backend that cannot run this shape
                         failed.setdefault(site.name, {})[b] = str(exc).splitlines()[0][:200]
+                fns = self._runnable(torch, fns, failed.setdefault(site.name, {}))
+                if not failed[site.name]:
+                    del failed[site.name]
             else:
                 ineligible[site.name] = why
             res, site_graphed = self._time_interleaved(torch, fns, self.site_rounds)
@@ -322,12 +343,15 @@ class CudaSemiStructuredRuntime:
                 return None
             if name in self._best and self._best[name] in backends:
                 return self._best[name]
-            ops = {}
+            ops, failed = {}, {}
             for b in backends:
                 try:
                     ops[b] = _bind(make_op(b), x)
                 except Exception as exc:  # noqa: BLE001
-                    log.warning("site %s: 2:4 backend %s failed (%s)", name, b, str(exc).splitlines()[0][:120])
+                    failed[b] = str(exc).splitlines()[0][:120]
+            ops = self._runnable(torch, ops, failed)
+            for b, why in failed.items():
+                log.info("site %s: 2:4 backend %s does not run it (%s)", name, b, why)
             if not ops:
                 log.warning("site %s is 2:4 but no sparse backend runs it: timed dense", name)
                 return None

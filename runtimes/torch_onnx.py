@@ -647,24 +647,61 @@ class _ReferenceBackend:
         return dense
 
 
+class _FusedCusparseLt:
+    """cuSPARSELt called directly: y = x @ W^T written row-major by the kernel (transpose_result), with
+    the algorithm searched once per activation row count. PyTorch's tensor subclass computes W @ x^T
+    and hands back its transpose, which the next op must copy: on small layers that copy costs as much
+    as the GEMM."""
+
+    _DTYPE_SHAPE_CONSTRAINTS = {d: type("C", (), {"sparse_min_rows": 16, "sparse_min_cols": 16})
+                                for d in (torch.float16, torch.bfloat16)}
+
+    @staticmethod
+    def from_dense(dense):
+        return torch._cslt_compress(dense)
+
+
 def _sparse_classes():
     import torch.sparse as ts
     return {"cusparselt": getattr(ts, "SparseSemiStructuredTensorCUSPARSELT", None),
+            "cusparselt-fused": _FusedCusparseLt if hasattr(torch, "_cslt_sparse_mm") else None,
             "cutlass": getattr(ts, "SparseSemiStructuredTensorCUTLASS", None),
             "reference": _ReferenceBackend}
 
 
-def sparse_backends() -> list[str]:
-    """2:4 backends PyTorch offers on this machine (cuSPARSELt first)."""
+_WORKING: dict[tuple, bool] = {}
+
+
+def _backend_works(backend: str, device, dtype) -> bool:
+    """Whether a backend runs a small 2:4 GEMM correctly on this device (asked once per process):
+    a backend can be compiled in and still refuse the GPU (PyTorch's CUTLASS 2:4 kernels run on
+    compute capability 8.x only)."""
+    key = (backend, str(device), dtype)
+    if key not in _WORKING:
+        try:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            m = prune_matrix_2_4(torch.randn(64, 64, generator=gen))
+            LinearKernel(m, torch.randn(64, generator=gen), device=device, dtype=dtype, backend=backend)
+            _WORKING[key] = True
+        except Exception as exc:  # noqa: BLE001 - any failure means: not on this machine
+            log.info("2:4 backend %s does not run here: %s", backend, str(exc).splitlines()[0][:160])
+            _WORKING[key] = False
+    return _WORKING[key]
+
+
+def sparse_backends(device="cuda", dtype=torch.float16) -> list[str]:
+    """2:4 backends PyTorch offers that run on this GPU (cuSPARSELt first)."""
     out = []
     classes = _sparse_classes()
     try:
-        if classes["cusparselt"] is not None and torch.backends.cusparselt.is_available():
-            out.append("cusparselt")
+        cusparselt = torch.backends.cusparselt.is_available()
     except Exception:  # older torch without torch.backends.cusparselt
-        pass
-    if classes["cutlass"] is not None:
-        out.append("cutlass")
+        cusparselt = False
+    for name in ("cusparselt-fused", "cusparselt", "cutlass"):
+        if classes[name] is None or (name.startswith("cusparselt") and not cusparselt):
+            continue
+        if _backend_works(name, device, dtype):
+            out.append(name)
     return out
 
 
@@ -701,6 +738,8 @@ class LinearKernel:
         wp[: self.n, : self.k] = matrix.to(torch.float32)
         dense = wp.to(device=device, dtype=dtype).contiguous()
         self.w = _sparse_classes()[backend].from_dense(dense)
+        self.fused = backend == "cusparselt-fused"
+        self.algs: dict[int, int] = {}   # activation rows -> cuSPARSELt algorithm (fused backend)
         self.b = None
         if bias is not None:
             bp = torch.zeros(self.n_pad, dtype=torch.float32)
@@ -728,6 +767,24 @@ class LinearKernel:
             err = f"relative error {rel:.3g}"
         raise RuntimeError(f"{self.backend} 2:4 GEMM ({self.n}x{self.k}) is wrong or failed: {err}")
 
+    def _fused_mm(self, x2: torch.Tensor, bias) -> torch.Tensor:
+        """(m x k_pad) activations -> (m x n_pad), row-major from the kernel itself."""
+        m = int(x2.shape[0])
+        m_pad = _round_up(m, 8)
+        if m_pad != m:
+            x2 = F.pad(x2, (0, 0, 0, m_pad - m))
+        alg = self.algs.get(m_pad)
+        if alg is None:
+            alg = 0
+            if not torch.cuda.is_current_stream_capturing():
+                try:   # the best algorithm for this shape; the default one otherwise
+                    alg = int(torch._cslt_sparse_mm_search(self.w, x2.t(), bias, None, None, True))
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("cuSPARSELt algorithm search failed (%s); default algorithm", exc)
+                self.algs[m_pad] = alg
+        y = torch._cslt_sparse_mm(self.w, x2.t(), bias, transpose_result=True, alg_id=alg)
+        return y[:m] if m_pad != m else y
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend is None:
             return F.linear(x, self.w, self.b)
@@ -735,12 +792,13 @@ class LinearKernel:
         x2 = x.reshape(-1, self.k)
         if self.k_pad != self.k:
             x2 = F.pad(x2, (0, self.k_pad - self.k))
-        if self.b is not None and self.fused_bias:
-            y = F.linear(x2, self.w, self.b)
+        bias = self.b if self.b is not None and self.fused_bias else None
+        if self.fused:
+            y = self._fused_mm(x2, bias)
         else:
-            y = F.linear(x2, self.w)
-            if self.b is not None:
-                y = y + self.b
+            y = F.linear(x2, self.w, bias)
+        if self.b is not None and not self.fused_bias:
+            y = y + self.b
         if self.n_pad != self.n:
             y = y[:, : self.n]
         return y.reshape(*lead, self.n)
