@@ -129,6 +129,7 @@ class CudaSemiStructuredRuntime:
         from spdy_onnx.runtimes import torch_onnx as tx
         if self.dry_run:
             return ["reference"]
+        torch = self._torch()
         have = tx.sparse_backends(self.device, self._dtype(torch))
         if self.backends:
             have = [b for b in self.backends if b in have]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 
 import numpy as np
 import onnx
@@ -648,10 +649,11 @@ class _ReferenceBackend:
 
 
 class _FusedCusparseLt:
-    """cuSPARSELt called directly: y = x @ W^T written row-major by the kernel (transpose_result), with
-    the algorithm searched once per activation row count. PyTorch's tensor subclass computes W @ x^T
-    and hands back its transpose, which the next op must copy: on small layers that copy costs as much
-    as the GEMM."""
+    """cuSPARSELt called directly: y = x @ W^T written row-major by the kernel (transpose_result).
+    PyTorch's tensor subclass computes W @ x^T and hands back its transpose, which the next op must
+    copy: on small layers that copy costs as much as the GEMM. (The algorithm search,
+    torch._cslt_sparse_mm_search, is not used: it is deprecated, and a run that used it on an H200
+    hit an illegal instruction.)"""
 
     _DTYPE_SHAPE_CONSTRAINTS = {d: type("C", (), {"sparse_min_rows": 16, "sparse_min_cols": 16})
                                 for d in (torch.float16, torch.bfloat16)}
@@ -670,39 +672,76 @@ def _sparse_classes():
 
 
 _WORKING: dict[tuple, bool] = {}
+_PROBE_SHAPES = [(64, 64, 111), (384, 1536, 4096), (1536, 384, 16384)]   # (N, K, rows of x)
 
 
-def _backend_works(backend: str, device, dtype) -> bool:
-    """Whether a backend runs a small 2:4 GEMM correctly on this device (asked once per process):
-    a backend can be compiled in and still refuse the GPU (PyTorch's CUTLASS 2:4 kernels run on
-    compute capability 8.x only)."""
-    key = (backend, str(device), dtype)
-    if key not in _WORKING:
+def _probe_main(backend: str, device: str, dtype_name: str) -> int:
+    """Run in a child process by sparse_backends(): a few 2:4 GEMMs with this backend, checked
+    against dense. Exit status 0 when every one ran and matched."""
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for n, k, rows in _PROBE_SHAPES:
+        m = prune_matrix_2_4(torch.randn(n, k, generator=gen))
+        bias = torch.randn(n, generator=gen)
+        lin = LinearKernel(m, bias, device=device, dtype=dtype, backend=backend)
+        x = torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype)
+        y = lin(x).float()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ref = x.float() @ m.to(device).float().t() + bias.to(device)
+        rel = float((y - ref).norm() / ref.norm())
+        if not rel < 2e-2:
+            print(f"{backend}: {n}x{k} at {rows} rows: relative error {rel:.3g}", file=sys.stderr)
+            return 3
+    return 0
+
+
+def _probe_all(backends: list[str], device: str, dtype, timeout_s: float = 180.0) -> dict[str, bool]:
+    """Each backend probed in its own child process, all at once: a 2:4 kernel that faults (an
+    illegal instruction poisons the whole CUDA context, seen with cuSPARSELt on an H200) must take
+    down the probe, not the caller."""
+    import os
+    import subprocess
+    dtype_name = str(dtype).replace("torch.", "")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    procs = {}
+    for b in backends:
+        code = (f"from spdy_onnx.runtimes.torch_onnx import _probe_main; "
+                f"raise SystemExit(_probe_main({b!r}, {device!r}, {dtype_name!r}))")
+        procs[b] = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+    out = {}
+    for b, proc in procs.items():
         try:
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            m = prune_matrix_2_4(torch.randn(64, 64, generator=gen))
-            LinearKernel(m, torch.randn(64, generator=gen), device=device, dtype=dtype, backend=backend)
-            _WORKING[key] = True
-        except Exception as exc:  # noqa: BLE001 - any failure means: not on this machine
-            log.info("2:4 backend %s does not run here: %s", backend, str(exc).splitlines()[0][:160])
-            _WORKING[key] = False
-    return _WORKING[key]
+            _, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            err, proc.returncode = f"no answer in {timeout_s:.0f} s", -1
+        out[b] = proc.returncode == 0
+        if not out[b]:
+            lines = [ln for ln in (err or "").strip().splitlines() if ln.strip()]
+            log.info("2:4 backend %s does not run here (probe exit %s): %s", b, proc.returncode,
+                     lines[-1][:200] if lines else "")
+    return out
 
 
 def sparse_backends(device="cuda", dtype=torch.float16) -> list[str]:
-    """2:4 backends PyTorch offers that run on this GPU (cuSPARSELt first)."""
-    out = []
+    """2:4 backends PyTorch offers that run correctly on this GPU (fused cuSPARSELt first). Each is
+    probed once per process, in a child process: a backend can be compiled in and still refuse the
+    GPU (PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only) or fault on it."""
     classes = _sparse_classes()
     try:
         cusparselt = torch.backends.cusparselt.is_available()
     except Exception:  # older torch without torch.backends.cusparselt
         cusparselt = False
-    for name in ("cusparselt-fused", "cusparselt", "cutlass"):
-        if classes[name] is None or (name.startswith("cusparselt") and not cusparselt):
-            continue
-        if _backend_works(name, device, dtype):
-            out.append(name)
-    return out
+    offered = [b for b in ("cusparselt-fused", "cusparselt", "cutlass")
+               if classes[b] is not None and (cusparselt or not b.startswith("cusparselt"))]
+    unknown = [b for b in offered if (b, str(device), dtype) not in _WORKING]
+    if unknown:
+        for b, ok in _probe_all(unknown, str(device), dtype).items():
+            _WORKING[(b, str(device), dtype)] = ok
+    return [b for b in offered if _WORKING[(b, str(device), dtype)]]
 
 
 def _constraints(backend: str, dtype) -> tuple[int, int]:
@@ -739,7 +778,6 @@ class LinearKernel:
         dense = wp.to(device=device, dtype=dtype).contiguous()
         self.w = _sparse_classes()[backend].from_dense(dense)
         self.fused = backend == "cusparselt-fused"
-        self.algs: dict[int, int] = {}   # activation rows -> cuSPARSELt algorithm (fused backend)
         self.b = None
         if bias is not None:
             bp = torch.zeros(self.n_pad, dtype=torch.float32)
@@ -773,16 +811,7 @@ class LinearKernel:
         m_pad = _round_up(m, 8)
         if m_pad != m:
             x2 = F.pad(x2, (0, 0, 0, m_pad - m))
-        alg = self.algs.get(m_pad)
-        if alg is None:
-            alg = 0
-            if not torch.cuda.is_current_stream_capturing():
-                try:   # the best algorithm for this shape; the default one otherwise
-                    alg = int(torch._cslt_sparse_mm_search(self.w, x2.t(), bias, None, None, True))
-                except Exception as exc:  # noqa: BLE001
-                    log.debug("cuSPARSELt algorithm search failed (%s); default algorithm", exc)
-                self.algs[m_pad] = alg
-        y = torch._cslt_sparse_mm(self.w, x2.t(), bias, transpose_result=True, alg_id=alg)
+        y = torch._cslt_sparse_mm(self.w, x2.t(), bias, transpose_result=True)
         return y[:m] if m_pad != m else y
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -514,3 +514,23 @@ def test_cuda_runtime_dry_run_on_cpu(tmp_path):
 def modelio_feeds(model, batch):
     from spdy_onnx import modelio
     return modelio.example_inputs(modelio.input_specs(model, batch))
+
+
+def test_backend_probe_runs_in_a_child_process_and_reports_failures():
+    """sparse_backends() probes each 2:4 backend in a child process, so a kernel that faults cannot
+    poison the caller's CUDA context. On the CPU: the dense stand-in passes the probe's GEMMs, a GPU
+    backend fails it (its kernels refuse CPU tensors), and neither outcome touches this process."""
+    from spdy_onnx.runtimes import torch_onnx as tx
+
+    torch = pytest.importorskip("torch")
+    got = tx._probe_all(["reference", "cusparselt-fused"], "cpu", torch.float32)
+    assert got == {"reference": True, "cusparselt-fused": False}
+    assert tx._probe_main("reference", "cpu", "float32") == 0
+    # the probe's verdict rests on numerics too: a backend computing the wrong product fails it
+    real = tx.LinearKernel.__call__
+    try:
+        tx.LinearKernel.__call__ = lambda self, x: real(self, x) * 1.5
+        with pytest.raises(RuntimeError, match="wrong or failed"):
+            tx._probe_main("reference", "cpu", "float32")
+    finally:
+        tx.LinearKernel.__call__ = real
