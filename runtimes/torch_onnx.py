@@ -648,25 +648,9 @@ class _ReferenceBackend:
         return dense
 
 
-class _FusedCusparseLt:
-    """cuSPARSELt called directly: y = x @ W^T written row-major by the kernel (transpose_result).
-    PyTorch's tensor subclass computes W @ x^T and hands back its transpose, which the next op must
-    copy: on small layers that copy costs as much as the GEMM. (The algorithm search,
-    torch._cslt_sparse_mm_search, is not used: it is deprecated, and a run that used it on an H200
-    hit an illegal instruction.)"""
-
-    _DTYPE_SHAPE_CONSTRAINTS = {d: type("C", (), {"sparse_min_rows": 16, "sparse_min_cols": 16})
-                                for d in (torch.float16, torch.bfloat16)}
-
-    @staticmethod
-    def from_dense(dense):
-        return torch._cslt_compress(dense)
-
-
 def _sparse_classes():
     import torch.sparse as ts
     return {"cusparselt": getattr(ts, "SparseSemiStructuredTensorCUSPARSELT", None),
-            "cusparselt-fused": _FusedCusparseLt if hasattr(torch, "_cslt_sparse_mm") else None,
             "cutlass": getattr(ts, "SparseSemiStructuredTensorCUTLASS", None),
             "reference": _ReferenceBackend}
 
@@ -727,7 +711,7 @@ def _probe_all(backends: list[str], device: str, dtype, timeout_s: float = 180.0
 
 
 def sparse_backends(device="cuda", dtype=torch.float16) -> list[str]:
-    """2:4 backends PyTorch offers that run correctly on this GPU (fused cuSPARSELt first). Each is
+    """2:4 backends PyTorch offers that run correctly on this GPU (cuSPARSELt first). Each is
     probed once per process, in a child process: a backend can be compiled in and still refuse the
     GPU (PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only) or fault on it."""
     classes = _sparse_classes()
@@ -735,7 +719,7 @@ def sparse_backends(device="cuda", dtype=torch.float16) -> list[str]:
         cusparselt = torch.backends.cusparselt.is_available()
     except Exception:  # older torch without torch.backends.cusparselt
         cusparselt = False
-    offered = [b for b in ("cusparselt-fused", "cusparselt", "cutlass")
+    offered = [b for b in ("cusparselt", "cutlass")
                if classes[b] is not None and (cusparselt or not b.startswith("cusparselt"))]
     unknown = [b for b in offered if (b, str(device), dtype) not in _WORKING]
     if unknown:
@@ -777,7 +761,6 @@ class LinearKernel:
         wp[: self.n, : self.k] = matrix.to(torch.float32)
         dense = wp.to(device=device, dtype=dtype).contiguous()
         self.w = _sparse_classes()[backend].from_dense(dense)
-        self.fused = backend == "cusparselt-fused"
         self.b = None
         if bias is not None:
             bp = torch.zeros(self.n_pad, dtype=torch.float32)
@@ -805,15 +788,6 @@ class LinearKernel:
             err = f"relative error {rel:.3g}"
         raise RuntimeError(f"{self.backend} 2:4 GEMM ({self.n}x{self.k}) is wrong or failed: {err}")
 
-    def _fused_mm(self, x2: torch.Tensor, bias) -> torch.Tensor:
-        """(m x k_pad) activations -> (m x n_pad), row-major from the kernel itself."""
-        m = int(x2.shape[0])
-        m_pad = _round_up(m, 8)
-        if m_pad != m:
-            x2 = F.pad(x2, (0, 0, 0, m_pad - m))
-        y = torch._cslt_sparse_mm(self.w, x2.t(), bias, transpose_result=True)
-        return y[:m] if m_pad != m else y
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend is None:
             return F.linear(x, self.w, self.b)
@@ -821,11 +795,7 @@ class LinearKernel:
         x2 = x.reshape(-1, self.k)
         if self.k_pad != self.k:
             x2 = F.pad(x2, (0, self.k_pad - self.k))
-        bias = self.b if self.b is not None and self.fused_bias else None
-        if self.fused:
-            y = self._fused_mm(x2, bias)
-        else:
-            y = F.linear(x2, self.w, bias)
+        y = F.linear(x2, self.w, self.b if self.fused_bias else None)
         if self.b is not None and not self.fused_bias:
             y = y + self.b
         if self.n_pad != self.n:
