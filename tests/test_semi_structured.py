@@ -534,3 +534,49 @@ def test_backend_probe_runs_in_a_child_process_and_reports_failures():
             tx._probe_main("reference", "cpu", "float32")
     finally:
         tx.LinearKernel.__call__ = real
+
+
+# ---------------------------------------------------------------------------------------------
+# tables recorded on a real GPU (NVIDIA H200, benchmarks/gpu_24.py), committed as fixtures
+# ---------------------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+H200_TABLES = sorted(FIXTURES.glob("gpu_*_h200.json"))
+
+
+def test_recorded_h200_tables_are_complete_gpu_tables():
+    assert len(H200_TABLES) >= 4
+    for path in H200_TABLES:
+        table = LatencyTable.load(path).validate()
+        meta = table.meta
+        assert table.runtime == "cuda-2:4" and table.pattern == "2:4" and table.levels == [0.0, 0.5], path.name
+        assert "H200" in meta["gpu"] and meta["dtype"] == "float16", path.name
+        assert f"-b{meta['batch_size']}_" in path.name
+        assert meta["model_sha256"] and meta["cuda_graph"] is True
+        # every site timed at its real shape; the 2:4 level is the best backend that ran it, or dense
+        assert set(meta["sites"]) == set(table.times)
+        for name, (dense, sparse) in table.times.items():
+            site = meta["sites"][name]
+            assert dense == pytest.approx(site["dense_ms"]) and dense > 0
+            tried = [site[f"{b}_ms"] for b in ("cusparselt", "cutlass") if f"{b}_ms" in site]
+            assert sparse == pytest.approx(min(tried) if tried else dense)
+
+
+@pytest.mark.parametrize("target", [1.05, 1.1, 1.15])
+def test_recorded_h200_tables_drive_the_two_level_dp(target):
+    """Where the H200 made no site faster (MiniLM-L6 at batch 128), every target is refused; where
+    it did (a 4096-wide MLP at batch 16), the DP meets the budget with the fewest 2:4 sites."""
+    minilm = LatencyTable.load(FIXTURES / "gpu_minilm-l6-b128_h200.json")
+    names = list(minilm.times)
+    assert minilm.max_speedup(names) < target
+    from spdy_onnx.solver import Infeasible
+    with pytest.raises(Infeasible):
+        solve_dp(np.tile([0.0, 1.0], (len(names), 1)), minilm.matrix(names), minilm.budget_ms(names, target))
+
+    mlp = LatencyTable.load(FIXTURES / "gpu_mlp4096-b16_h200.json")
+    names = list(mlp.times)
+    picks = solve_dp(np.tile([0.0, 1.0], (len(names), 1)), mlp.matrix(names), mlp.budget_ms(names, target))
+    profile = dict(zip(names, (int(j) for j in picks)))
+    assert mlp.predicted_speedup(profile) >= target - 1e-9
+    fewer = [dict(profile, **{n: 0}) for n in names if profile[n] == 1]
+    assert all(mlp.predicted_speedup(p) < target for p in fewer)
