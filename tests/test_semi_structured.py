@@ -580,3 +580,43 @@ def test_recorded_h200_tables_drive_the_two_level_dp(target):
     assert mlp.predicted_speedup(profile) >= target - 1e-9
     fewer = [dict(profile, **{n: 0}) for n in names if profile[n] == 1]
     assert all(mlp.predicted_speedup(p) < target for p in fewer)
+
+
+def test_a_2_4_form_that_fails_at_the_real_shape_is_recorded_and_timed_dense(tmp_path, monkeypatch):
+    """cuSPARSELt built a kernel for MobileNetV2's tallest 1x1 convs on an H200 and then refused the
+    activations ("operation not supported"), which stopped the whole table. Now each 2:4 form runs once
+    at its real shape first: one that fails is recorded in the table and the site's 2:4 level takes
+    its dense time; an executor asked to run that site as 2:4 runs it dense."""
+    torch = pytest.importorskip("torch")
+    from spdy_onnx.runtimes import torch_onnx as tx
+    from spdy_onnx.runtimes.cuda_sparse import CudaSemiStructuredRuntime
+
+    real = tx.LinearKernel.__call__
+
+    def refuses_tall_inputs(self, x):   # the construction check runs 64 rows; the real input has more
+        if self.backend == "reference" and x.reshape(-1, x.shape[-1]).shape[0] > 64 and self.k == 64:
+            raise RuntimeError("operation not supported when calling cusparseLtMatmulDescriptorInit")
+        return real(self, x)
+
+    monkeypatch.setattr(tx.LinearKernel, "__call__", refuses_tall_inputs)
+    model = tiny.mlp(width=64, depth=3, seq=64, batch="N", hidden=128)   # K = 64 only at matmul_0
+    src = tmp_path / "mlp.onnx"
+    onnx.save(model, src)
+    opts = {"device": "cpu", "rounds": 3, "site_rounds": 3, "target_round_ms": 0.2}
+    table, _ = api.profile(src, runtime="cuda-2:4", batch_size=2, output=tmp_path / "t.json",
+                           cache_dir=tmp_path / "cache", progress=False, runtime_options=opts)
+    failed = table.meta["sparse_failed"]
+    assert set(failed) == {"matmul_0"} and "not supported" in failed["matmul_0"]["reference"]
+    assert table.times["matmul_0"][1] == table.times["matmul_0"][0]
+    assert table.meta["sites"]["matmul_0"]["backend"] is None
+    assert table.meta["sites"]["matmul_1"]["backend"] == "reference"
+    # a 2:4 file: the failing site runs dense, the others through the 2:4 form
+    sites, _ = graph.find_sites(model)
+    w = graph.read_weights(model, sites)
+    from spdy_onnx.passes.prune import write_weights
+    pruned = write_weights(model, {s.weight: prune_2_4(s, w[s.name]) for s in sites})
+    pruned_path = tmp_path / "p.onnx"
+    onnx.save(pruned, pruned_path)
+    ex = CudaSemiStructuredRuntime(**opts).executor(pruned_path, modelio_feeds(model, 2))
+    assert {n for n, i in ex.site_info.items() if i["backend"]} == {"matmul_1", "matmul_2"}
+    assert torch.is_tensor(ex.replay()[0])
