@@ -8,8 +8,13 @@ Two steps, because the GPU machines reach no model hub and carry at most 64 MiB 
     python models/export_mobilenetv2.py --out /tmp/m/mbv2-b256 --batch 256 --skip-deepsparse
     python benchmarks/gpu_24.py pack --out .gpu24 /tmp/m/minilm-b128/minilm-l6.onnx /tmp/m/mbv2-b256/mobilenetv2.onnx
 
-  on the GPU machine:
-    python benchmarks/gpu_24.py run --pack .gpu24 --out OUT_DIR [--targets 1.1,1.2,1.3] [--fixtures tests/fixtures]
+  on the GPU machine (benchmarks/gpu_device_run.sh wraps this with the GPU tests and the GEMM sweep):
+    python benchmarks/gpu_24.py run --pack .gpu24 --out OUT_DIR [--models NAME,...] [--targets 1.1,1.2,1.3]
+        [--budget-s S] [--fixtures tests/fixtures]
+
+`run` first writes every model's table and measures every eligible site 2:4 end to end, then runs the
+feasible targets round-robin over the models while --budget-s lasts, so a short lease still brings back
+every table.
 
 A pack holds each model's graph with its float weights left out (the digest of the real model is kept);
 `run` fills them with seeded random values of each tensor's own mean and standard deviation. GPU times
