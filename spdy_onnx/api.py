@@ -601,7 +601,7 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
         "pruned_ms": comparison.candidate_ms if comparison else table.predicted_ms(profile),
         "max_achievable_speedup": max_speedup,
         "runtime": prep.runtime.name, "pattern": table.pattern, "batch_size": prep.batch_size,
-        "cores": table.meta.get("cores"), "engine": table.meta.get("engine"),
+        "cores": table.meta.get("cores"), "gpu": table.meta.get("gpu"), "engine": table.meta.get("engine"),
         "engine_version": table.meta.get("version"),
         "input_shapes": {k: list(v[0]) for k, v in prep.specs.items()},
         "strategy": strategy, "seed": seed, "levels": levels,

@@ -144,6 +144,11 @@ def _fmt(v, spec=".3f", none="-"):
     return none if v is None else format(v, spec)
 
 
+def _where(rep: dict) -> str:
+    """What the times were taken on: the GPU for a GPU table, else the CPU cores."""
+    return f"on {rep['gpu']}" if rep.get("gpu") else f"cores {rep['cores']}"
+
+
 def _print_optimize(rep: dict):
     print(f"{'site':40s} {'op':7s} {'sparsity':>8s} {'dense ms':>9s} {'chosen ms':>9s}")
     for s in rep["sites"]:
@@ -153,7 +158,7 @@ def _print_optimize(rep: dict):
     print()
     print(f"target {rep['target']:g}x | predicted {rep['predicted_speedup']:.3f}x | "
           f"measured {_fmt(rep['measured_speedup'])}x | dense {rep['dense_ms']:.3f} ms -> "
-          f"pruned {rep['pruned_ms']:.3f} ms | {rep['runtime']} batch {rep['batch_size']} cores {rep['cores']}")
+          f"pruned {rep['pruned_ms']:.3f} ms | {rep['runtime']} batch {rep['batch_size']} {_where(rep)}")
     q = rep.get("quality") or {}
     if "calibration_loss" in q:
         before = q.get("calibration_loss_before_correction")

@@ -326,8 +326,9 @@ def test_cli_optimize_cuda_2_4_from_table(tmp_path, no_cuda, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "NOT measured" in text
+    assert "on synthetic (test)" in text and "cores" not in text   # the GPU the table was timed on
     rep = json.loads((tmp_path / "cnn.24.report.json").read_text())
-    assert rep["status"] == "not_measured"
+    assert rep["status"] == "not_measured" and rep["gpu"] == "synthetic (test)"
     pruned = onnx.load(out)
     sites, _ = graph.find_sites(model)
     w = graph.read_weights(pruned, sites)
