@@ -28,7 +28,8 @@ BACKGROUND = 0.85       # the neighbours' level (the nearest grid level at or ab
 MAX_FACTOR = 1.8        # a larger pooled factor is taken as a noisy run, not as the engine
 # Engine runs are budgeted from profiling's own pace: as many low levels as fit, the dense level first,
 # none when fewer than two runs fit. MiniLM-L6 takes 4-8 s per run (all four fit); a BERT-base-size model
-# about 22 s at batch 1 on one core (none: its tool time was 19.6 minutes for a 20-minute goal).
+# about 22 s at batch 1 on one core (none: its tool time was 16.9-19.6 minutes in steady hours, for a
+# 20-minute goal).
 MAX_SECONDS = 40.0
 
 
