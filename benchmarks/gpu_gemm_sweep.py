@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     import torch
 
     from spdy_onnx.runtimes import torch_onnx as tx
-    from spdy_onnx.runtimes.cuda_sparse import CudaSemiStructuredRuntime
+    from spdy_onnx.runtimes.cuda_sparse import CudaSemiStructuredRuntime, _bind
 
     dev = args.device
     shapes = SHAPES
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             del fns, x
             if dev == "cuda":
                 torch.cuda.empty_cache()
-    head = f"| M | N | K | dense ms (TFLOP/s) | " + " | ".join(f"{b} ms (dense/2:4)" for b in backends) + " |"
+    head = "| M | N | K | dense ms (TFLOP/s) | " + " | ".join(f"{b} ms (dense/2:4)" for b in backends) + " |"
     lines = [head, "|" + "---|" * (4 + len(backends))]
     for r in rows:
         cells = []
@@ -93,12 +93,6 @@ def main(argv=None) -> int:
             json.dump({"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype,
                        "backends": backends, "rows": rows, "markdown": table}, f, indent=1)
     return 0
-
-
-def _bind(op, x):
-    def call():
-        return op(x)
-    return call
 
 
 if __name__ == "__main__":

@@ -280,14 +280,15 @@ class CudaSemiStructuredRuntime:
                 trans_b = bool(getattr(site, "trans_b", False))
                 pruned = tx.matrix_to_weight(site.op_type, tx.prune_matrix_2_4(
                     tx.weight_matrix(site.op_type, w, trans_b)), tuple(w.shape), trans_b)
+                site_failed = {}
                 for b in backends:
                     try:
                         fns[b] = _bind(ex.site_op(site.name, b, pruned), x)
                     except Exception as exc:  # noqa: BLE001 - a backend that cannot run this shape
-                        failed.setdefault(site.name, {})[b] = str(exc).splitlines()[0][:200]
-                fns = self._runnable(torch, fns, failed.setdefault(site.name, {}))
-                if not failed[site.name]:
-                    del failed[site.name]
+                        site_failed[b] = str(exc).splitlines()[0][:200]
+                fns = self._runnable(torch, fns, site_failed)
+                if site_failed:
+                    failed[site.name] = site_failed
             else:
                 ineligible[site.name] = why
             res, site_graphed = self._time_interleaved(torch, fns, self.site_rounds)

@@ -719,8 +719,7 @@ def sparse_backends(device="cuda", dtype=torch.float16) -> list[str]:
         cusparselt = torch.backends.cusparselt.is_available()
     except Exception:  # older torch without torch.backends.cusparselt
         cusparselt = False
-    offered = [b for b in ("cusparselt", "cutlass")
-               if classes[b] is not None and (cusparselt or not b.startswith("cusparselt"))]
+    offered = [b for b in ("cusparselt", "cutlass") if classes[b] is not None and (cusparselt or b != "cusparselt")]
     unknown = [b for b in offered if (b, str(device), dtype) not in _WORKING]
     if unknown:
         for b, ok in _probe_all(unknown, str(device), dtype).items():

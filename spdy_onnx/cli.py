@@ -32,8 +32,9 @@ def _table_opts(p):
                                                      "(default: $SPDY_ONNX_CACHE or ~/.cache/spdy-onnx)")
     p.add_argument("--no-cache", action="store_true", help="re-measure even if a cached table exists")
     p.add_argument("--level-context", action="store_true",
-                   help="also time the levels under 60%% among pruned neighbours (one more engine run per such level, within a 40 s budget) and scale "
-                        "their times by what that shows; off by default: closer predictions for profiles "
+                   help="also time the levels under 60%% among pruned neighbours (one more engine run per "
+                        "such level, within a 40 s budget) and scale their times by what that shows; off by "
+                        "default: closer predictions for profiles "
                         "that keep sites dense, no accuracy gain measured (README, How it works)")
     p.add_argument("--repeats", type=int, default=None,
                    help="profiling repeats per level; medians are kept (default: 2, or 1 when one pass over "
