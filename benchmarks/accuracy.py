@@ -300,6 +300,8 @@ def main(argv=None):
                    help="batch size to time at (default: per model, MiniLM 1, MobileNetV2 16)")
     p.add_argument("--correct-epochs", type=int, default=None,
                    help="optimize's global correction epochs (default: optimize's default)")
+    p.add_argument("--loss", choices=["auto", "kl", "mse"], default=None,
+                   help="optimize's --loss for every strategy (its search and its global correction)")
     p.add_argument("--search-prior", choices=["auto", "shape", "losses"], default=None,
                    help="optimize's --search-prior (default: optimize's own)")
     p.add_argument("--reconstruct", choices=["obs", "magnitude"], default=None,
@@ -412,6 +414,8 @@ def run_one(name, onnx_path, calib, table_path, task, *, strategy, target, args,
             extra["reconstruct"] = args.reconstruct
         if args.search_prior is not None:
             extra["search_prior"] = args.search_prior
+        if args.loss is not None:
+            extra["loss"] = args.loss
         rep = api.optimize(onnx_path, target=target, data=str(calib), strategy=strategy, cores=args.cores,
                            batch_size=batch, cache_dir=cache_dir, search_budget=args.search_budget, seed=args.seed,
                            latency_table=str(table_path), output=out, report=report, progress=False, **extra)
@@ -486,6 +490,7 @@ def render_table(name, info, task, rows, args) -> str:
         + (f", margin {args.margin:g}" if args.margin is not None else "")
         + (f", --reconstruct {args.reconstruct}" if args.reconstruct else "")
         + (f", --search-prior {args.search_prior}" if args.search_prior else "")
+        + (f", --loss {args.loss}" if args.loss else "")
         + (f", {args.eval_samples} samples per search evaluation" if args.eval_samples else "") + ".",
         "",
     ]

@@ -9,7 +9,10 @@ those same draft weights on the first N sentences of the probe-train part (the c
 the accuracy benchmark's MiniLM task (probe accuracy and cosine to dense on the held-out sentences).
 
     python benchmarks/correction_data.py --models-dir out --latency-table minilm.table.json \
-        --speedup 1.6 --runs 1024x1,2048x1,1024x2,4096x1
+        --speedup 1.6 --runs 1024x1,2048x1,1024x2,4096x1,1024x1:lr=1e-3
+
+A run is SAMPLESxEPOCHS, optionally with :loss=NAME (the correction's loss; default: the search's) and
+:lr=LR. `--loss` sets the loss the profile is chosen with (spdy-onnx's --loss).
 
 The latency table is any MiniLM-L6 table `spdy-onnx profile` wrote. The profile's database and search
 use the first 1,024 sentences (the Hessians' cap, reconstruct.HESSIAN_SAMPLES), whatever N is.
@@ -37,11 +40,23 @@ from spdy_onnx.passes.prune import write_weights  # noqa: E402
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def parse_runs(text: str) -> list[tuple[int, int]]:
+OPTIONS = {"loss": ("loss", str), "lr": ("lr", float)}
+
+
+def parse_runs(text: str) -> list[tuple[int, int, dict]]:
+    """'1024x1,1024x1:loss=kl:lr=1e-3' -> [(1024, 1, {}), (1024, 1, {'loss': 'kl', 'lr': 0.001})]"""
     runs = []
     for part in text.split(","):
-        n, _, epochs = part.strip().partition("x")
-        runs.append((int(n), int(epochs or 1)))
+        head, *opts = part.strip().split(":")
+        n, _, epochs = head.partition("x")
+        kwargs = {}
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key not in OPTIONS:
+                raise SystemExit(f"unknown run option '{key}' (known: {', '.join(OPTIONS)})")
+            name, kind = OPTIONS[key]
+            kwargs[name] = kind(value)
+        runs.append((int(n), int(epochs or 1), kwargs))
     return runs
 
 
@@ -55,6 +70,10 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="spdy-onnx cache (database, dense embeddings)")
     p.add_argument("--cores", type=int, default=1, help="DeepSparse cores for the held-out embeddings")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss", default="auto", help="the search's loss (spdy-onnx --loss)")
+    p.add_argument("--search-budget", default=None,
+                   help="the search's budget (spdy-onnx --search-budget); a number of evaluations makes the "
+                        "profile independent of the machine's speed")
     args = p.parse_args(argv)
 
     dense_path = args.models_dir / "minilm-l6.onnx"
@@ -74,7 +93,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         rep = api.optimize(str(dense_path), target=args.speedup, margin=0.0, runtime="table",
                            latency_table=args.latency_table, data=str(work / "calib1024.npz"), strategy="spdy",
-                           correct_epochs=0, cache_dir=cache, seed=args.seed, output=work / "draft.onnx",
+                           loss=args.loss, search_budget=args.search_budget, correct_epochs=0, cache_dir=cache, seed=args.seed, output=work / "draft.onnx",
                            progress=False)
         choose_s = time.perf_counter() - t0
         drafted = onnx.load(str(work / "draft.onnx"))
@@ -82,19 +101,23 @@ def main(argv=None) -> int:
         draft = {s.weight: draft[s.name] for s in sites}
         loss = rep["quality"].get("loss", "mse")
         rows = [("draft (no correction)", "-", task.evaluate(work / "draft.onnx"), None)]
-        for n, epochs in runs:
+        for n, epochs, kwargs in runs:
             if n > len(next(iter(pool.values()))):
                 raise SystemExit(f"the probe-train part has fewer than {n} sentences")
             data = {k: v[:n] for k, v in pool.items()}
             t0 = time.perf_counter()
-            tuned, summary = correct.global_correction(dense, sites, draft, data, loss=loss, batch_size=1,
-                                                       epochs=epochs, max_samples=n, max_seconds=None, seed=args.seed)
+            tuned, summary = correct.global_correction(dense, sites, draft, data, batch_size=1, epochs=epochs,
+                                                       max_samples=n, max_seconds=None, seed=args.seed,
+                                                       **{"loss": loss, **kwargs})
             seconds = time.perf_counter() - t0
-            out = work / f"corrected_{n}x{epochs}.onnx"
+            label = f"{n} sentences x {epochs} epoch(s)" + "".join(f", {k} {v}" for k, v in kwargs.items())
+            out = work / f"corrected_{len(rows)}.onnx"
             onnx.save(write_weights(dense, {**draft, **tuned}), str(out))
-            rows.append((f"{n} sentences x {epochs} epoch(s)", f"{seconds:.0f}", task.evaluate(out), summary))
+            rows.append((label, f"{seconds:.0f}", task.evaluate(out), summary))
+            print(f"{label}: {seconds:.0f} s, probe {rows[-1][2]['probe_acc']:.1%}, cos {rows[-1][2]['cos_mean']:.4f}",
+                  flush=True)
 
-    print(f"MiniLM-L6, SPDY profile at a predicted {rep['predicted_speedup']:.2f}x "
+    print(f"MiniLM-L6, SPDY profile ({loss} loss) at a predicted {rep['predicted_speedup']:.2f}x "
           f"(weighted sparsity {rep['weighted_mean_sparsity']:.0%}; chosen in {choose_s:.0f} s on "
           f"{args.latency_table}), batch 1, seed {args.seed}; held-out: {task.describe()}")
     print(f"dense: probe {task.dense_metrics['probe_acc']:.1%}")
