@@ -93,8 +93,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         rep = api.optimize(str(dense_path), target=args.speedup, margin=0.0, runtime="table",
                            latency_table=args.latency_table, data=str(work / "calib1024.npz"), strategy="spdy",
-                           loss=args.loss, search_budget=args.search_budget, correct_epochs=0, cache_dir=cache, seed=args.seed, output=work / "draft.onnx",
-                           progress=False)
+                           loss=args.loss, search_budget=args.search_budget, correct_epochs=0, cache_dir=cache,
+                           seed=args.seed, output=work / "draft.onnx", progress=False)
         choose_s = time.perf_counter() - t0
         drafted = onnx.load(str(work / "draft.onnx"))
         draft = graph.read_weights(drafted, sites)
@@ -106,9 +106,9 @@ def main(argv=None) -> int:
                 raise SystemExit(f"the probe-train part has fewer than {n} sentences")
             data = {k: v[:n] for k, v in pool.items()}
             t0 = time.perf_counter()
+            options = {"loss": loss, **kwargs}    # a run's own :loss= replaces the search's
             tuned, summary = correct.global_correction(dense, sites, draft, data, batch_size=1, epochs=epochs,
-                                                       max_samples=n, max_seconds=None, seed=args.seed,
-                                                       **{"loss": loss, **kwargs})
+                                                       max_samples=n, max_seconds=None, seed=args.seed, **options)
             seconds = time.perf_counter() - t0
             label = f"{n} sentences x {epochs} epoch(s)" + "".join(f", {k} {v}" for k, v in kwargs.items())
             out = work / f"corrected_{len(rows)}.onnx"
