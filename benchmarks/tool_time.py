@@ -66,6 +66,12 @@ def main(argv=None):
     other = wall - sum(s for _, s in rows)
     print(f"| other (loading, writing, reports) | {other:.0f} |")
     print(f"| **total, wall** | **{wall:.0f}** ({wall / 60:.1f} min) |")
+    setup = (rep.get("quality") or {}).get("calibration_phases_s") or {}
+    if setup:
+        names = {"load_data_s": "loading the data", "hessians_s": "Hessians", "reconstruction_s": "OBS reconstruction",
+                 "database_s": "database in all", "evaluator_s": "evaluator (dense reference outputs)"}
+        print("\nHessians, OBS database, evaluator: " + ", ".join(
+            f"{names.get(k, k)} {v:.0f} s" for k, v in setup.items()))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"wall_s": wall, "status": status, "args": vars(args) | {"out": str(args.out)},

@@ -6,6 +6,7 @@ speed check and the weights are identical across them; only the choice of levels
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -206,25 +207,40 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
     from spdy_onnx import calibrate, evaluate, search
     from spdy_onnx.reconstruct import build_database
 
+    # where the time of this setup goes (report: quality.calibration_phases_s), for the tool-time goals
+    t0 = time.perf_counter()
     calib = calibrate.load_data(data, prep.specs, samples=samples)
+    setup = {"load_data_s": time.perf_counter() - t0}
     eval_samples = evaluate.DEFAULT_EVAL_SAMPLES if eval_samples is None else int(eval_samples)
     feeds = calibrate.timing_batch(calib, prep.specs)
+    t0 = time.perf_counter()
+    built: dict = {}
     database = build_database(prep, sites, sources, levels, calib, method=reconstruct,
-                                 pattern=table.pattern, cache_dir=cache_dir, progress=progress)
+                                 pattern=table.pattern, cache_dir=cache_dir, progress=progress, timings=built)
+    setup["database_s"] = time.perf_counter() - t0
+    setup.update(built)
     from spdy_onnx import cache
     memo = cache.cache_key(model=prep.digest, sites=[s.name for s in sites], levels=levels, loss=loss,
                            database=getattr(database, "folder", type(database).__name__), pattern=table.pattern,
                            data=calibrate.data_digest(calib), samples=eval_samples, version=3)
     journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
+    t0 = time.perf_counter()
     evaluator = evaluate.Evaluator(prep.calibration_model, sites, database, calib, loss=loss, specs=prep.specs,
                                    eval_samples=eval_samples, journal=journal)
+    setup["evaluator_s"] = time.perf_counter() - t0
     common = dict(sites=sites, levels=levels, database=database, evaluator=evaluator, feeds=feeds, groups=groups)
     if strategy == "uniform":
-        return Uniform(**common)
-    if strategy == "global-magnitude":
-        return GlobalMagnitude(sources, **common)
-    if strategy == "magnitude-dp":
-        return ErrorDP(magnitude_errors(sources, [s.name for s in sites], levels), **common)
-    if strategy == "dp-loss":
-        return ErrorDP(search.single_site_losses(evaluator, len(levels), progress=progress), **common)
-    return search.SpdySearch(search_budget=search_budget, seed=seed, progress=progress, prior=search_prior, **common)
+        chooser = Uniform(**common)
+    elif strategy == "global-magnitude":
+        chooser = GlobalMagnitude(sources, **common)
+    elif strategy == "magnitude-dp":
+        chooser = ErrorDP(magnitude_errors(sources, [s.name for s in sites], levels), **common)
+    elif strategy == "dp-loss":
+        t0 = time.perf_counter()
+        chooser = ErrorDP(search.single_site_losses(evaluator, len(levels), progress=progress), **common)
+        setup["single_site_losses_s"] = time.perf_counter() - t0
+    else:
+        chooser = search.SpdySearch(search_budget=search_budget, seed=seed, progress=progress, prior=search_prior,
+                                    **common)
+    chooser.info["calibration_phases_s"] = setup
+    return chooser

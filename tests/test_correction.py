@@ -191,6 +191,19 @@ def test_the_corrected_file_is_the_one_measured_and_written(clock, mlp_setup, tm
     assert any(not np.array_equal(draft[k], v) for k, v in last.items())       # and it is not the draft
 
 
+def test_the_report_splits_the_calibration_setup_and_a_cached_database_skips_its_hessians(clock, mlp_setup, tmp_path):
+    path, data, _ = mlp_setup
+    clock.efficiency = 1.0
+    kw = dict(target=1.5, runtime="sparsity-clock", data=data, progress=False, cache_dir=tmp_path / "c",
+              strategy="uniform", correct_epochs=0)
+    first = api.optimize(path, output=tmp_path / "a.onnx", **kw)["quality"]["calibration_phases_s"]
+    assert {"load_data_s", "database_s", "hessians_s", "reconstruction_s", "evaluator_s"} <= set(first)
+    assert first["database_s"] >= first["hessians_s"] + first["reconstruction_s"] > 0
+    again = api.optimize(path, output=tmp_path / "b.onnx", **kw)["quality"]["calibration_phases_s"]
+    assert "hessians_s" not in again and "reconstruction_s" not in again    # read from the cache
+    assert again["database_s"] < first["database_s"]
+
+
 class NoisyClock(SparsityClock):
     """Measurements read from a script, one per call, as compile-to-compile noise would give them."""
     name = "noisy-clock"
