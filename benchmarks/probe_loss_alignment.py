@@ -59,18 +59,6 @@ def random_profile(rng, n_sites: int, mean: float, spread: float) -> np.ndarray:
     return np.clip(s, 0.0, 0.95)
 
 
-def magnitude_pruned(weights: dict, sparsities) -> dict:
-    out = {}
-    for (name, w), sp in zip(weights.items(), sparsities):
-        w = w.copy()
-        k = int(sp * w.size)
-        if k > 0:
-            thr = np.partition(np.abs(w).ravel(), k)[k]
-            w[np.abs(w) < thr] = 0
-        out[name] = w
-    return out
-
-
 def losses(ref_tok: np.ndarray, out_tok: np.ndarray, ref_emb: np.ndarray, out_emb: np.ndarray) -> dict:
     """Label-free losses on calibration data: token states (per token, real tokens only) and sentence embeddings."""
     err = out_tok - ref_tok
@@ -87,7 +75,7 @@ def main():
     p.add_argument("--profiles", type=int, default=15)
     p.add_argument("--mean-sparsity", type=float, default=0.55)
     p.add_argument("--files", nargs="*", default=[], help="pruned MiniLM-L6 files to score with and without the mean matched")
-    p.add_argument("--cache-dir", type=Path, default=Path(".probe_alignment_cache"))
+    p.add_argument("--cache-dir", type=Path, default=None, help="dense outputs cached here (default: the spdy-onnx cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON of every row")
     args = p.parse_args()
@@ -96,6 +84,9 @@ def main():
     from onnx import numpy_helper
     from scipy.stats import spearmanr
     from sklearn.linear_model import LogisticRegression
+
+    from spdy_onnx.cache import default_cache_dir
+    from spdy_onnx.passes.prune import magnitude_prune, write_weights
 
     d = args.models_dir
     model = onnx.load(str(d / "minilm-l6.onnx"))
@@ -107,8 +98,9 @@ def main():
     train = dict(np.load(d / "minilm_probe_train.npz"))
     mask = cal["attention_mask"].astype(bool)
 
-    args.cache_dir.mkdir(parents=True, exist_ok=True)
-    cache = args.cache_dir / f"dense_{args.calib}.npz"
+    cache_dir = (args.cache_dir or Path(default_cache_dir())) / "probe_alignment"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache = cache_dir / f"dense_{args.calib}.npz"
     t0 = time.perf_counter()
     if cache.exists():
         z = np.load(cache)
@@ -145,13 +137,8 @@ def main():
     for i in range(args.profiles):
         spread = (0.1, 0.2, 0.3)[i % 3]
         sp = random_profile(rng, len(sites), args.mean_sparsity, spread)
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        pruned = magnitude_pruned(dense_w, sp)
-        for t in m.graph.initializer:
-            if t.name in pruned:
-                t.CopyFrom(numpy_helper.from_array(pruned[t.name], t.name))
-        row = {"profile": i, "spread": spread, **score(_session(m))}
+        pruned = write_weights(model, {name: magnitude_prune(w, x) for (name, w), x in zip(dense_w.items(), sp)})
+        row = {"profile": i, "spread": spread, **score(_session(pruned))}
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     if len(rows) >= 3:
