@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
+from spdy_onnx import blas
 from spdy_onnx.errors import SpdyError
 from spdy_onnx.ort_session import make_session, run
 
@@ -228,7 +229,7 @@ class _RowAccumulator:
             return
         x = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
         self.pending, self.pending_rows = [], 0
-        h = x.T @ x                              # float32 GEMM, float64 accumulation across flushes
+        h = blas.gram(x)                          # float32 GEMM, float64 accumulation across flushes
         if self.total is None:
             self.total = h.astype(np.float64)
         else:

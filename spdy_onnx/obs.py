@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from spdy_onnx import blas
+
 BLOCK = 32
 
 
@@ -21,10 +23,9 @@ def inverse_cholesky(h: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.
     for attempt in range(6):
         try:
             hd = h + (damp * (10 ** attempt)) * mean_diag * np.eye(h.shape[0])
-            lower = np.linalg.cholesky(hd)
-            inv = np.linalg.inv(lower)
-            hinv = inv.T @ inv
-            return np.linalg.cholesky(hinv).T, dead
+            inv = blas.inverse_lower(blas.cholesky(hd))
+            hinv = blas.matmul(np.ascontiguousarray(inv.T), inv)
+            return blas.cholesky(hinv).T, dead
         except np.linalg.LinAlgError:
             continue
     raise np.linalg.LinAlgError("Hessian is not positive definite even with strong damping")
@@ -120,7 +121,7 @@ def _sweep(w, hinv_chol, dead, sparsities, *, n, m, block):
             err1[i] = err
         ws[:, i1:i2] = w1.T
         if i2 < cols:
-            ws[:, i2:] -= err1.T @ hinv[i1:i2, i2:]
+            ws[:, i2:] -= blas.matmul(err1.T, hinv[i1:i2, i2:])
     # the update can leave tiny values in pruned positions: they are exactly zero by construction
     return ws
 
@@ -130,8 +131,8 @@ def reconstruction_error(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarra
     d = (w_pruned - w_dense).astype(np.float64)
     h = np.asarray(h, dtype=np.float64)
     w = np.asarray(w_dense, dtype=np.float64)
-    num = float(np.sum((d @ h) * d))
-    den = float(np.sum((w @ h) * w))
+    num = float(np.sum(blas.matmul(d, h) * d))
+    den = float(np.sum(blas.matmul(w, h) * w))
     return num / den if den > 0 else num
 
 
@@ -162,31 +163,41 @@ def refine(w_dense: np.ndarray, w_pruned: np.ndarray, h: np.ndarray, *, iters: i
     diag = np.diag(hd).astype(np.float64)
     inv_diag = np.divide(1.0, diag, out=np.ones_like(diag), where=diag > 0).astype(f32)[None, :]  # 0: a dead input
     if cross is None:
-        target = w0 @ hd
+        target = blas.matmul(w0, hd)
     else:
-        target = w0 @ np.asarray(cross, dtype=f32)
+        target = blas.matmul(w0, np.asarray(cross, dtype=f32))
     if copies > 1:                         # several pruned copies of w stacked row-wise (one per level)
         target = np.tile(target, (copies, 1))
     if cross is not None:
         target = target + f32(ridge) * v
-    r = mask * (target - v @ hd)
+    r = target - blas.matmul(v, hd)
+    r *= mask
     z = inv_diag * r
     p = z.copy()
-    rz = np.einsum("ij,ij->i", r, z, dtype=np.float64)
+    rz = _row_dots(r, z)
     for _ in range(iters):
-        ap = mask * (p @ hd)
-        pap = np.einsum("ij,ij->i", p, ap, dtype=np.float64)
-        alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 1e-30).astype(f32)
-        v += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        z = inv_diag * r
-        rz_new = np.einsum("ij,ij->i", r, z, dtype=np.float64)
+        ap = blas.matmul(p, hd)          # in place from here on: these arrays are the size of the stack
+        ap *= mask
+        pap = _row_dots(p, ap)
+        alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 1e-30)
+        alpha = alpha.astype(f32)[:, None]
+        v += alpha * p
+        ap *= alpha
+        r -= ap
+        np.multiply(inv_diag, r, out=z)
+        rz_new = _row_dots(r, z)
         beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 1e-30).astype(f32)
-        p = z + beta[:, None] * p
+        p *= beta[:, None]
+        p += z
         rz = rz_new
         if float(rz.max(initial=0.0)) < 1e-20:
             break
     return v * mask
+
+
+def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row dot products of two float32 arrays, accumulated in float64 (they set CG's step sizes)."""
+    return np.einsum("ij,ij->i", a, b, dtype=np.float64)
 
 
 def best_reconstruction(w: np.ndarray, h: np.ndarray, chol: np.ndarray, dead: np.ndarray, sparsity: float = 0.0,

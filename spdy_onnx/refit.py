@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from spdy_onnx import calibrate, obs
+from spdy_onnx import blas, calibrate, obs
 from spdy_onnx.evaluate import weights_as_inputs
 from spdy_onnx.ort_session import make_session, run
 
@@ -54,8 +54,8 @@ def sequential_refit(model: onnx.ModelProto, sites, dense: dict[str, np.ndarray]
                 else:
                     xd = np.asarray(run(session, [input_name], {**feed, **dense})[0], dtype=np.float32)
                     rd = calibrate.masked_rows(xd, calibrate.site_rows(members[0], xd), mask)
-                h = (rp.T @ rp).astype(np.float64) + (0 if h is None else h)
-                g = (rd.T @ rp).astype(np.float64) + (0 if g is None else g)
+                h = blas.gram(rp).astype(np.float64) + (0 if h is None else h)
+                g = blas.matmul(np.ascontiguousarray(rd.T), rp).astype(np.float64) + (0 if g is None else g)
                 n += rp.shape[0]
         except NotImplementedError:
             continue                          # layouts without a matrix view keep their weights
@@ -100,4 +100,4 @@ def _dense_rows(session, feeds, dense, groups, limit_bytes: int = 1 << 30):
 def _residual(v, w0, h, g) -> float:
     """|| V Xp - W Xd ||^2 up to the constant || W Xd ||^2 term."""
     v = np.asarray(v, dtype=np.float64)
-    return float(np.sum((v @ h) * v) - 2.0 * np.sum((w0 @ g) * v))
+    return float(np.sum(blas.matmul(v, h) * v) - 2.0 * np.sum(blas.matmul(np.asarray(w0, dtype=np.float64), g) * v))

@@ -1,0 +1,59 @@
+"""The dense products the numerical core runs on PyTorch's BLAS match numpy's, with or without PyTorch."""
+import numpy as np
+import pytest
+
+from spdy_onnx import blas, obs
+
+
+@pytest.fixture(params=["torch", "numpy"])
+def backend(request, monkeypatch):
+    if request.param == "numpy":
+        monkeypatch.setattr(blas, "_torch", lambda: None)
+    elif blas.backend() != "torch":
+        pytest.skip("PyTorch not installed")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_matches_numpy_on_views(backend, dtype):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((37, 53)).astype(dtype)
+    b = rng.standard_normal((53, 29)).astype(dtype)
+    ro = b.copy()
+    ro.flags.writeable = False
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for x, y in [(a, b), (a.T.T, ro), (a[:, ::-1], b[::-1]), (np.asfortranarray(a), b[:, 3:17])]:
+        got = blas.matmul(x, y)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, x @ y, rtol=tol, atol=tol)
+    np.testing.assert_allclose(blas.gram(a), a.T @ a, rtol=tol, atol=tol * 10)
+
+
+def test_factorisations(backend):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((200, 40))
+    h = x.T @ x
+    lower = blas.cholesky(h)
+    np.testing.assert_allclose(lower @ lower.T, h, rtol=1e-9, atol=1e-9)
+    assert np.allclose(np.triu(lower, 1), 0)
+    np.testing.assert_allclose(blas.inverse_lower(lower) @ lower, np.eye(40), atol=1e-9)
+    with pytest.raises(np.linalg.LinAlgError):
+        blas.cholesky(-h)
+
+
+def test_obs_database_same_on_both_backends(monkeypatch):
+    """The OBS sweep and refit give the same pruned weights whichever library multiplies."""
+    if blas.backend() != "torch":
+        pytest.skip("PyTorch not installed")
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((512, 48)) @ rng.standard_normal((48, 48))
+    h = x.T @ x / 512
+    w = rng.standard_normal((24, 48)).astype(np.float32)
+    chol, dead = obs.inverse_cholesky(h)
+    fast = obs.best_reconstruction_levels(w, h, chol, dead, [0.5, 0.9])
+    monkeypatch.setattr(blas, "_torch", lambda: None)
+    chol2, dead2 = obs.inverse_cholesky(h)
+    slow = obs.best_reconstruction_levels(w, h, chol2, dead2, [0.5, 0.9])
+    assert ((fast == 0) == (slow == 0)).mean() > 0.99         # same masks up to float ties
+    errs = [obs.reconstruction_error(w, f, h) for f in fast], [obs.reconstruction_error(w, s, h) for s in slow]
+    np.testing.assert_allclose(errs[0], errs[1], rtol=1e-3)
