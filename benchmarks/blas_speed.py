@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -21,6 +20,7 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 import numpy as np  # noqa: E402
 
 from spdy_onnx import api, blas, calibrate, graph, levels as grid, obs, reconstruct  # noqa: E402
+from spdy_onnx.runtimes.deepsparse import cpu_name  # noqa: E402
 
 
 def openblas_architecture() -> str:
@@ -32,16 +32,6 @@ def openblas_architecture() -> str:
         if info.get("internal_api") == "openblas" and "numpy" in info.get("filepath", ""):
             return f"{info.get('architecture')} ({info.get('num_threads')} threads)"
     return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def on_backend(name: str, fn):
