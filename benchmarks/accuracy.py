@@ -165,6 +165,10 @@ def load_npz(path, limit=None) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Task metrics
 
+CROSSFIT_METRICS = [("probe acc, cross-fit", "probe_acc_cf", "pct"),
+                    ("probe logit MSE, cross-fit", "probe_logit_mse_cf", "f4")]
+
+
 class MiniLMTask:
     """Linear-probe accuracy on held-out sentences, and cosine of pruned to dense embeddings. Also what
     the probe itself reads, against the dense model: agreement of its predictions, and the mean squared
@@ -206,8 +210,7 @@ class MiniLMTask:
         self.crossfit = None
         if crossfit:
             self._fit_crossfit(models_dir, train, train_labels, train_emb, crossfit, seed)
-            self.metrics = self.metrics + [("probe acc, cross-fit", "probe_acc_cf", "pct"),
-                                           ("probe logit MSE, cross-fit", "probe_logit_mse_cf", "f4")]
+            self.metrics = self.metrics + CROSSFIT_METRICS
         self.dense_metrics = self._score(self.dense_emb, self.crossfit["dense_emb"] if self.crossfit else None)
         self.dense_metrics["probe_train_acc"] = self.train_acc
 
@@ -382,7 +385,11 @@ def main(argv=None):
     p.add_argument("--markdown", type=Path, default=None, help="also write the tables to this Markdown file")
     p.add_argument("--keep-models", type=Path, default=None, help="keep the pruned models in this folder")
     p.add_argument("-v", "--verbose", action="store_true", help="log optimize's progress (INFO)")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="only print (and with --markdown write) the tables of an earlier run's --out JSON")
     args = p.parse_args(argv)
+    if args.render:
+        return render_saved(args.render, args.markdown)
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -464,6 +471,21 @@ def main(argv=None):
         args.markdown.write_text("\n\n".join(m["markdown"] for m in result["models"].values()) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     say(f"rows written to {args.out} ({result['meta']['seconds_total']:.0f} s in all)")
+
+
+def render_saved(path: Path, markdown: Path | None) -> None:
+    """The tables of a saved run, rendered with today's notes (the metrics are those its rows hold)."""
+    result = json.loads(path.read_text())
+    saved = argparse.Namespace(**{k: v for k, v in result["meta"]["args"].items()}, cpu=result["meta"].get("cpu"))
+    tables = []
+    for name, info in result["models"].items():
+        rows = [r for r in result["rows"] if r["model"] == name]
+        task = argparse.Namespace(metrics=[m for m in TASKS[name].metrics + CROSSFIT_METRICS
+                                           if any(r.get(m[1]) is not None for r in rows)])
+        tables.append(render_table(name, info, task, rows, saved))
+        print(tables[-1] + "\n", flush=True)
+    if markdown:
+        markdown.write_text("\n\n".join(tables) + "\n")
 
 
 def run_one(name, onnx_path, calib, table_path, task, *, strategy, target, args, cache_dir, work, keep,
@@ -551,7 +573,7 @@ def render_table(name, info, task, rows, args) -> str:
     lines = [
         f"### {info['title']}: `{Path(info['onnx']).name}`",
         "",
-        f"DeepSparse {meta.get('version', deepsparse_version())}, batch {info.get('batch_size', 1)}, {args.cores} core(s), CPU: {cpu_name()}. "
+        f"DeepSparse {meta.get('version', deepsparse_version())}, batch {info.get('batch_size', 1)}, {args.cores} core(s), CPU: {getattr(args, 'cpu', None) or cpu_name()}. "
         f"Calibration `{Path(info['calib']).name}`, loss {loss} vs dense. Latency table profiled once "
         f"({len(info['levels'])} levels, {_profile_time(info)}) and shared by every strategy. "
         f"{info['describe'][0].upper() + info['describe'][1:]}. Seed {args.seed}"
@@ -608,7 +630,7 @@ def paired_notes(rows) -> list[str]:
             z = (only_spdy - only_other) / math.sqrt(n) if n else 0.0
             p = math.erfc(abs(z) / math.sqrt(2))
             out.append(f"paired, {target:g}x, spdy vs {strategy}, {len(a)} {where} sentences: {only_spdy} right "
-                       f"only with spdy, {only_other} only with {strategy} (McNemar z = {z:+.2f}, two-sided p = {p:.2f})")
+                       f"only with spdy, {only_other} only with {strategy} (McNemar z = {z:+.2f}, two-sided p = {p:.2g})")
         ca, cb = by[("spdy", target)].get("cos_each"), r.get("cos_each")
         if ca and cb and len(ca) == len(cb):
             out.append(_sign_test(f"paired, {target:g}x, spdy vs {strategy}: spdy's embedding is closer to dense "
