@@ -9,7 +9,9 @@ For each reference model, strategy and target speedup: the DeepSparse speedup me
   C=1, fitted ONCE on the dense model's embeddings of minilm_probe_train.npz), and the mean cosine between
   pruned and dense held-out embeddings. Embedding = mean of last_hidden_state over attention_mask, then
   L2-normalised. Also the probe's agreement with its dense predictions and the mean squared change of
-  its logit: what the probe reads, without the noise of the labels.
+  its logit: what the probe reads, without the noise of the labels. With --crossfit-folds K, the probe's
+  accuracy also over every sentence the pruning never saw (7,506 with models/'s default data, against
+  2,530 held-out), each scored by one of K probes fitted on the dense embeddings of the other folds.
 - MobileNetV2: top-1 on the 20 labelled images, and top-1 agreement with dense on the held-out photos.
 
 The latency table of each model is measured once (`api.profile`) and passed to every `optimize` call, so
