@@ -272,6 +272,7 @@ class MiniLMTask:
                 logit[cf["fold"] == k] = probe.decision_function(crossfit_emb[cf["fold"] == k])
             right = (logit > 0) == (cf["labels"] == 1)
             out.update(probe_acc_cf=float(right.mean()), probe_right_cf="".join("1" if r else "0" for r in right),
+                       probe_agree_cf=float(np.mean((logit > 0) == (cf["dense_logit"] > 0))),
                        probe_logit_mse_cf=float(np.mean((logit - cf["dense_logit"]) ** 2)),
                        n_crossfit=int(len(right)))
         return out
@@ -608,6 +609,8 @@ def render_table(name, info, task, rows, args) -> str:
         "database, `correct s` the global correction); `eval s` runs the pruned model on the held-out data"]
     notes += [f"{r['strategy']} {r['target']:g}x: {r['reason']}" for r in rows if r.get("reason")]
     notes += paired_notes(rows)
+    notes += flip_notes(rows)
+    notes += profile_notes(rows)
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
 
@@ -641,6 +644,57 @@ def paired_notes(rows) -> list[str]:
         if la and lb and len(la) == len(lb):
             out.append(_sign_test(f"paired, {target:g}x, spdy vs {strategy}: the probe's logit is closer to its "
                                   "dense value with spdy on", [y - x for x, y in zip(la, lb)]))
+    return out
+
+
+def flip_notes(rows) -> list[str]:
+    """Per target, how many of the dense probe's cross-fit decisions each strategy flips, and which way.
+
+    Binary labels: a pruned prediction differs from the dense one exactly where one is right and the
+    other wrong. Fewer flips is what a label-free method can aim for; the share of flips that land on
+    the right label is what decides accuracy beyond that, and no label-free loss sees it."""
+    dense = next((r.get("probe_right_cf") for r in rows if r["strategy"] == "dense"), None)
+    if not dense:
+        return []
+    out = []
+    for target in sorted({r["target"] for r in rows if r["target"] is not None}):
+        parts = []
+        for r in rows:
+            right = r.get("probe_right_cf")
+            if r["target"] != target or not right or len(right) != len(dense):
+                continue
+            lost = sum(1 for d, x in zip(dense, right) if d == "1" and x == "0")
+            gained = sum(1 for d, x in zip(dense, right) if d == "0" and x == "1")
+            share = gained / (lost + gained) if lost + gained else 0.0
+            parts.append(f"{r['strategy']} {lost + gained} ({gained} to the right label, {share:.1%})")
+        if parts:
+            out.append(f"{target:g}x, dense probe decisions flipped on the {len(dense)} cross-fit sentences: "
+                       + "; ".join(parts))
+    return out
+
+
+def profile_notes(rows, max_kinds: int = 8) -> list[str]:
+    """Per target and strategy, the mean sparsity of each kind of site (the site's name with its layer
+    numbers dropped): where each strategy puts its zeros. Only for models with a few kinds of site."""
+    import re
+
+    def kind(name: str) -> str:
+        parts = [p for p in re.sub(r"\d+", "N", name).split("/") if p]
+        kept = [p for p in parts if "N" not in p and p not in ("model", "encoder", "MatMul", "Gemm", "Conv")]
+        return "/".join(kept) or name
+
+    out = []
+    for r in rows:
+        prof = r.get("profile")
+        if r["target"] is None or not isinstance(prof, dict) or not prof:
+            continue
+        groups: dict[str, list[float]] = {}
+        for name, sparsity in prof.items():
+            groups.setdefault(kind(name), []).append(float(sparsity))
+        if len(groups) > max_kinds:
+            continue
+        out.append(f"{r['target']:g}x, {r['strategy']}, mean sparsity by kind of site: "
+                   + ", ".join(f"{k} {np.mean(v):.0%}" for k, v in groups.items()))
     return out
 
 
