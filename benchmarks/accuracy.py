@@ -381,6 +381,8 @@ def main(argv=None):
     p.add_argument("--margin", type=float, default=None,
                    help="optimize's --margin (default: optimize's own); a negative one accepts a shortfall, "
                         "e.g. to see a baseline at the grid level just under the target")
+    p.add_argument("--exclude", action="append", metavar="PATTERN", default=None,
+                   help="optimize's --exclude (repeatable regex over site names): these sites stay dense")
     p.add_argument("--level-context", action="store_true",
                    help="profile with optimize's --level-context (level factors, spdy_onnx.context)")
     p.add_argument("--seed", type=int, default=0)
@@ -512,7 +514,8 @@ def run_one(name, onnx_path, calib, table_path, task, *, strategy, target, args,
             extra["loss"] = args.loss
         rep = api.optimize(onnx_path, target=target, data=str(calib), strategy=strategy, cores=args.cores,
                            batch_size=batch, cache_dir=cache_dir, search_budget=args.search_budget, seed=args.seed,
-                           latency_table=str(table_path), output=out, report=report, progress=False, **extra)
+                           latency_table=str(table_path), output=out, report=report, progress=False,
+                           exclude=args.exclude, **extra)
         row["status"] = rep["status"]
     except InfeasibleTarget as exc:
         row.update(status="unreachable", max_achievable=exc.max_speedup, reason=str(exc))
@@ -585,6 +588,7 @@ def render_table(name, info, task, rows, args) -> str:
         + (f", --reconstruct {args.reconstruct}" if args.reconstruct else "")
         + (f", --search-prior {args.search_prior}" if args.search_prior else "")
         + (f", --loss {args.loss}" if args.loss else "")
+        + (f", --exclude {' '.join(args.exclude)}" if getattr(args, "exclude", None) else "")
         + (f", {args.eval_samples} samples per search evaluation" if args.eval_samples else "") + ".",
         "",
     ]
