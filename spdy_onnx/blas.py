@@ -73,3 +73,15 @@ def inverse_lower(lower: np.ndarray) -> np.ndarray:
     t = _as_tensor(torch, lower)
     eye = torch.eye(t.shape[0], dtype=t.dtype)
     return torch.linalg.solve_triangular(t, eye, upper=False).numpy()
+
+
+def subtract_product(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """c -= a @ b in place (c: a writable float view, e.g. the columns still to sweep). On torch the GEMM
+    accumulates into c in one pass instead of writing the product and then subtracting it."""
+    torch = _torch()
+    a, b = np.asarray(a), np.asarray(b)
+    if (torch is None or not (c.dtype == a.dtype == b.dtype) or c.dtype not in (np.float32, np.float64)
+            or not c.flags.writeable or min(c.strides) <= 0):
+        c -= a @ b
+        return
+    torch.Tensor.addmm_(torch.from_numpy(c), _as_tensor(torch, a), _as_tensor(torch, b), alpha=-1)

@@ -121,7 +121,7 @@ def _sweep(w, hinv_chol, dead, sparsities, *, n, m, block):
             err1[i] = err
         ws[:, i1:i2] = w1.T
         if i2 < cols:
-            ws[:, i2:] -= blas.matmul(err1.T, hinv[i1:i2, i2:])
+            blas.subtract_product(ws[:, i2:], err1.T, hinv[i1:i2, i2:])
     # the update can leave tiny values in pruned positions: they are exactly zero by construction
     return ws
 

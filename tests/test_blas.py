@@ -57,3 +57,16 @@ def test_obs_database_same_on_both_backends(monkeypatch):
     assert ((fast == 0) == (slow == 0)).mean() > 0.99         # same masks up to float ties
     errs = [obs.reconstruction_error(w, f, h) for f in fast], [obs.reconstruction_error(w, s, h) for s in slow]
     np.testing.assert_allclose(errs[0], errs[1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_subtract_product_in_place_on_a_column_view(backend, dtype):
+    rng = np.random.default_rng(3)
+    whole = rng.standard_normal((40, 30)).astype(dtype)
+    a = rng.standard_normal((40, 6)).astype(dtype)
+    b = rng.standard_normal((6, 30)).astype(dtype)
+    expected = whole.copy()
+    expected[:, 12:] -= a @ b[:, 12:]
+    blas.subtract_product(whole[:, 12:], a, b[:, 12:])      # the view's rows are strided in `whole`
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(whole, expected, rtol=tol, atol=tol)
