@@ -24,7 +24,7 @@ def inverse_cholesky(h: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.
         try:
             hd = h + (damp * (10 ** attempt)) * mean_diag * np.eye(h.shape[0])
             inv = blas.inverse_lower(blas.cholesky(hd))
-            hinv = blas.matmul(np.ascontiguousarray(inv.T), inv)
+            hinv = blas.matmul(inv.T, inv)
             return blas.cholesky(hinv).T, dead
         except np.linalg.LinAlgError:
             continue

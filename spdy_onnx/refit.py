@@ -55,7 +55,7 @@ def sequential_refit(model: onnx.ModelProto, sites, dense: dict[str, np.ndarray]
                     xd = np.asarray(run(session, [input_name], {**feed, **dense})[0], dtype=np.float32)
                     rd = calibrate.masked_rows(xd, calibrate.site_rows(members[0], xd), mask)
                 h = blas.gram(rp).astype(np.float64) + (0 if h is None else h)
-                g = blas.matmul(np.ascontiguousarray(rd.T), rp).astype(np.float64) + (0 if g is None else g)
+                g = blas.matmul(rd.T, rp).astype(np.float64) + (0 if g is None else g)
                 n += rp.shape[0]
         except NotImplementedError:
             continue                          # layouts without a matrix view keep their weights
