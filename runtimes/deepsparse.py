@@ -1,7 +1,8 @@
 """DeepSparse on CPU: per-layer times at imposed sparsity, and interleaved end-to-end timing.
 
-`model_debug_analysis(..., imposed_ks=s)` times every layer as if its weights were s sparse, without
-pruning anything, so one run per level fills one column of the latency table. Never hand the engine
+A debug-analysis engine compiled with `imposed_ks=s` times every layer as if its weights were s sparse,
+without pruning anything, so one run per level fills one column of the latency table. Compiling takes
+most of a run's time and is single-threaded, so compiles overlap on spare cores; the timing never does. Never hand the engine
 the user's file: with input_shapes it rewrites the file in place. Callers pass their own copies.
 """
 from __future__ import annotations
@@ -10,12 +11,13 @@ import logging
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 import numpy as np  # noqa: E402
 import deepsparse  # noqa: E402,F401  (ImportError here means the engine is not installed)
-from deepsparse.engine import Engine, model_debug_analysis  # noqa: E402
+from deepsparse.engine import DebugAnalysisEngine, Engine  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from spdy_onnx.errors import SpdyError  # noqa: E402
@@ -47,6 +49,28 @@ def cpu_name() -> str:
 AUTO_REPEATS = 2
 SECOND_REPEAT_LIMIT_S = 150.0   # no second pass after a first one this long (BERT-base: one pass about 4.5 min)
 STEADY_SPREAD = 0.02            # nor when the dense model, re-measured first, is within this of the first pass
+MAX_COMPILE_THREADS = 4         # compiles run side by side (the engine releases the GIL); timing never overlaps them
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
+
+
+def compile_in_parallel(build, items: list, threads: int) -> list:
+    """`build(item)` for every item, up to `threads` at once, results in order. Compiling a model is
+    single-threaded in the engine and takes most of a profiling run's time (MiniLM-L6: 2-6 s against
+    0.2-1 s of timing), so on a machine with spare cores the compiles are what to overlap."""
+    if threads <= 1 or len(items) <= 1:
+        return [build(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        return list(pool.map(build, items))
 
 
 def merge_groups(groups: list[list[str]], known: set[str]) -> list[list[str]]:
@@ -63,8 +87,11 @@ class DeepSparseRuntime:
     pattern = "unstructured"
 
     def __init__(self, cores: int | None = None, repeats: int | None = None, iterations: int = 20,
-                 rounds: int = 15, progress: bool = True, **_ignored):
+                 rounds: int = 15, progress: bool = True, compile_threads: int | None = None, **_ignored):
         self.cores = int(cores) if cores else None
+        # None: one compile per usable CPU, at most MAX_COMPILE_THREADS; 1 compiles one model at a time
+        self.compile_threads = (max(1, min(MAX_COMPILE_THREADS, usable_cpus())) if compile_threads is None
+                                else max(1, int(compile_threads)))
         # None: two repeats, unless one pass over the levels already took SECOND_REPEAT_LIMIT_S, or the dense
         # model re-measured first in the second pass agrees with the first within STEADY_SPREAD
         self.repeats = None if repeats is None else max(1, int(repeats))
@@ -93,13 +120,25 @@ class DeepSparseRuntime:
 
     # --- per-layer latency table -------------------------------------------------------------
 
-    def _analyse(self, model_path, inputs, batch_size, sparsity):
+    def _compile(self, model_path, batch_size, sparsity):
+        """The engine for one profiling run: every prunable layer timed as if `sparsity` of its weights
+        were zeros."""
         try:
-            return model_debug_analysis(model_path, inputs, batch_size=batch_size, num_cores=self.cores,
-                                        num_iterations=self.iterations, num_warmup_iterations=5,
-                                        imposed_ks=sparsity if sparsity > 0 else None)
+            return DebugAnalysisEngine(model=str(model_path), batch_size=batch_size, num_cores=self.cores,
+                                       num_iterations=self.iterations, num_warmup_iterations=5,
+                                       imposed_ks=sparsity if sparsity > 0 else None)
         except Exception as exc:  # the engine's own errors are not ours to show as a stack trace
             raise SpdyError(f"DeepSparse could not run the model: {str(exc).strip().splitlines()[0]}") from None
+
+    def _analyse_engine(self, engine, inputs, sparsity) -> dict:
+        """Per-layer times of a compiled profiling run; nothing else of ours runs meanwhile."""
+        try:
+            return engine.analyze(inputs)
+        except Exception as exc:
+            raise SpdyError(f"DeepSparse could not run the model: {str(exc).strip().splitlines()[0]}") from None
+
+    def _analyse(self, model_path, inputs, batch_size, sparsity):
+        return self._analyse_engine(self._compile(model_path, batch_size, sparsity), inputs, sparsity)
 
     @staticmethod
     def attribute(layer_info: list[dict], aliases: dict[str, str], weights: dict[str, int]) -> dict[str, float]:
@@ -163,25 +202,37 @@ class DeepSparseRuntime:
                     # the dense level first: if it agrees with the first pass, the machine is steady and
                     # the rest of the second pass would buy little (MiniLM-L6: 0.05% apart, 45 s saved)
                     this_pass = [0.0] + [lvl for lvl in this_pass if lvl != 0.0]
-                for lvl in this_pass:
-                    entry = done.get((rep, lvl))
-                    if entry is None:
-                        result = self._analyse(model_path, inputs, batch_size, lvl)
-                        entry = {"repeat": rep, "level": lvl, "total": float(result["average_total_time"]),
-                                 "times": self.attribute(result["layer_info"], aliases, weights),
-                                 "fused": self.fused(result["layer_info"], aliases)}
-                        journal.append(entry)
-                    runs[lvl].append(entry["times"])
-                    fused.extend(entry.get("fused", []))
-                    if lvl == 0.0:
-                        totals.append(entry["total"])
-                    bar.update(1)
-                    if auto and rep == 1 and lvl == 0.0 and len(totals) == 2 and \
-                            abs(totals[1] - totals[0]) <= STEADY_SPREAD * min(totals):
-                        log.info("profiling: the dense model re-measured within %.1f%% of the first pass; "
-                                 "one repeat for the other levels (--repeats 2 forces a second)",
-                                 100 * abs(totals[1] - totals[0]) / min(totals))
-                        repeats_done = 1
+                    chunks = [this_pass[:1]] + _chunks(this_pass[1:], self.compile_threads)
+                else:
+                    chunks = _chunks(this_pass, self.compile_threads)
+                steady = False
+                for chunk in chunks:
+                    todo = [lvl for lvl in chunk if (rep, lvl) not in done]
+                    engines = dict(zip(todo, compile_in_parallel(
+                        lambda lvl: self._compile(model_path, batch_size, lvl), todo, self.compile_threads)))
+                    for lvl in chunk:
+                        entry = done.get((rep, lvl))
+                        if entry is None:
+                            result = self._analyse_engine(engines.pop(lvl), inputs, lvl)
+                            entry = {"repeat": rep, "level": lvl, "total": float(result["average_total_time"]),
+                                     "times": self.attribute(result["layer_info"], aliases, weights),
+                                     "fused": self.fused(result["layer_info"], aliases)}
+                            journal.append(entry)
+                        runs[lvl].append(entry["times"])
+                        fused.extend(entry.get("fused", []))
+                        if lvl == 0.0:
+                            totals.append(entry["total"])
+                        bar.update(1)
+                        if auto and rep == 1 and lvl == 0.0 and len(totals) == 2 and \
+                                abs(totals[1] - totals[0]) <= STEADY_SPREAD * min(totals):
+                            log.info("profiling: the dense model re-measured within %.1f%% of the first pass; "
+                                     "one repeat for the other levels (--repeats 2 forces a second)",
+                                     100 * abs(totals[1] - totals[0]) / min(totals))
+                            repeats_done = 1
+                            steady = True
+                            break
+                    engines.clear()
+                    if steady:
                         break
         bar.close()
         measured = [s.name for s in sites if all(s.name in r for r in runs[0.0])]
@@ -216,7 +267,8 @@ class DeepSparseRuntime:
 
     def compare(self, baseline_path, candidate_path, *, batch_size, feeds) -> Comparison:
         inputs = [np.ascontiguousarray(a) for a in feeds.values()]
-        engines = [self._engine(baseline_path, batch_size), self._engine(candidate_path, batch_size)]
+        engines = compile_in_parallel(lambda path: self._engine(path, batch_size), [baseline_path, candidate_path],
+                                      self.compile_threads)
         for engine in engines:  # warm-up, and a first estimate of one run's time
             for _ in range(3):
                 engine.run(inputs)

@@ -123,13 +123,13 @@ def test_a_slow_first_pass_or_a_steady_dense_rerun_skips_the_second_repeat(mlp_p
     prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
                         include=None, min_weights=0, progress=False)
     analysed = []
-    real_analyse = ds_runtime.DeepSparseRuntime._analyse
+    real_analyse = ds_runtime.DeepSparseRuntime._analyse_engine
 
-    def counting(self, path, inputs, batch_size, sparsity):
+    def counting(self, engine, inputs, sparsity):
         analysed.append(sparsity)
-        return real_analyse(self, path, inputs, batch_size, sparsity)
+        return real_analyse(self, engine, inputs, sparsity)
 
-    monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_analyse", counting)
+    monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_analyse_engine", counting)
 
     def profile(**kw):
         analysed.clear()
@@ -153,6 +153,55 @@ def test_a_slow_first_pass_or_a_steady_dense_rerun_skips_the_second_repeat(mlp_p
     assert forced == (2, [0.0, 0.5, 0.9, 0.9, 0.5, 0.0])
     assert noisy == (2, [0.0, 0.5, 0.9, 0.0, 0.9, 0.5])
     assert steady == (1, [0.0, 0.5, 0.9, 0.0])
+
+
+def test_profiling_compiles_side_by_side_but_never_times_during_a_compile(mlp_path, monkeypatch):
+    import threading
+    import time
+    from spdy_onnx.runtimes import deepsparse as ds_runtime
+    prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
+                        include=None, min_weights=0, progress=False)
+    spans, lock = [], threading.Lock()
+    real_compile, real_analyse = ds_runtime.DeepSparseRuntime._compile, ds_runtime.DeepSparseRuntime._analyse_engine
+
+    def timed(kind, fn):
+        def wrapper(self, *a):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *a)
+            finally:
+                with lock:
+                    spans.append((kind, t0, time.perf_counter()))
+        return wrapper
+
+    monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_compile", timed("compile", real_compile))
+    monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_analyse_engine", timed("analyse", real_analyse))
+    try:
+        table = ds_runtime.DeepSparseRuntime(cores=1, progress=False, repeats=1, compile_threads=2).measure(
+            str(prep.dense_static()), prep.sites, levels=[0.0, 0.5, 0.7, 0.9], batch_size=1,
+            feeds=modelio.example_inputs(prep.specs), aliases=graph.output_aliases(prep.model, prep.all_sites))
+    finally:
+        prep.close()
+    compiles = [(a, b) for k, a, b in spans if k == "compile"]
+    analyses = [(a, b) for k, a, b in spans if k == "analyse"]
+    assert len(compiles) == 4 and len(analyses) == 4
+    assert all(len(t) == 4 for t in table.times.values()) and set(table.times) == {s.name for s in prep.sites}
+    overlapping = sum(1 for i, (a, b) in enumerate(compiles) for (c, d) in compiles[i + 1:] if a < d and c < b)
+    assert overlapping >= 2                        # two chunks of two levels, each pair compiled at once
+    assert not any(a < d and c < b for a, b in analyses for c, d in compiles)   # timing runs alone
+
+
+def test_compile_in_parallel_keeps_order_and_raises():
+    from spdy_onnx.runtimes.deepsparse import compile_in_parallel
+    assert compile_in_parallel(lambda x: x * x, [3, 1, 2], 2) == [9, 1, 4]
+    assert compile_in_parallel(lambda x: x * x, [3, 1, 2], 1) == [9, 1, 4]
+
+    def fails(x):
+        if x == 2:
+            raise ValueError("no")
+        return x
+    with pytest.raises(ValueError):
+        compile_in_parallel(fails, [1, 2, 3], 3)
 
 
 def test_fused_groups_are_split_without_double_counting():

@@ -32,13 +32,13 @@ def test_profiling_resumes_from_journal(tmp_path, monkeypatch):
     path = tmp_path / "m.onnx"
     onnx.save(tiny.mlp(width=256, depth=2, seq=16), path)
     kw = dict(cores=1, levels="0.5,0.9", cache_dir=tmp_path / "c", progress=False, runtime_options={"repeats": 2})
-    _kill_after(monkeypatch, DeepSparseRuntime, "_analyse", 4)
+    _kill_after(monkeypatch, DeepSparseRuntime, "_analyse_engine", 4)
     with pytest.raises(Killed):
         api.profile(path, output=tmp_path / "t.json", **kw)
     assert not (tmp_path / "t.json").exists()
     assert len(list((tmp_path / "c" / "tables").glob("*.partial.jsonl"))) == 1
     monkeypatch.undo()
-    calls = _kill_after(monkeypatch, DeepSparseRuntime, "_analyse", 100)
+    calls = _kill_after(monkeypatch, DeepSparseRuntime, "_analyse_engine", 100)
     table, out = api.profile(path, output=tmp_path / "t.json", **kw)
     assert len(calls) == 2 * 3 - 4          # only the runs the killed profiling had not finished
     assert set(table.times) == {"matmul_0", "matmul_1"}
