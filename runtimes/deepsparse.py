@@ -260,7 +260,7 @@ class DeepSparseRuntime:
         spread = float((max(totals) - min(totals)) / dense_total) if len(totals) > 1 else 0.0
         if load.cores > BUSY_WARNING_CORES:
             log.warning("other processes used %.1f CPU cores while profiling: times may be noisy", load.cores)
-        meta = {**self.fingerprint(), "batch_size": batch_size, "repeats": repeats_done,
+        meta = {**self.fingerprint(), "batch_size": batch_size, "repeats": repeats_done, "dense_runs": len(totals),
                 "iterations": self.iterations, "dense_total_spread": spread,
                 "foreign_load_cores": load.cores, "unmapped_sites": unmapped,
                 "layers_total_ms": float(np.median([sum(r.values()) for r in runs[0.0]]))}
