@@ -391,8 +391,9 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
 
     # The additive table is off by a profile-dependent amount, so the aim (the speedup the solver is
     # asked for) is searched on measurements: raised by the shortfall after a miss, lowered after a
-    # candidate that beats the requirement by more than SURPLUS (more speed than asked costs accuracy),
-    # and bisected once both a miss and a hit are known. The hit with the lowest aim is kept.
+    # candidate that beats the requirement by more than SURPLUS (more speed than asked costs accuracy;
+    # below the requirement itself when the engine runs faster than the table says), and bisected once
+    # both a miss and a hit are known. The hit with the lowest aim is kept.
     # Corrections (global, sequential) change weight values, never which weights are zero, so this
     # search measures the database's weights ("drafts"); the kept profile is then corrected and the
     # corrected file measured again: the file written is always the file measured.
@@ -442,8 +443,12 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                     hit = (aim, profile, predicted, pruned, comparison)
                 if comparison.speedup <= required * (1 + SURPLUS):
                     break
-                # never below the requirement: a kept profile is predicted to meet it, too
-                lower = max(aim * required / comparison.speedup * 1.01, (missed_aim + aim) / 2, required)
+                # below the requirement only by as much as the engine beat the table's prediction: the
+                # measurement, not the prediction, is the promise, and a surplus that comes from the
+                # coarse level grid (measured as predicted) is not searched below the requirement
+                beat = predicted / comparison.speedup
+                lower = max(aim * required / comparison.speedup * 1.01, (missed_aim + aim) / 2,
+                            min(required, required * beat * 1.01))
                 if lower >= aim * 0.995 or aim <= missed_aim * (1 + AIM_RESOLUTION):
                     break
                 aim = lower

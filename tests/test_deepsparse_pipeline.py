@@ -39,7 +39,9 @@ def test_optimize_writes_valid_model_with_measured_speedup(mlp_path, tmp_path, c
     assert rep["status"] == "met"
     assert rep["measured_speedup"] >= 1.5 * 0.95                # status follows the measurement
     assert rep["measured_speedup"] == pytest.approx(rep["dense_ms"] / rep["pruned_ms"])
-    assert rep["predicted_speedup"] >= 1.5 * 0.95 * (1 - 1e-6)   # the aim is target x (1 + margin)
+    # the solver met the budget it was handed (the aim may be under the target when the engine beats
+    # the table: the measurement is the promise)
+    assert rep["predicted_speedup"] >= min(a["aimed_speedup"] for a in rep["attempts"]) * (1 - 1e-6)
     for key in ("target", "predicted_speedup", "measured_speedup", "dense_ms", "pruned_ms", "runtime",
                 "batch_size", "cores"):
         assert key in rep
