@@ -154,7 +154,7 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     shapes = {k: list(v[0]) for k, v in prep.specs.items()}
     parts = dict(model=prep.digest, engine=prep.runtime.fingerprint(), batch=prep.batch_size, shapes=shapes,
                  levels=level_list, pattern=prep.runtime.pattern, sites=sorted(s.name for s in prep.all_sites),
-                 table_format=2)   # 2: fused groups
+                 table_format=3)   # 2: fused groups; 3: runs divided by their slowness
     if level_context:
         parts["level_context"] = 1
     key = cache.cache_key(**parts)

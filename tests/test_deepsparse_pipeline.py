@@ -367,3 +367,59 @@ def test_fused_layers_become_merged_groups_of_known_sites():
                          fused_groups=[["a", "zz"]])
     with pytest.raises(SpdyError, match="fused group"):
         table.validate()
+
+
+def test_slowness_factors_drop_a_spike_and_keep_a_drift():
+    """A run slow in everything is found by its time outside the sites against the levels around it; the
+    real drift of that time with the level is not mistaken for slowness."""
+    from spdy_onnx.runtimes.deepsparse import slowness_factors
+    levels = [0.0, 0.4, 0.55, 0.65, 0.75, 0.8, 0.85, 0.9]
+    other = np.linspace(3.4, 2.8, len(levels))            # drifts down with sparsity, as on MiniLM-L6
+    sites = np.linspace(20.0, 5.0, len(levels))
+    slow = np.ones(len(levels))
+    slow[3] = 1.8                                         # one run in a slow moment
+    f = slowness_factors(levels, (other + sites) * slow, sites * slow)
+    assert f[3] == pytest.approx(1.8, rel=0.05)
+    assert all(abs(x - 1) < 0.05 for i, x in enumerate(f) if i != 3)
+    # a second dense run joins the dense level; the slow one is found
+    f = slowness_factors(levels + [0.0], list(other + sites) + [1.3 * (other[0] + sites[0])],
+                         list(sites) + [1.3 * sites[0]])
+    assert f[-1] > 1.1 and f[0] < 1.1
+    # too little time outside the sites to gauge, or too few levels: left alone
+    assert slowness_factors(levels, sites * 1.01 * slow, sites * slow) == [1.0] * len(levels)
+    assert slowness_factors([0.0, 0.9], [10.0, 20.0], [5.0, 10.0]) == [1.0, 1.0]
+
+
+def test_a_run_slow_in_everything_is_divided_out_of_its_column(mlp_path, monkeypatch):
+    """One level's run made in a slow moment: its column comes out as if measured in a steady one."""
+    from spdy_onnx.runtimes import deepsparse as ds_runtime
+    prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
+                        include=None, min_weights=0, progress=False)
+    real_analyse = ds_runtime.DeepSparseRuntime._analyse_engine
+    aliases = graph.output_aliases(prep.model, prep.all_sites)
+    weights = {s.name: s.n_weights for s in prep.all_sites}
+    steady = {}
+
+    def slow_at_07(self, engine, inputs, sparsity):
+        result = real_analyse(self, engine, inputs, sparsity)
+        # layers outside the sites (the tiny MLP has almost none): 0.5 ms at every level
+        layers = result["layer_info"] + [{"canonical_name": "elsewhere", "average_run_time_in_ms": 0.5}]
+        total = result["average_total_time"] + 0.5
+        steady[sparsity] = sum(self.attribute(result["layer_info"], aliases, weights).values())
+        k = 2.0 if sparsity == 0.7 else 1.0          # everything twice as slow in this run
+        return {**result, "average_total_time": k * total,
+                "layer_info": [{**layer, "average_run_time_in_ms": k * layer["average_run_time_in_ms"]}
+                               for layer in layers]}
+
+    monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_analyse_engine", slow_at_07)
+    try:
+        table = ds_runtime.DeepSparseRuntime(cores=1, repeats=1, progress=False).measure(
+            str(prep.dense_static()), prep.sites, levels=[0.0, 0.5, 0.7, 0.9], batch_size=1,
+            feeds=modelio.example_inputs(prep.specs), aliases=aliases)
+    finally:
+        prep.close()
+    column = sum(table.times[s][2] for s in table.times)
+    # not twice it (the tiny MLP's own few layers outside the sites move the factor by a few percent)
+    assert column == pytest.approx(steady[0.7], rel=0.05)
+    assert dict((lvl, f) for lvl, f in table.meta["slowness"])[0.7] == pytest.approx(2.0, rel=0.05)
+    assert sum(table.times[s][1] for s in table.times) == pytest.approx(steady[0.5], rel=0.05)
