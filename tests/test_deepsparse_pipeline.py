@@ -379,8 +379,8 @@ def test_slowness_factors_drop_a_spike_and_keep_a_drift():
     slow = np.ones(len(levels))
     slow[3] = 1.8                                         # one run in a slow moment
     f = slowness_factors(levels, (other + sites) * slow, sites * slow)
-    assert f[3] == pytest.approx(1.8, rel=0.05)
-    assert all(abs(x - 1) < 0.05 for i, x in enumerate(f) if i != 3)
+    assert 1.7 < f[3] < 2.0                               # against the quickest levels around it
+    assert all(1.0 <= x < 1.08 for i, x in enumerate(f) if i != 3)   # the drift is not slowness
     # a second dense run joins the dense level; the slow one is found
     f = slowness_factors(levels + [0.0], list(other + sites) + [1.3 * (other[0] + sites[0])],
                          list(sites) + [1.3 * sites[0]])
