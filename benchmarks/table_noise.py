@@ -9,12 +9,16 @@ profiles the model `--repeats` times (levels in alternating order), then compare
 
 - the sites' total time in each repeat, raw and divided by that run's slowness, and how far apart the
   repeats are each way;
-- predicted speedups of a few profiles (uniform levels, and the DP's mixed profiles on magnitude errors)
-  from the first repeat's table, raw and normalised, against the speedups measured end to end.
+- a few profiles (three uniform levels, and the DP's mixed profiles on magnitude errors, solved on the
+  first pass's table raw and divided), measured end to end, against what each pass's own table, raw and
+  divided, predicts for them: the spread of measured / predicted within a pass (what the solver is misled
+  by) and, per profile, across the passes (how much a table depends on the moment it was measured).
 
-Run it on a quiet machine; it is not a test.
+Run it on a quiet machine; it is not a test. `--replay` re-reads the runs and measurements of an earlier
+`--out` file and prints the same tables with today's slowness factors, without the engine.
 
-    python benchmarks/table_noise.py --model out/minilm-l6.onnx --cores 1 --repeats 3
+    python benchmarks/table_noise.py --model out/minilm-l6.onnx --cores 1 --repeats 3 --out table_noise.json
+    python benchmarks/table_noise.py --model out/minilm-l6.onnx --replay table_noise.json
 """
 from __future__ import annotations
 
@@ -74,95 +78,116 @@ def table_from(runs, names, levels, factors=None):
     return m
 
 
+def pass_table(runs, names, levels, factors):
+    """(site times, dense total, fixed time) of one pass, each run divided by its factor."""
+    m = table_from(runs, names, levels, factors)
+    dense_total = float(np.median([r["total"] / f for r, f in zip(runs, factors) if r["level"] == 0.0]))
+    return m, dense_total, dense_total - m[:, 0].sum()
+
+
+def predicted(table, picks):
+    m, dense_total, fixed = table
+    return dense_total / (fixed + m[np.arange(len(picks)), np.asarray(picks)].sum())
+
+
+def solve_profiles(prep, names, levels, first_raw, first_norm, aims):
+    sites = [s for s in prep.sites if s.name in names]
+    errors = magnitude_errors(graph.read_weights(prep.model, sites), names, list(levels))
+    profiles = [(f"uniform {levels[j]:.2f}", [j] * len(names)) for j in (3, 6, 9)]
+    for aim in aims:
+        for label, (m, dense_total, fixed) in (("raw", first_raw), ("divided", first_norm)):
+            picks = solve_dp(errors, m, dense_total / aim - fixed)
+            profiles.append((f"DP {aim:g}x on {label}", [int(j) for j in picks]))
+    return profiles
+
+
+def measure_profiles(prep, names, levels, profiles, feeds):
+    sites = [s for s in prep.sites if s.name in names]
+    database = magnitude_database(sites, graph.read_weights(prep.model, sites), list(levels), "unstructured")
+    n_w = np.array([s.n_weights for s in sites])
+    rows = []
+    for label, picks in profiles:
+        w = {s.weight: database.weight(s.name, int(j)) for s, j in zip(sites, picks)}
+        path = prep.static_copy(write_weights(prep.model, w), label.replace(" ", "_"))
+        measured = prep.runtime.compare(str(prep.dense_static()), str(path), batch_size=prep.batch_size,
+                                        feeds=feeds).speedup
+        rows.append({"profile": label, "picks": picks, "measured": measured,
+                     "sparsity": float((np.array(levels)[picks] * n_w).sum() / n_w.sum())})
+        print(f"  {label}: measured {measured:.3f}x", flush=True)
+    return rows
+
+
+def report(levels, runs, names, rows):
+    factors, other = slowness(runs, names)
+    passes = sorted({r["repeat"] for r in runs})
+    print("\n| level | " + " | ".join(f"sites r{k} | other r{k} | slowness r{k}" for k in passes) + " |")
+    print("|---|" + "---|---|---|" * len(passes))
+    for lvl in levels:
+        idx = [i for i, r in enumerate(runs) if r["level"] == lvl]
+        cells = " | ".join(f"{sum(runs[i]['sites'][n] for n in names):.2f} | {other[i]:.2f} | {factors[i]:.2f}"
+                           for i in idx)
+        print(f"| {lvl:.3f} | {cells} |")
+    print("\nmeasured / predicted by each pass's own table (raw | divided by the slowness factors):")
+    print("\n| profile | sparsity | measured | " + " | ".join(f"r{k} raw | r{k} divided" for k in passes) + " |")
+    print("|---|---|---|" + "---|---|" * len(passes))
+    ratios = {"raw": [], "divided": []}
+    for k in passes:
+        idx = [i for i, r in enumerate(runs) if r["repeat"] == k]
+        pass_runs = [runs[i] for i in idx]
+        for kind, f in (("raw", [1.0] * len(idx)), ("divided", [factors[i] for i in idx])):
+            table = pass_table(pass_runs, names, levels, f)
+            ratios[kind].append([row["measured"] / predicted(table, row["picks"]) for row in rows])
+    for n, row in enumerate(rows):
+        cells = " | ".join(f"{ratios['raw'][k][n]:.3f} | {ratios['divided'][k][n]:.3f}" for k in range(len(passes)))
+        print(f"| {row['profile']} | {100 * row['sparsity']:.0f}% | {row['measured']:.3f}x | {cells} |")
+    print()
+    for kind in ("raw", "divided"):
+        logs = np.log(np.array(ratios[kind]))
+        print(f"{kind:8s}: measured / predicted {np.exp(logs.min()):.3f}-{np.exp(logs.max()):.3f}; sd of its log "
+              f"within a pass {logs.std(axis=1).mean():.3f}, across passes per profile {logs.std(axis=0).mean():.3f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--cores", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--aims", default="1.5,2,2.5", help="aims of the profiles measured end to end")
+    p.add_argument("--aims", default="1.5,2,2.5", help="aims of the DP profiles measured end to end")
     p.add_argument("--out", default=None, help="also write every run and measurement as JSON")
+    p.add_argument("--replay", default=None, help="an earlier --out file: report it again, no engine")
     args = p.parse_args(argv)
 
     prep = api.Prepared(args.model, runtime="deepsparse", batch_size=args.batch_size, cores=args.cores,
                         input_shapes=None, exclude=None, include=None, min_weights=graph.DEFAULT_MIN_WEIGHTS,
                         progress=False)
-    levels = prep.runtime.default_levels()
-    feeds = modelio.example_inputs(prep.specs)
     t0 = time.perf_counter()
-    print(f"profiling {args.model}: {len(levels)} levels x {args.repeats} repeats", flush=True)
-    runs = profile_runs(prep, levels, args.repeats, feeds)
-    names = [s.name for s in prep.sites if all(s.name in r["sites"] for r in runs)]
-    factors, other = slowness(runs, names)
-    print(f"profiled in {time.perf_counter() - t0:.0f} s; {len(names)} sites")
-
-    print("\n| level | " + " | ".join(f"sites r{k} | other r{k}" for k in range(args.repeats))
-          + " | repeats apart, raw | repeats apart, normalised |")
-    print("|---|" + "---|---|" * args.repeats + "---|---|")
-    apart_raw, apart_norm = [], []
-    for lvl in levels:
-        idx = [i for i, r in enumerate(runs) if r["level"] == lvl]
-        sums = [sum(runs[i]["sites"][n] for n in names) for i in idx]
-        norm = [s / factors[i] for s, i in zip(sums, idx)]
-        raw_apart = (max(sums) - min(sums)) / np.median(sums)
-        norm_apart = (max(norm) - min(norm)) / np.median(norm)
-        apart_raw.append(raw_apart)
-        apart_norm.append(norm_apart)
-        cells = " | ".join(f"{s:.2f} | {other[i]:.2f}" for s, i in zip(sums, idx))
-        print(f"| {lvl:.3f} | {cells} | {100 * raw_apart:.1f}% | {100 * norm_apart:.1f}% |")
-    print(f"\nmedian spread of a level's site total between repeats: raw {100 * np.median(apart_raw):.1f}%, "
-          f"normalised {100 * np.median(apart_norm):.1f}%")
-
-    # predictions from the first repeat alone (the default profiling keeps one repeat on a steady machine)
-    first = [r for r in runs if r["repeat"] == 0]
-    f_first = [factors[i] for i, r in enumerate(runs) if r["repeat"] == 0]
-    raw = table_from(first, names, levels)
-    normed = table_from(first, names, levels, f_first)
-    dense_total = float(np.median([r["total"] for r in first if r["level"] == 0.0]))
-    dense_total_n = float(np.median([r["total"] / f for r, f in zip(first, f_first) if r["level"] == 0.0]))
-    fixed = dense_total - raw[:, 0].sum()
-    fixed_n = dense_total_n - normed[:, 0].sum()
-
-    sites = [s for s in prep.sites if s.name in names]
-    sources = graph.read_weights(prep.model, sites)
-    database = magnitude_database(sites, sources, list(levels), "unstructured")
-    errors = magnitude_errors(sources, names, list(levels))
-    profiles = []
-    for j in (3, 6, 9):
-        profiles.append((f"uniform {levels[j]:.2f}", np.full(len(names), j)))
-    for aim in [float(a) for a in args.aims.split(",")]:
-        for label, m, dt, fx in (("raw", raw, dense_total, fixed), ("normalised", normed, dense_total_n, fixed_n)):
-            picks = solve_dp(errors, m, dt / aim - fx)
-            profiles.append((f"DP {aim:g}x on {label}", picks))
-
-    rows = []
-    print("\n| profile | sparsity | predicted, raw | predicted, normalised | measured | measured / raw | "
-          "measured / normalised |")
-    print("|---|---|---|---|---|---|---|")
-    rows_idx = np.arange(len(names))
-    n_w = np.array([s.n_weights for s in sites])
-    for label, picks in profiles:
-        pred_raw = dense_total / (fixed + raw[rows_idx, picks].sum())
-        pred_norm = dense_total_n / (fixed_n + normed[rows_idx, picks].sum())
-        w = {s.weight: database.weight(s.name, int(j)) for s, j in zip(sites, picks)}
-        path = prep.static_copy(write_weights(prep.model, w), label.replace(" ", "_"))
-        measured = prep.runtime.compare(str(prep.dense_static()), str(path), batch_size=prep.batch_size,
-                                        feeds=feeds).speedup
-        sparsity = float((np.array(levels)[picks] * n_w).sum() / n_w.sum())
-        rows.append({"profile": label, "sparsity": sparsity, "predicted_raw": pred_raw,
-                     "predicted_normalised": pred_norm, "measured": measured})
-        print(f"| {label} | {100 * sparsity:.0f}% | {pred_raw:.3f}x | {pred_norm:.3f}x | {measured:.3f}x | "
-              f"{measured / pred_raw:.3f} | {measured / pred_norm:.3f} |", flush=True)
-    r_raw = [r["measured"] / r["predicted_raw"] for r in rows]
-    r_norm = [r["measured"] / r["predicted_normalised"] for r in rows]
-    print(f"\nmeasured / predicted over the profiles: raw {min(r_raw):.3f}-{max(r_raw):.3f} "
-          f"(spread {max(r_raw) / min(r_raw):.3f}), normalised {min(r_norm):.3f}-{max(r_norm):.3f} "
-          f"(spread {max(r_norm) / min(r_norm):.3f})")
-    print(f"model {os.path.basename(args.model)} | batch {args.batch_size} | cores {args.cores} | "
+    if args.replay:
+        with open(args.replay) as fh:
+            saved = json.load(fh)
+        levels, runs, rows = saved["levels"], saved["runs"], saved["profiles"]
+        names = [s.name for s in prep.sites if all(s.name in r["sites"] for r in runs)]
+        print(f"replaying {args.replay}: {len(levels)} levels x {len({r['repeat'] for r in runs})} passes, "
+              f"{len(rows)} profiles measured then")
+    else:
+        levels = prep.runtime.default_levels()
+        feeds = modelio.example_inputs(prep.specs)
+        print(f"profiling {args.model}: {len(levels)} levels x {args.repeats} repeats", flush=True)
+        runs = profile_runs(prep, levels, args.repeats, feeds)
+        names = [s.name for s in prep.sites if all(s.name in r["sites"] for r in runs)]
+        print(f"profiled in {time.perf_counter() - t0:.0f} s; {len(names)} sites", flush=True)
+        factors, _ = slowness(runs, names)
+        first = [i for i, r in enumerate(runs) if r["repeat"] == 0]
+        tables = [pass_table([runs[i] for i in first], names, levels, [f(i) for i in first])
+                  for f in (lambda i: 1.0, lambda i: factors[i])]
+        profiles = solve_profiles(prep, names, levels, *tables, [float(a) for a in args.aims.split(",")])
+        rows = measure_profiles(prep, names, levels, profiles, feeds)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump({"levels": levels, "runs": runs, "profiles": rows}, fh, indent=1)
+    report(levels, runs, names, rows)
+    print(f"\nmodel {os.path.basename(args.model)} | batch {args.batch_size} | cores {args.cores} | "
           f"DeepSparse, {prep.runtime.fingerprint().get('cpu')} | {time.perf_counter() - t0:.0f} s")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"levels": levels, "runs": runs, "factors": factors, "profiles": rows}, fh, indent=1)
     prep.close()
 
 

@@ -87,10 +87,11 @@ def slowness_factors(run_levels, totals, site_sums) -> list[float]:
     The layers outside the sites (attention products, softmax, norms) slow down with the sites in such a
     moment. Their time also drifts with the level for real (MiniLM-L6: about 10% less among sparse
     sites), so a run is compared with the quickest of the levels around it (two on each side), and
-    never counted as fast: a slow moment only slows. On MiniLM-L6, three profiling passes each
-    (benchmarks/table_noise.py), the end-to-end speedup of 9 profiles over their prediction spread
-    0.73-1.83 raw and 0.87-1.18 divided, and 0.96-1.16 and 0.97-1.09 in a steadier hour. All ones when
-    that time is too small a share of the dense time to gauge, or with fewer than three levels."""
+    never counted as fast: a slow moment only slows. On MiniLM-L6, three profiling passes in each of
+    two hours (benchmarks/table_noise.py), the end-to-end speedup of 9 profiles over each pass's
+    prediction ran 0.73-1.83 raw and 0.87-1.00 divided, and 0.96-1.16 and 0.97-1.09 in the steadier
+    hour. All ones when that time is too small a share of the dense time to gauge, or with fewer than
+    three levels."""
     run_levels = np.asarray(run_levels, dtype=float)
     totals, site_sums = np.asarray(totals, dtype=float), np.asarray(site_sums, dtype=float)
     other = totals - site_sums
