@@ -190,7 +190,9 @@ def test_a_slow_dense_run_in_a_long_pass_is_outvoted(mlp_path, monkeypatch):
     finally:
         prep.close()
     assert len(dense_runs) == 3 and table.meta["repeats"] == 1 and table.meta["dense_runs"] == 3
-    assert table.dense_total_ms == pytest.approx(np.median(dense_runs[1:] + [3 * dense_runs[0]]))
+    # the median of three (each run divided by its slowness when the tiny MLP's few layers outside the
+    # sites are enough to gauge it: about 5% of its time, so either way here)
+    assert table.dense_total_ms == pytest.approx(np.median(dense_runs[1:] + [3 * dense_runs[0]]), rel=0.1)
     assert table.dense_total_ms < 2 * max(dense_runs)          # not the spike
 
 
