@@ -50,7 +50,8 @@ def profile_runs(prep, levels, repeats, feeds):
         for lvl in (levels if rep % 2 == 0 else levels[::-1]):
             result = rt._analyse_engine(rt._compile(str(prep.dense_static()), prep.batch_size, lvl), inputs, lvl)
             runs.append({"repeat": rep, "level": lvl, "total": float(result["average_total_time"]),
-                         "sites": rt.attribute(result["layer_info"], aliases, weights)})
+                         "sites": rt.attribute(result["layer_info"], aliases, weights),
+                         "fused": rt.fused(result["layer_info"], aliases)})
             print(f"  repeat {rep} level {lvl:.4f}: total {runs[-1]['total']:.2f} ms", flush=True)
     return runs
 
@@ -61,7 +62,8 @@ def slowness(runs, names):
     for rep in sorted({r["repeat"] for r in runs}):
         idx = [i for i, r in enumerate(runs) if r["repeat"] == rep]
         found = slowness_factors([runs[i]["level"] for i in idx], [runs[i]["total"] for i in idx],
-                                 [sum(runs[i]["sites"][n] for n in names) for i in idx])
+                                 [sum(runs[i]["sites"][n] for n in names) for i in idx],
+                                 fused=any(runs[i].get("fused") for i in idx))
         for i, f in zip(idx, found):
             factors[i] = f
     other = [r["total"] - sum(r["sites"][n] for n in names) for r in runs]

@@ -390,6 +390,8 @@ def test_slowness_factors_drop_a_spike_and_keep_a_drift():
     # too little time outside the sites to gauge, or too few levels: left alone
     assert slowness_factors(levels, sites * 1.01 * slow, sites * slow) == [1.0] * len(levels)
     assert slowness_factors([0.0, 0.9], [10.0, 20.0], [5.0, 10.0]) == [1.0, 1.0]
+    # sites fused together: the time outside them moves with the level for real
+    assert slowness_factors(levels, (other + sites) * slow, sites * slow, fused=True) == [1.0] * len(levels)
 
 
 def test_a_run_slow_in_everything_is_divided_out_of_its_column(mlp_path, monkeypatch):
