@@ -208,7 +208,6 @@ class DeepSparseRuntime:
         profiling resumes where it stopped."""
         inputs = [np.ascontiguousarray(a) for a in feeds.values()]
         weights = {s.name: s.n_weights for s in sites}
-        runs: dict[float, list[dict]] = {lvl: [] for lvl in levels}
         used: list[tuple[float, dict]] = []    # every run in the table: (level, journal entry)
         totals: list[float] = []
         fused: list[list[str]] = []
@@ -263,7 +262,6 @@ class DeepSparseRuntime:
                                      "times": self.attribute(result["layer_info"], aliases, weights),
                                      "fused": self.fused(result["layer_info"], aliases)}
                             journal.append(entry)
-                        runs[lvl].append(entry["times"])
                         used.append((lvl, entry))
                         fused.extend(entry.get("fused", []))
                         if lvl == 0.0:
@@ -289,7 +287,7 @@ class DeepSparseRuntime:
         bar.close()
         factors = slowness_factors([lvl for lvl, _ in used], [e["total"] for _, e in used],
                                    [sum(e["times"].values()) for _, e in used], fused=bool(fused))
-        runs = {lvl: [] for lvl in levels}
+        runs: dict[float, list[dict]] = {lvl: [] for lvl in levels}   # each run's site times, divided
         for (lvl, entry), f in zip(used, factors):
             runs[lvl].append({name: ms / f for name, ms in entry["times"].items()})
         measured = [s.name for s in sites if all(s.name in r for r in runs[0.0])]
