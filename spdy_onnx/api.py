@@ -43,6 +43,12 @@ FASTEST_SLACK = 0.03          # refuse only when even a run this much luckier wo
 # aim by one such miss (1.10x measured for 1.12x) nearly doubled the calibration loss of the kept profile
 # (benchmarks/results/accuracy_mobilenetv2_fused.json, SPDY at 1.1x: 0.052 at the first aim, 0.099 after).
 NEAR_MISS = 0.03
+# A draft that meets the requirement by less than this, and would be the one corrected, is measured once
+# more and the two pooled first: the kept draft is the one whose noise was kind, and its corrected file
+# (the same zeros) measured a median 1% slower than it, a quarter of them 3% or more (48 results in
+# benchmarks/results/). A corrected file that misses costs a second correction (MiniLM-L6 at 2x: about
+# 90 s in tool_time_minilm_xeon18); a second draft measurement costs one measurement.
+NEAR_HIT = 0.03
 STRATEGIES = ("spdy", "uniform", "global-magnitude", "dp-loss", "magnitude-dp")
 
 
@@ -426,13 +432,16 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                 pruned = write_weights(prep.model, chooser.weights(profile))
                 kind = "draft" if chooser.corrects else "database"
                 comparison = measure(attempt, aim, predicted, pruned, kind)
-                if comparison is not None and required * (1 - NEAR_MISS) <= comparison.speedup < required:
+                near_miss = comparison is not None and required * (1 - NEAR_MISS) <= comparison.speedup < required
+                thin_hit = (comparison is not None and chooser.corrects and (hit is None or aim < hit[0])
+                            and required <= comparison.speedup < required * (1 + NEAR_HIT))
+                if near_miss or thin_hit:
                     again = measure(attempt, aim, predicted, pruned, kind)
                     if again is not None:
                         comparison = pooled(comparison, again)
                         attempts[-1]["pooled_speedup"] = comparison.speedup
-                        log.info("attempt %d: a near miss, measured again: pooled %.3fx (requirement %.3fx)",
-                                 attempt, comparison.speedup, required)
+                        log.info("attempt %d: %s, measured again: pooled %.3fx (requirement %.3fx)", attempt,
+                                 "a near miss" if near_miss else "a thin hit", comparison.speedup, required)
                 seen[key] = comparison
             if comparison is None:
                 not_measured = (profile, predicted)
