@@ -77,8 +77,10 @@ def atomic_replace_dir(tmp_dir: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def finalize_onnx(tmp_export: Path, final: Path) -> "onnx.ModelProto":  # noqa: F821
-    """Load the exporter's file, cap ir_version, check opset and ops, save atomically to final."""
+def finalize_onnx(tmp_export: Path, final: Path, opset: int = OPSET) -> "onnx.ModelProto":  # noqa: F821
+    """Load the exporter's file, cap ir_version, check opset and ops, save atomically to final. At
+    another opset than the default, ops DeepSparse does not run natively are allowed (that file exists
+    to show what they cost)."""
     import onnx
 
     model = onnx.load(str(tmp_export))
@@ -86,10 +88,10 @@ def finalize_onnx(tmp_export: Path, final: Path) -> "onnx.ModelProto":  # noqa: 
         log.info("ir_version %d -> %d", model.ir_version, MAX_IR_VERSION)
         model.ir_version = MAX_IR_VERSION
     opsets = {o.domain: o.version for o in model.opset_import}
-    if opsets.get("", opsets.get("ai.onnx")) != OPSET:
-        raise RuntimeError(f"expected default-domain opset {OPSET}, got {opsets}")
+    if opsets.get("", opsets.get("ai.onnx")) != opset:
+        raise RuntimeError(f"expected default-domain opset {opset}, got {opsets}")
     bad = sorted({n.op_type for n in model.graph.node if n.op_type == "LayerNormalization"})
-    if bad:
+    if bad and opset == OPSET:
         raise RuntimeError(f"graph has ops DeepSparse 1.8 does not run natively: {bad}")
     onnx.checker.check_model(model, full_check=True)
     with atomic_path(final, suffix=".onnx") as tmp:

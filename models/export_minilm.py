@@ -18,7 +18,7 @@ Why each choice:
   stays a plain encoder.
 
 Writes DIR/minilm-l6.onnx and DIR/minilm-l6.tokenizer/ (the tokenizer, for offline tokenising).
-Usage: python models/export_minilm.py --out /work/models_out [--seq-len 128] [--batch 1]
+Usage: python models/export_minilm.py --out /work/models_out [--seq-len 128] [--batch 1] [--opset 13]
 """
 from __future__ import annotations
 
@@ -70,16 +70,16 @@ class KeywordEncoder(torch.nn.Module):
         return out.last_hidden_state
 
 
-def export_encoder(wrapper: KeywordEncoder, feeds: dict[str, np.ndarray], final: Path):
-    """Legacy exporter, opset 13, static shapes; written next to `final` first, then finalised there."""
+def export_encoder(wrapper: KeywordEncoder, feeds: dict[str, np.ndarray], final: Path, opset: int = OPSET):
+    """Legacy exporter, opset 13 by default, static shapes; written next to `final` first, then finalised there."""
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=".export-") as d:
         raw = Path(d) / "raw.onnx"
         with torch.no_grad():
             torch.onnx.export(
                 wrapper, tuple(torch.from_numpy(feeds[k]) for k in INPUT_NAMES), str(raw),
-                input_names=INPUT_NAMES, output_names=[OUTPUT_NAME], opset_version=OPSET,
+                input_names=INPUT_NAMES, output_names=[OUTPUT_NAME], opset_version=opset,
                 dynamo=False, do_constant_folding=True, dynamic_axes=None)
-        return finalize_onnx(raw, final)
+        return finalize_onnx(raw, final, opset)
 
 
 def load_model_and_tokenizer():
@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--skip-deepsparse", action="store_true", help="skip the DeepSparse check")
+    ap.add_argument("--opset", type=int, default=OPSET,
+                    help=f"ONNX opset (default {OPSET}); 17 and 18 write LayerNormalization ops, as torch's "
+                         "exporter does by default, into minilm-l6-opset<N>.onnx")
     args = ap.parse_args(argv)
     setup_logging()
     torch.manual_seed(0)
@@ -122,8 +125,8 @@ def main(argv=None) -> int:
     wrapper = KeywordEncoder(model).eval()
     feeds = make_inputs(tok, args.batch, args.seq_len)
 
-    final = args.out / ONNX_NAME
-    onnx_model = export_encoder(wrapper, feeds, final)
+    final = args.out / (ONNX_NAME if args.opset == OPSET else f"minilm-l6-opset{args.opset}.onnx")
+    onnx_model = export_encoder(wrapper, feeds, final, args.opset)
     graph_inputs = [i.name for i in onnx_model.graph.input]
     if graph_inputs != INPUT_NAMES:
         raise RuntimeError(f"exported inputs {graph_inputs} != {INPUT_NAMES}")

@@ -3,6 +3,7 @@
     python models/tiny.py mlp out.onnx          # 4 x (MatMul 512x512 + Add + Relu), input (1, 64, 512)
     python models/tiny.py cnn out.onnx          # Conv/BN/Relu, a depthwise conv, GlobalAveragePool, Gemm
     python models/tiny.py blocks out.onnx       # two inverted-residual blocks (1x1 expand, depthwise, 1x1 project)
+    python models/tiny.py layernorm out.onnx    # 4 x (MatMul + Add + Relu + residual + LayerNormalization), opset 17
 """
 from __future__ import annotations
 
@@ -134,15 +135,43 @@ def inverted_residual(channels: int = 16, expand: int = 6, size: int = 28, block
     return _model(nodes, [inp], [out], inits)
 
 
+def layernorm_mlp(width: int = 256, depth: int = 4, seq: int = 64, batch: int | str = 1, opset: int = 17,
+                  seed: int = 0, bias: bool = True) -> onnx.ModelProto:
+    """Residual MatMul + bias + Relu blocks, each followed by a LayerNormalization op (opset 17+), as
+    torch's exporter writes transformers at its default opset."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for i in range(depth):
+        inits += [numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array((0.01 * rng.standard_normal(width)).astype(np.float32), f"b{i}"),
+                  numpy_helper.from_array((1 + 0.1 * rng.standard_normal(width)).astype(np.float32), f"g{i}")]
+        ln_inputs = [f"res{i}", f"g{i}"]
+        if bias:
+            inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(width)).astype(np.float32), f"beta{i}"))
+            ln_inputs.append(f"beta{i}")
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"mm{i}"], name=f"matmul_{i}"),
+                  helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"add{i}"], name=f"add_{i}"),
+                  helper.make_node("Relu", [f"add{i}"], [f"relu{i}"], name=f"relu_{i}"),
+                  helper.make_node("Add", [f"relu{i}", x], [f"res{i}"], name=f"residual_{i}"),
+                  helper.make_node("LayerNormalization", ln_inputs, [f"ln{i}"], name=f"norm_{i}", axis=-1,
+                                   epsilon=1e-5)]
+        x = f"ln{i}"
+    nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, seq, width])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, seq, width])
+    return _model(nodes, [inp], [out], inits, opset=opset)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["mlp", "cnn", "blocks"])
+    p.add_argument("kind", choices=["mlp", "cnn", "blocks", "layernorm"])
     p.add_argument("out")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     args = p.parse_args()
-    model = {"mlp": lambda: mlp(args.width, args.depth, args.seq), "cnn": cnn, "blocks": inverted_residual}[args.kind]()
+    model = {"mlp": lambda: mlp(args.width, args.depth, args.seq), "cnn": cnn, "blocks": inverted_residual,
+             "layernorm": lambda: layernorm_mlp(args.width, args.depth, args.seq)}[args.kind]()
     onnx.save(model, args.out)
     print(f"wrote {args.out}")
 

@@ -76,6 +76,9 @@ class Runtime(Protocol):
                 feeds: dict) -> Comparison | None:
         """End-to-end interleaved timing; None when this machine cannot run the engine."""
 
+    # Optional: `native_graph(model) -> (model, rewrites)`, the same computation written in ops the
+    # engine runs natively, and a count of each rewrite ({} when none applied). The rewritten graph is
+    # the one profiled, measured and written.
     # Optional: `dense_check_ms(model_path, *, batch_size, feeds) -> float | None`, the dense model's
     # total as `measure` reports it (LatencyTable.dense_total_ms), from one quick run. A runtime that
     # has it gets its cached tables checked against the machine as it is now.

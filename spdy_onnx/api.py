@@ -104,6 +104,12 @@ class Prepared:
         self.batch_size = int(batch_size)
         self.runtime = get_runtime(runtime, cores=cores, progress=progress, **(runtime_options or {}))
         self.runtime.check_model(self.model)
+        self.rewrites: dict[str, int] = {}
+        if hasattr(self.runtime, "native_graph"):
+            self.model, self.rewrites = self.runtime.native_graph(self.model)
+            for op, count in self.rewrites.items():
+                log.warning("%s: %d %s node(s) rewritten into ops %s runs natively; the file written "
+                            "keeps the rewrite", self.path.name, count, op, self.runtime.name)
         self.specs = modelio.input_specs(self.model, self.batch_size, modelio.parse_input_shapes(input_shapes))
         self.all_sites, self.unprunable = graph.find_sites(self.model)
         if not self.all_sites:
@@ -160,7 +166,7 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     shapes = {k: list(v[0]) for k, v in prep.specs.items()}
     parts = dict(model=prep.digest, engine=prep.runtime.fingerprint(), batch=prep.batch_size, shapes=shapes,
                  levels=level_list, pattern=prep.runtime.pattern, sites=sorted(s.name for s in prep.all_sites),
-                 table_format=3)   # 2: fused groups; 3: runs divided by their slowness
+                 table_format=4)   # 2: fused groups; 3: runs divided by their slowness; 4: only from 1.3x
     if level_context:
         parts["level_context"] = 1
     key = cache.cache_key(**parts)
@@ -548,6 +554,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                 "runtime": prep.runtime.name, "batch_size": prep.batch_size, "status": status,
                 "strategy": strategy, "pattern": table.pattern,
                 "profile": {n: table.levels[j] for n, j in profile.items()}}
+        if prep.rewrites:
+            meta["graph_rewrites"] = dict(prep.rewrites)
         modelio.save_model_atomic(set_metadata(pruned, meta), output)
     if fastest is not None:
         rep["fastest_profile_measured_speedup"] = fastest
@@ -628,6 +636,8 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
         "fused_groups": [[sites[i].name for i in g] for g in table.tied_groups([s.name for s in sites])],
         "level_factors": {str(v): float(f) for v, f in zip(table.levels, table.factors()) if f != 1.0},
         "left_dense": dict(sorted(prep.excluded.items())),
+        # ops written another way so the engine runs them natively; dense_ms is the rewritten graph's
+        "graph_rewrites": dict(prep.rewrites),
     }
 
 

@@ -69,6 +69,40 @@ def test_optimize_writes_valid_model_with_measured_speedup(mlp_path, tmp_path, c
     np.testing.assert_allclose(y_ds, y_ort, rtol=2e-2, atol=2e-2)
 
 
+def test_a_layernorm_model_is_written_in_ops_the_engine_runs_natively(tmp_path, cache_dir):
+    """Opset-17 LayerNormalization falls back to onnxruntime inside DeepSparse; the file profiled,
+    measured and written has it as primitive ops, computing the same thing."""
+    from deepsparse import compile_model
+    path = tmp_path / "ln.onnx"
+    onnx.save(tiny.layernorm_mlp(width=512, depth=4, seq=64), path)
+    before = path.read_bytes()
+    out = tmp_path / "out.onnx"
+    try:
+        rep = api.optimize(path, target="1.3x", output=out, cache_dir=cache_dir, max_attempts=4, margin=-0.05, **FAST)
+    except (TargetMissed, InfeasibleTarget) as exc:
+        assert not out.exists()
+        pytest.skip(f"machine too noisy to meet the target here: {exc}")
+    assert path.read_bytes() == before
+    assert rep["graph_rewrites"] == {"LayerNormalization": 4}
+    model = onnx.load(out)
+    assert get_metadata(model)["graph_rewrites"] == {"LayerNormalization": 4}
+    assert not any(n.op_type == "LayerNormalization" for n in model.graph.node)
+    # the user's graph with the written weights computes what the written file computes
+    original = onnx.load(path)
+    sites, _ = graph.find_sites(model)
+    from spdy_onnx.passes import write_weights
+    same = write_weights(original, {s.weight: w for s, w in zip(sites, graph.read_weights(model, sites).values())})
+    x = np.random.default_rng(0).standard_normal((1, 64, 512)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run(model), run(same), rtol=1e-4, atol=1e-4)
+    copy = tmp_path / "engine_copy.onnx"
+    copy.write_bytes(out.read_bytes())
+    assert compile_model(str(copy), batch_size=1, num_cores=1).fraction_of_supported_ops == 1.0
+    orig_copy = tmp_path / "orig_copy.onnx"
+    orig_copy.write_bytes(before)
+    assert compile_model(str(orig_copy), batch_size=1, num_cores=1).fraction_of_supported_ops < 1.0
+
+
 def test_latency_table_is_cached_and_keyed(mlp_path, cache_dir, monkeypatch):
     prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
                         include=None, min_weights=0, progress=False, runtime_options={"repeats": 1})
@@ -382,11 +416,15 @@ def test_slowness_factors_drop_a_spike_and_keep_a_drift():
     slow[3] = 1.8                                         # one run in a slow moment
     f = slowness_factors(levels, (other + sites) * slow, sites * slow)
     assert 1.7 < f[3] < 2.0                               # against the quickest levels around it
-    assert all(1.0 <= x < 1.08 for i, x in enumerate(f) if i != 3)   # the drift is not slowness
+    assert all(x == 1.0 for i, x in enumerate(f) if i != 3)   # the drift is not slowness
     # a second dense run joins the dense level; the slow one is found
-    f = slowness_factors(levels + [0.0], list(other + sites) + [1.3 * (other[0] + sites[0])],
-                         list(sites) + [1.3 * sites[0]])
-    assert f[-1] > 1.1 and f[0] < 1.1
+    f = slowness_factors(levels + [0.0], list(other + sites) + [1.5 * (other[0] + sites[0])],
+                         list(sites) + [1.5 * sites[0]])
+    assert f[-1] > 1.3 and f[0] == 1.0
+    # a hump of 20% over a few middle levels, as on BERT-base size in every pass: not slowness
+    hump = np.ones(len(levels))
+    hump[2:5] = 1.2
+    assert slowness_factors(levels, other * hump + sites, sites) == [1.0] * len(levels)
     # too little time outside the sites to gauge, or too few levels: left alone
     assert slowness_factors(levels, sites * 1.01 * slow, sites * slow) == [1.0] * len(levels)
     assert slowness_factors([0.0, 0.9], [10.0, 20.0], [5.0, 10.0]) == [1.0, 1.0]

@@ -115,3 +115,41 @@ def test_level_grid():
     for bad in ["abc", "1.5", "0.5,x"]:
         with pytest.raises(SpdyError):
             parse_levels(bad)
+
+
+def _run(model, x):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("opset,bias", [(17, True), (17, False), (18, True)])
+def test_layernorm_is_rewritten_into_primitive_ops_with_the_same_outputs(opset, bias):
+    from spdy_onnx.passes.decompose import decompose_layernorm
+    model = tiny.layernorm_mlp(width=32, depth=3, seq=5, opset=opset, bias=bias)
+    before = model.SerializeToString()
+    out, count = decompose_layernorm(model)
+    assert count == 3 and model.SerializeToString() == before            # the input model is not touched
+    onnx.checker.check_model(out, full_check=True)
+    assert not any(n.op_type == "LayerNormalization" for n in out.graph.node)
+    assert sum(n.op_type == "ReduceMean" for n in out.graph.node) == 6
+    x = np.random.default_rng(0).standard_normal((1, 5, 32)).astype(np.float32) * 3 + 1
+    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-4, atol=1e-4)
+    sites, _ = graph.find_sites(out)                                         # the sites are unchanged
+    assert [s.name for s in sites] == [s.name for s in graph.find_sites(model)[0]]
+
+
+def test_layernorm_over_two_axes_and_a_used_statistic():
+    """axis=-2 normalises the last two axes; a node whose Mean output is read elsewhere is left as is."""
+    from onnx import TensorProto, helper, numpy_helper
+    from spdy_onnx.passes.decompose import decompose_layernorm
+    g = numpy_helper.from_array(np.full((4, 6), 1.5, np.float32), "g")
+    nodes = [helper.make_node("LayerNormalization", ["x", "g"], ["a"], name="two_axes", axis=-2),
+             helper.make_node("LayerNormalization", ["a", "g"], ["b", "mean"], name="stats", axis=-2),
+             helper.make_node("Add", ["b", "mean"], ["y"], name="use_mean")]
+    graph_ = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [g])
+    model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out, count = decompose_layernorm(model)
+    assert count == 1 and [n.name for n in out.graph.node if n.op_type == "LayerNormalization"] == ["stats"]
+    x = np.random.default_rng(1).standard_normal((2, 4, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-4, atol=1e-4)

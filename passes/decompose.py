@@ -1,0 +1,137 @@
+"""Rewrite LayerNormalization (opset 17+) into the primitive ops older exporters emit.
+
+DeepSparse 1.8 does not run LayerNormalization natively: it hands the op to onnxruntime, which cuts the
+graph into pieces at every normalisation, and the sparse kernels between them gain far less (MiniLM-L6
+exported at opset 17: see benchmarks/results/layernorm_opset17.txt). The same computation written as
+ReduceMean, Sub, Pow, Add, Sqrt, Div, Mul and Add, which is what torch's exporter writes at opset 13,
+runs natively. The rewrite is exact up to float rounding, and the file written is the rewritten one,
+so the graph deployed is the graph measured.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+           onnx.TensorProto.DOUBLE: np.float64}
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor whose type is known (inputs, initializers, inferred values)."""
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    except Exception:  # a model shape inference cannot read: rely on the declared types
+        inferred = model.graph
+    for v in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+        if v.type.tensor_type.elem_type:
+            types.setdefault(v.name, v.type.tensor_type.elem_type)
+    return types
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    except Exception:
+        return {}
+    out = {}
+    for v in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+        if v.type.tensor_type.HasField("shape"):
+            out[v.name] = len(v.type.tensor_type.shape.dim)
+    return out
+
+
+def decompose_layernorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of `model` with every rewritable LayerNormalization in the main graph written as
+    primitive ops, and how many were rewritten. Nodes whose statistics outputs (Mean, InvStdDev) are
+    used, whose normalised axes cannot be told, or whose element type is not a float are left alone."""
+    lns = [n for n in model.graph.node if n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx")]
+    if not lns:
+        return model, 0
+    opset = _opset(model)
+    types = _elem_types(model)
+    ranks = _ranks(model)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    taken = {t.name for t in out.graph.initializer} | {i for n in out.graph.node for i in list(n.input) + list(n.output)}
+    taken |= {v.name for v in list(out.graph.input) + list(out.graph.output)}
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in out.graph.node:
+        if not (node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx")):
+            nodes.append(node)
+            continue
+        x = node.input[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axis = int(attrs.get("axis", -1))
+        eps = float(attrs.get("epsilon", 1e-5))
+        dtype = _DTYPES.get(types.get(x, 0))
+        if axis < 0:
+            axes = list(range(axis, 0))
+        elif x in ranks:
+            axes = list(range(axis, ranks[x]))
+        else:
+            axes = None
+        stats_used = any(o and o in used for o in node.output[1:])
+        if axes is None or dtype is None or stats_used or len(node.input) < 2 or not node.input[1]:
+            nodes.append(node)
+            continue
+        base = node.name or node.output[0]
+
+        def const(tag: str, value) -> str:
+            name = fresh(f"{base}/{tag}")
+            out.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+            return name
+
+        def reduce_mean(src: str, tag: str) -> onnx.NodeProto:
+            dst = fresh(f"{base}/{tag}")
+            if opset >= 18:   # axes became an input in opset 18
+                return helper.make_node("ReduceMean", [src, const(f"{tag}_axes", np.array(axes, np.int64))], [dst],
+                                        name=dst, keepdims=1)
+            return helper.make_node("ReduceMean", [src], [dst], name=dst, axes=axes, keepdims=1)
+
+        mean = reduce_mean(x, "mean")
+        centred = fresh(f"{base}/centred")
+        squared = fresh(f"{base}/squared")
+        var = reduce_mean(squared, "var")
+        var_eps = fresh(f"{base}/var_eps")
+        std = fresh(f"{base}/std")
+        normed = fresh(f"{base}/normed")
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        scaled = fresh(f"{base}/scaled") if has_bias else node.output[0]
+        new = [mean,
+               helper.make_node("Sub", [x, mean.output[0]], [centred], name=centred),
+               helper.make_node("Pow", [centred, const("two", np.array(2.0, dtype))], [squared], name=squared),
+               var,
+               helper.make_node("Add", [var.output[0], const("eps", np.array(eps, dtype))], [var_eps], name=var_eps),
+               helper.make_node("Sqrt", [var_eps], [std], name=std),
+               helper.make_node("Div", [centred, std], [normed], name=normed),
+               helper.make_node("Mul", [normed, node.input[1]], [scaled], name=scaled)]
+        if has_bias:
+            new.append(helper.make_node("Add", [scaled, node.input[2]], [node.output[0]], name=fresh(f"{base}/shift")))
+        nodes.extend(new)
+        count += 1
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    if count:
+        log.info("rewrote %d LayerNormalization node(s) into primitive ops", count)
+    return out, count
