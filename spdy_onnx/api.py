@@ -470,7 +470,10 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             else:
                 last_miss = (profile, predicted, pruned, comparison)
                 missed_aim = max(missed_aim, aim)
-                higher = min(aim * required / comparison.speedup * 1.01, max_speedup * 0.9999)
+                # by the shortfall, and by at least the aims' resolution: a smaller step after a near
+                # miss lands on a profile that measures the same, within the noise, and misses again
+                higher = min(max(aim * required / comparison.speedup * 1.01, aim * (1 + AIM_RESOLUTION)),
+                             max_speedup * 0.9999)
                 if hit is not None:
                     higher = min(higher, (aim + hit[0]) / 2)
                     if hit[0] <= aim * (1 + AIM_RESOLUTION):
@@ -526,7 +529,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         seen = {}
         if comparison is None or attempt >= max_attempts:
             break
-        aim = min(h_aim * required / comparison.speedup * 1.01, max_speedup * 0.9999)
+        aim = min(max(h_aim * required / comparison.speedup * 1.01, h_aim * (1 + AIM_RESOLUTION)),
+                  max_speedup * 0.9999)
 
     final = None
     if not_measured is not None:
