@@ -10,13 +10,9 @@ so the graph deployed is the graph measured.
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-
-log = logging.getLogger(__name__)
 
 _DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
            onnx.TensorProto.DOUBLE: np.float64}
@@ -133,6 +129,4 @@ def decompose_layernorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         count += 1
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    if count:
-        log.info("rewrote %d LayerNormalization node(s) into primitive ops", count)
     return out, count
