@@ -22,29 +22,21 @@ def _opset(model: onnx.ModelProto) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor whose type is known (inputs, initializers, inferred values)."""
+def _types_and_ranks(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """Element type and rank of every tensor whose type is known (inputs, initializers, inferred values)."""
     types = {t.name: t.data_type for t in model.graph.initializer}
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
     except Exception:  # a model shape inference cannot read: rely on the declared types
         inferred = model.graph
     for v in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
-        if v.type.tensor_type.elem_type:
-            types.setdefault(v.name, v.type.tensor_type.elem_type)
-    return types
-
-
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
-    except Exception:
-        return {}
-    out = {}
-    for v in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
-        if v.type.tensor_type.HasField("shape"):
-            out[v.name] = len(v.type.tensor_type.shape.dim)
-    return out
+        tensor = v.type.tensor_type
+        if tensor.elem_type:
+            types.setdefault(v.name, tensor.elem_type)
+        if tensor.HasField("shape"):
+            ranks.setdefault(v.name, len(tensor.shape.dim))
+    return types, ranks
 
 
 def decompose_layernorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -55,8 +47,7 @@ def decompose_layernorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     if not lns:
         return model, 0
     opset = _opset(model)
-    types = _elem_types(model)
-    ranks = _ranks(model)
+    types, ranks = _types_and_ranks(model)
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     out = onnx.ModelProto()
     out.CopyFrom(model)

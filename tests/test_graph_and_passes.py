@@ -138,11 +138,13 @@ def test_layernorm_is_rewritten_into_primitive_ops_with_the_same_outputs(opset, 
 
 
 def test_layernorm_over_two_axes_and_a_used_statistic():
-    """axis=-2 normalises the last two axes; a node whose Mean output is read elsewhere is left as is."""
+    """axis=-2 and axis=1 (of three) normalise the last two axes; a node whose Mean output is read
+    elsewhere is left as is."""
     from onnx import TensorProto, helper, numpy_helper
     from spdy_onnx.passes.decompose import decompose_layernorm
     g = numpy_helper.from_array(np.full((4, 6), 1.5, np.float32), "g")
-    nodes = [helper.make_node("LayerNormalization", ["x", "g"], ["a"], name="two_axes", axis=-2),
+    nodes = [helper.make_node("LayerNormalization", ["x", "g"], ["a0"], name="two_axes", axis=-2),
+             helper.make_node("LayerNormalization", ["a0", "g"], ["a"], name="positive_axis", axis=1),
              helper.make_node("LayerNormalization", ["a", "g"], ["b", "mean"], name="stats", axis=-2),
              helper.make_node("Add", ["b", "mean"], ["y"], name="use_mean")]
     graph_ = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6])],
@@ -150,6 +152,6 @@ def test_layernorm_over_two_axes_and_a_used_statistic():
     model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     out, count = decompose_layernorm(model)
-    assert count == 1 and [n.name for n in out.graph.node if n.op_type == "LayerNormalization"] == ["stats"]
+    assert count == 2 and [n.name for n in out.graph.node if n.op_type == "LayerNormalization"] == ["stats"]
     x = np.random.default_rng(1).standard_normal((2, 4, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-4, atol=1e-4)
