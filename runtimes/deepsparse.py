@@ -55,6 +55,9 @@ DENSE_AGAIN = -1.0              # a third dense run, journaled under its own key
 # A run's slowness is gauged by the layers outside the sites, used only when they take at least this share of
 # the dense model's time (else their own noise dominates)
 MIN_OTHER_SHARE = 0.05
+# Under this share of ops run by the engine itself (the rest go to onnxruntime), a measurement warns.
+# MiniLM-L6 at opset 13: 98% (its attention-mask ops are the rest); with LayerNormalization ops: 89%.
+NATIVE_WARNING = 0.95
 SLOWNESS_LIMITS = (1.0, 2.5)    # never fast; over 2.5x is clipped: something other than a slow moment
 # A run counts as slow only from this factor up. BERT-base size has a real hump of 12-26% in that time at
 # the middle levels, the same in both of two passes (benchmarks/results/table_noise_bert_base.txt): divided
@@ -136,6 +139,7 @@ class DeepSparseRuntime:
     def __init__(self, cores: int | None = None, repeats: int | None = None, iterations: int = 20,
                  rounds: int = 15, progress: bool = True, compile_threads: int | None = None, **_ignored):
         self.cores = int(cores) if cores else None
+        self._warned_native = False
         # profiling compiles this many engines side by side before timing them one by one. 1 (the default)
         # compiles each in this thread: engines compiled in other threads timed up to 2x slow at random
         # (benchmarks/profile_time.py), and the table's dense column divides every prediction
@@ -372,9 +376,15 @@ class DeepSparseRuntime:
         if load.cores > BUSY_WARNING_CORES:
             log.warning("other processes used %.1f CPU cores while benchmarking: the speedup may be off",
                         load.cores)
+        native = getattr(engines[1], "fraction_of_supported_ops", None)
+        if native is not None and native < NATIVE_WARNING and not self._warned_native:
+            self._warned_native = True
+            log.warning("DeepSparse runs only %.0f%% of this model's ops itself and hands the rest to "
+                        "onnxruntime, between its own pieces; sparsity gains less there", 100 * native)
         return Comparison(baseline_ms=float(np.median(base)), candidate_ms=float(np.median(cand)),
                           rounds=self.rounds, iterations_per_round=iters,
                           ratio_p25=float(np.percentile(ratios, 25)), ratio_p75=float(np.percentile(ratios, 75)),
                           foreign_load_cores=load.cores,
                           extra={"engine": "deepsparse", "version": deepsparse.__version__,
-                                 "cores": self.cores or os.cpu_count(), "batch_size": batch_size})
+                                 "cores": self.cores or os.cpu_count(), "batch_size": batch_size,
+                                 "native_ops_share": None if native is None else float(native)})

@@ -69,7 +69,7 @@ def test_optimize_writes_valid_model_with_measured_speedup(mlp_path, tmp_path, c
     np.testing.assert_allclose(y_ds, y_ort, rtol=2e-2, atol=2e-2)
 
 
-def test_a_layernorm_model_is_written_in_ops_the_engine_runs_natively(tmp_path, cache_dir):
+def test_a_layernorm_model_is_written_in_ops_the_engine_runs_natively(tmp_path, cache_dir, caplog):
     """Opset-17 LayerNormalization falls back to onnxruntime inside DeepSparse; the file profiled,
     measured and written has it as primitive ops, computing the same thing."""
     from deepsparse import compile_model
@@ -98,9 +98,16 @@ def test_a_layernorm_model_is_written_in_ops_the_engine_runs_natively(tmp_path, 
     copy = tmp_path / "engine_copy.onnx"
     copy.write_bytes(out.read_bytes())
     assert compile_model(str(copy), batch_size=1, num_cores=1).fraction_of_supported_ops == 1.0
+    assert rep["measurement"]["native_ops_share"] == 1.0
+    # a file with the ops as they are: its measurement says how much the engine runs itself, and warns
+    from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime
     orig_copy = tmp_path / "orig_copy.onnx"
     orig_copy.write_bytes(before)
-    assert compile_model(str(orig_copy), batch_size=1, num_cores=1).fraction_of_supported_ops < 1.0
+    with caplog.at_level("WARNING"):
+        c = DeepSparseRuntime(cores=1, rounds=3, progress=False).compare(
+            str(copy), str(orig_copy), batch_size=1, feeds={"x": x})
+    assert c.extra["native_ops_share"] < 0.95
+    assert any("hands the rest to onnxruntime" in r.getMessage() for r in caplog.records)
 
 
 def test_latency_table_is_cached_and_keyed(mlp_path, cache_dir, monkeypatch):
