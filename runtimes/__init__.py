@@ -79,6 +79,8 @@ class Runtime(Protocol):
     # Optional: `native_graph(model) -> (model, rewrites)`, the same computation written in ops the
     # engine runs natively, and a count of each rewrite ({} when none applied). The rewritten graph is
     # the one profiled, measured and written.
+    # Optional: `checks_lowest_level = True`: after profiling, a uniform file at the lowest sparse level is
+    # measured with `compare`, and that level's savings are cut when it gave less (api._check_lowest_level).
     # Optional: `dense_check_ms(model_path, *, batch_size, feeds) -> float | None`, the dense model's
     # total as `measure` reports it (LatencyTable.dense_total_ms), from one quick run. A runtime that
     # has it gets its cached tables checked against the machine as it is now.

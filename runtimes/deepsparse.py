@@ -135,6 +135,7 @@ def merge_groups(groups: list[list[str]], known: set[str]) -> list[list[str]]:
 class DeepSparseRuntime:
     name = "deepsparse"
     pattern = "unstructured"
+    checks_lowest_level = True    # profiling times a uniform file at the lowest sparse level (api.py)
 
     def __init__(self, cores: int | None = None, repeats: int | None = None, iterations: int = 20,
                  rounds: int = 15, progress: bool = True, compile_threads: int | None = None, **_ignored):

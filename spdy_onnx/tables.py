@@ -102,6 +102,14 @@ class LatencyTable:
         fastest = self.fixed_ms(sites) + float(self.matrix(sites)[np.arange(len(sites)), picks].sum())
         return self.dense_total_ms / fastest if fastest > 0 else math.inf
 
+    def scale_savings(self, j: int, share: float) -> None:
+        """Keep only `share` (0..1) of what each site saves at level j against dense: what an end-to-end
+        measurement of that level found the per-layer times to promise too much."""
+        share = min(max(float(share), 0.0), 1.0)
+        for name, row in self.times.items():
+            if row[j] < row[0]:
+                row[j] = row[0] - share * (row[0] - row[j])
+
     def predicted_ms(self, profile: dict[str, int]) -> float:
         return self.fixed_ms(list(profile)) + sum(self.site_ms(s, j) for s, j in profile.items())
 

@@ -305,6 +305,49 @@ def test_fused_groups_are_split_without_double_counting():
     assert sum(times.values()) == pytest.approx(4.5)
 
 
+@pytest.mark.parametrize("measured_share,applied", [(0.0, True), (1.0, False)])
+def test_the_lowest_level_is_cut_to_what_a_uniform_file_measured(mlp_path, tmp_path, monkeypatch,
+                                                                 measured_share, applied):
+    """After profiling, a uniform file at the lowest sparse level is measured end to end; a level that
+    gave none of its predicted saving is counted as dense, one that gave it all is kept."""
+    from spdy_onnx.runtimes import Comparison
+    from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime
+    seen = []
+
+    def scripted(self, baseline, candidate, *, batch_size, feeds):
+        seen.append(candidate)
+        table = seen_table[0]
+        predicted = table.predicted_speedup({n: 1 for n in table.times})
+        saving = measured_share * (1 - 1 / predicted)
+        return Comparison(baseline_ms=10.0, candidate_ms=10.0 * (1 - saving), rounds=3, iterations_per_round=1)
+
+    seen_table = []
+    real_measure = DeepSparseRuntime.measure
+
+    def measure(self, *a, **k):
+        seen_table.append(real_measure(self, *a, **k))
+        seen_table.append(LatencyTable.from_json(seen_table[0].to_json()))   # the raw table, kept
+        return seen_table[0]
+    monkeypatch.setattr(DeepSparseRuntime, "compare", scripted)
+    monkeypatch.setattr(DeepSparseRuntime, "measure", measure)
+    prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
+                        include=None, min_weights=0, progress=False, runtime_options={"repeats": 1})
+    try:
+        table = api.latency_table(prep, levels="0.5,0.7,0.9", cache_dir=tmp_path / "c")
+    finally:
+        prep.close()
+    raw = seen_table[1]
+    assert len(seen) == 1 and "lowest-level" in seen[0]
+    check = table.meta["lowest_level_check"]
+    assert check["applied"] == applied and check["level"] == 0.5
+    for name, row in table.times.items():
+        assert row[2:] == raw.times[name][2:] and row[0] == raw.times[name][0]   # other levels untouched
+        if applied:
+            assert row[1] == pytest.approx(max(raw.times[name][1], raw.times[name][0]))   # counted as dense
+        else:
+            assert row[1] == raw.times[name][1]
+
+
 def test_infeasible_target_says_largest_speedup(mlp_path, tmp_path, cache_dir):
     with pytest.raises(InfeasibleTarget) as info:
         api.optimize(mlp_path, target=50, output=tmp_path / "o.onnx", cache_dir=cache_dir, **FAST)

@@ -123,3 +123,14 @@ def test_table_fastest_profile_respects_fused_groups():
     # a member left out of the choice (excluded) leaves a group of one: no tie
     assert tied.tied_groups(["a", "c"]) == []
     assert LatencyTable.from_json(tied.to_json()).fused_groups == [["a", "b"]]
+
+
+def test_a_level_s_savings_are_cut_to_a_share():
+    from spdy_onnx.tables import LatencyTable
+    t = LatencyTable(levels=[0.0, 0.4, 0.8], times={"a": [10.0, 8.0, 4.0], "b": [5.0, 6.0, 2.0]},
+                     dense_total_ms=20.0, runtime="x")
+    t.scale_savings(1, 0.25)
+    assert t.times["a"] == [10.0, 9.5, 4.0]          # a quarter of the 2 ms saving kept
+    assert t.times["b"] == [5.0, 6.0, 2.0]           # slower than dense there: nothing to cut
+    t.scale_savings(2, -1.0)                          # clipped: no saving at all
+    assert t.times["a"][2] == 10.0 and t.times["b"][2] == 5.0
