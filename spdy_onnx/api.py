@@ -677,6 +677,7 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
         # sites the engine fuses: the solver keeps each group at one level (strategies on the DP)
         "fused_groups": [[sites[i].name for i in g] for g in table.tied_groups([s.name for s in sites])],
         "level_factors": {str(v): float(f) for v, f in zip(table.levels, table.factors()) if f != 1.0},
+        "lowest_level_check": table.meta.get("lowest_level_check"),
         "left_dense": dict(sorted(prep.excluded.items())),
         # ops written another way so the engine runs them natively; dense_ms is the rewritten graph's
         "graph_rewrites": dict(prep.rewrites),

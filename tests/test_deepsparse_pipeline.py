@@ -46,6 +46,7 @@ def test_optimize_writes_valid_model_with_measured_speedup(mlp_path, tmp_path, c
                 "batch_size", "cores"):
         assert key in rep
     assert rep["level_factors"] == {}     # level factors are opt-in (--level-context)
+    assert rep["lowest_level_check"]["level"] == 0.5 and rep["lowest_level_check"]["measured"] > 0
     on_disk = json.loads((tmp_path / "out.report.json").read_text())
     assert on_disk["measured_speedup"] == rep["measured_speedup"]
     model = onnx.load(out)
