@@ -220,7 +220,9 @@ def _check_lowest_level(prep: Prepared, table: LatencyTable, feeds) -> None:
     profile = {s.name: 1 for s in sites}
     predicted = table.predicted_speedup(profile)
     saving_predicted = 1.0 - 1.0 / predicted
-    if not sites or saving_predicted <= 0.0:
+    if not sites or saving_predicted <= 0.0:   # the table promises nothing there: nothing to cut
+        table.meta["lowest_level_check"] = {"level": table.levels[1], "predicted": predicted, "measured": None,
+                                            "applied": False}
         return
     database = magnitude_database(sites, graph.read_weights(prep.model, sites), list(table.levels[:2]), table.pattern)
     weights = {s.weight: database.weight(s.name, 1) for s in sites}
