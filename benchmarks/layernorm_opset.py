@@ -15,29 +15,20 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 import numpy as np  # noqa: E402
-import onnx  # noqa: E402
 
-from spdy_onnx import graph, modelio  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from uniform_sweep import pruned as magnitude  # noqa: E402
+
+from spdy_onnx import modelio  # noqa: E402
 from spdy_onnx.passes.decompose import decompose_layernorm  # noqa: E402
-from spdy_onnx.passes.prune import write_weights  # noqa: E402
 from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime  # noqa: E402
-
-
-def magnitude(model: onnx.ModelProto, sparsity: float) -> onnx.ModelProto:
-    sites, _ = graph.find_sites(model)
-    chosen, _ = graph.select_sites(sites)
-    w = graph.read_weights(model, chosen)
-    out = {}
-    for s in chosen:
-        a = w[s.name]
-        out[s.weight] = np.where(np.abs(a) > np.quantile(np.abs(a), sparsity), a, 0).astype(a.dtype)
-    return write_weights(model, out)
 
 
 def main() -> int:
