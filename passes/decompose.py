@@ -14,12 +14,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from spdy_onnx.modelio import default_opset
+
 _DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
            onnx.TensorProto.DOUBLE: np.float64}
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
 def _types_and_ranks(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
@@ -46,7 +44,7 @@ def decompose_layernorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     lns = [n for n in model.graph.node if n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx")]
     if not lns:
         return model, 0
-    opset = _opset(model)
+    opset = default_opset(model)
     types, ranks = _types_and_ranks(model)
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     out = onnx.ModelProto()

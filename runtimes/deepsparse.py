@@ -103,8 +103,8 @@ def slowness_factors(run_levels, totals, site_sums, *, fused: bool = False) -> l
     profiles measured 0.82-0.91 of their prediction, 0.96-1.06 raw); with the threshold MiniLM-L6's
     profiles measured 0.81-1.01 and 0.92-1.11 of the prediction in the two hours (within-pass sd of the
     log 0.032 and 0.033, against 0.040 and 0.020 dividing by every factor and 0.110 and 0.036 raw;
-    benchmarks/results/table_noise_*_threshold.txt). All ones when that time is too small a share of the dense time to gauge, with fewer than
-    three levels, or when the engine fused sites together (`fused`): then the layers outside the sites
+    benchmarks/results/table_noise_*_threshold.txt). All ones when that time is too small a share of the
+    dense time to gauge, with fewer than three levels, or when the engine fused sites together (`fused`): then the layers outside the sites
     share kernels with them and their time changes with the level for real (MobileNetV2 at batch 16:
     the same levels 20-50% above their neighbours in both of two passes; divided, the DP's profiles
     measured 0.78-0.91 of their prediction against 0.83-1.01 raw)."""

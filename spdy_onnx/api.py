@@ -37,13 +37,13 @@ AIM_RESOLUTION = 0.03
 # (benchmarks/results/architectures.md: a grouped ResNet-18, 2.50x predicted, 1.14x measured), and a target the engine cannot reach should fail
 # in a minute, not after the database and the search. The result is cached with the table.
 FASTEST_CHECK_RATIO = 2.0
+FASTEST_SLACK = 0.03          # refuse only when even a run this much luckier would miss the requirement
 # After profiling, the lowest sparse level is timed end to end as a uniform file (magnitude weights, every
 # site at it). Per-layer times promise more there than the engine gives: a uniform 40% file of MiniLM-L6 ran
 # 0.99x against 1.035x predicted, BERT-base size's 1.08x against 1.16x and 1.30x on two tables
 # (benchmarks/results/uniform_levels_*.txt; higher levels within 0-8%). When the measured saving is under
 # this share of the predicted one, every site's saving at that level is cut to the measured share.
 LOWEST_LEVEL_SHARE = 0.8
-FASTEST_SLACK = 0.03          # refuse only when even a run this much luckier would miss the requirement
 # A draft that misses the requirement by less than this is measured once more and the two pooled before
 # the aim goes up: a miss this small is within compile-to-compile noise, and on MobileNetV2 raising the
 # aim by one such miss (1.10x measured for 1.12x) nearly doubled the calibration loss of the kept profile
@@ -209,10 +209,19 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     return table
 
 
+def _magnitude_file(prep: Prepared, table: LatencyTable, sites, picks, tag: str) -> Path:
+    """A static file with each site magnitude-pruned to its picked level: the zeros, not their values, set
+    the engine's kernels, so this times a profile before any calibration."""
+    from spdy_onnx.database import magnitude_database
+    levels = list(table.levels[:int(max(picks)) + 1])
+    database = magnitude_database(sites, graph.read_weights(prep.model, sites), levels, table.pattern)
+    weights = {s.weight: database.weight(s.name, int(j)) for s, j in zip(sites, picks)}
+    return prep.static_copy(write_weights(prep.model, weights), tag)
+
+
 def _check_lowest_level(prep: Prepared, table: LatencyTable, feeds) -> None:
     """Time a uniform file at the lowest sparse level end to end and cut that level's savings to what it
-    measured, when it measured under LOWEST_LEVEL_SHARE of the prediction (LOWEST_LEVEL_SHARE above)."""
-    from spdy_onnx.database import magnitude_database
+    measured, when it measured under LOWEST_LEVEL_SHARE of the prediction."""
     if not getattr(prep.runtime, "checks_lowest_level", False) or len(table.levels) < 3 \
             or table.pattern != "unstructured":
         return
@@ -224,9 +233,7 @@ def _check_lowest_level(prep: Prepared, table: LatencyTable, feeds) -> None:
         table.meta["lowest_level_check"] = {"level": table.levels[1], "predicted": predicted, "measured": None,
                                             "applied": False}
         return
-    database = magnitude_database(sites, graph.read_weights(prep.model, sites), list(table.levels[:2]), table.pattern)
-    weights = {s.weight: database.weight(s.name, 1) for s in sites}
-    candidate = prep.static_copy(write_weights(prep.model, weights), "lowest-level")
+    candidate = _magnitude_file(prep, table, sites, [1] * len(sites), "lowest-level")
     comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
                                       feeds=feeds)
     if comparison is None:
@@ -248,8 +255,6 @@ def fastest_profile_speedup(prep: Prepared, table: LatencyTable, sites, *, cache
     magnitude weights: the zeros, not their values, set the kernels), or None where the engine cannot
     run here. A first measurement under `required` is repeated on a fresh compile and the better of the
     two kept: a refusal must not rest on one unlucky compile. Cached per table, model, batch and engine."""
-    from spdy_onnx.database import magnitude_database
-
     names = [s.name for s in sites]
     picks = table.fastest_picks(names)
     key = cache.cache_key(model=prep.digest, engine=prep.runtime.fingerprint(), batch=prep.batch_size,
@@ -261,9 +266,7 @@ def fastest_profile_speedup(prep: Prepared, table: LatencyTable, sites, *, cache
         if hit is not None:
             log.info("fastest profile: %.3fx end to end (cached)", hit)
             return hit
-    database = magnitude_database(sites, graph.read_weights(prep.model, sites), list(table.levels), table.pattern)
-    weights = {s.weight: database.weight(s.name, int(j)) for s, j in zip(sites, picks)}
-    candidate = prep.static_copy(write_weights(prep.model, weights), "fastest")
+    candidate = _magnitude_file(prep, table, sites, picks, "fastest")
     speedups = []
     for _ in range(2):
         comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
