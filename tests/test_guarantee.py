@@ -168,6 +168,18 @@ def test_margin_is_honoured(scripted, model_path, tmp_path):
     assert "fastest profile" not in str(missed.value)
 
 
+@pytest.mark.parametrize("margin", [0.02, 0.05])
+def test_a_measurement_pooled_over_more_compiles_needs_less_of_the_margin(margin):
+    """One compile needs the whole margin; k compiles margin x sqrt((1 + 1/k) / 2), never under half of it."""
+    need = [api.required_speedup(2.0, margin, k) for k in (1, 2, 3, 4, 100)]
+    assert need[0] == pytest.approx(2.0 * (1 + margin))
+    assert all(a > b for a, b in zip(need, need[1:]))
+    assert need[3] == pytest.approx(2.0 * (1 + margin * (5 / 8) ** 0.5))
+    assert need[-1] > 2.0 * (1 + margin / 2 ** 0.5)
+    # a shortfall asked for is not scaled: no pooling makes it stricter or looser
+    assert api.required_speedup(2.0, -0.05, 4) == pytest.approx(1.9)
+
+
 def test_noisy_measurements_are_flagged_in_the_report(scripted, model_path, tmp_path, monkeypatch):
     scripted.efficiency = 1.0
     real = ScriptedRuntime.compare
