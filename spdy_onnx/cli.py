@@ -159,7 +159,7 @@ def _print_optimize(rep: dict):
               f"{_fmt(s['ms_at_chosen'], '9.3f'):>9s}{note[:80]}")
     print()
     print(f"target {rep['target']:g}x | predicted {rep['predicted_speedup']:.3f}x | "
-          f"measured {_fmt(rep['measured_speedup'])}x | dense {rep['dense_ms']:.3f} ms -> "
+          f"measured {_fmt(rep['measured_speedup'])}x{_pooled(rep)} | dense {rep['dense_ms']:.3f} ms -> "
           f"pruned {rep['pruned_ms']:.3f} ms | {rep['runtime']} batch {rep['batch_size']} {_where(rep)}")
     q = rep.get("quality") or {}
     if "calibration_loss" in q:
@@ -173,6 +173,11 @@ def _print_optimize(rep: dict):
     elif rep["status"] == "not_measured":
         print(f"wrote {rep['output']}, but the speedup was NOT measured on this machine ({rep['runtime']} "
               f"cannot run here): predicted only, not guaranteed (report {rep['report_path']})")
+
+
+def _pooled(rep) -> str:
+    k = rep.get("compiles_pooled") or 1
+    return f" (pooled over {k} compiles, needs {rep['required_speedup_applied']:.3f}x)" if k > 1 else ""
 
 
 def main(argv=None) -> int:

@@ -247,6 +247,12 @@ def test_a_corrected_file_is_pooled_with_its_draft(monkeypatch, mlp_setup, tmp_p
     assert NoisyClock.speedups == []
     assert rep["measured_speedup"] == pytest.approx(measured, rel=1e-6)
     assert ("pooled_speedup" in rep["attempts"][-1]) == (corrections == 1)
+    # the kept measurement says how many compiles it stands on, and met what that many need
+    assert (rep["compiles_pooled"] > 1) == ("pooled_speedup" in rep["attempts"][-1])
+    assert rep["measured_speedup"] >= rep["required_speedup_applied"] >= 1.7
+    if rep["compiles_pooled"] > 1:
+        from spdy_onnx.cli import _pooled
+        assert f"pooled over {rep['compiles_pooled']} compiles" in _pooled(rep)
     rows = rep["attempts"]
     for i, a in enumerate(rows):   # every thin draft was measured again, and the two pooled
         if a["weights"] == "draft" and "pooled_speedup" not in a and \
