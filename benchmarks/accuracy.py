@@ -619,11 +619,21 @@ def render_table(name, info, task, rows, args) -> str:
     return "\n".join(lines)
 
 
+def mcnemar(a: str, b: str) -> tuple[int, int, float, float]:
+    """Sentences right only with a, right only with b, McNemar's z (normal approximation), two-sided p;
+    a and b are strings of "1" (right) and "0" (wrong) over the same sentences."""
+    import math
+    only_a = sum(1 for x, y in zip(a, b) if x == "1" and y == "0")
+    only_b = sum(1 for x, y in zip(a, b) if x == "0" and y == "1")
+    n = only_a + only_b
+    z = (only_a - only_b) / math.sqrt(n) if n else 0.0
+    return only_a, only_b, z, math.erfc(abs(z) / math.sqrt(2))
+
+
 def paired_notes(rows) -> list[str]:
     """SPDY against each baseline on the same held-out sentences (McNemar's test, normal approximation):
     a probe-accuracy gap means something only when the sentences one gets right and the other wrong are
     lopsided enough."""
-    import math
     out = []
     by = {(r["strategy"], r["target"]): r for r in rows if r.get("probe_right")}
     for (strategy, target), r in sorted(by.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
@@ -633,11 +643,7 @@ def paired_notes(rows) -> list[str]:
             a, b = by[("spdy", target)].get(key), r.get(key)
             if not a or not b or len(a) != len(b):
                 continue
-            only_spdy = sum(1 for x, y in zip(a, b) if x == "1" and y == "0")
-            only_other = sum(1 for x, y in zip(a, b) if x == "0" and y == "1")
-            n = only_spdy + only_other
-            z = (only_spdy - only_other) / math.sqrt(n) if n else 0.0
-            p = math.erfc(abs(z) / math.sqrt(2))
+            only_spdy, only_other, z, p = mcnemar(a, b)
             out.append(f"paired, {target:g}x, spdy vs {strategy}, {len(a)} {where} sentences: {only_spdy} right "
                        f"only with spdy, {only_other} only with {strategy} (McNemar z = {z:+.2f}, two-sided p = {p:.2g})")
         ca, cb = by[("spdy", target)].get("cos_each"), r.get("cos_each")
