@@ -417,17 +417,18 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     names = [s.name for s in sites]
     times = table.matrix(names)
     max_speedup = table.max_speedup(names)
-    if max_speedup < target * (1 + margin):
+    required = required_speedup(target, margin)   # what one measurement's median must reach
+    if max_speedup < required:
         raise InfeasibleTarget(target, max_speedup, margin=margin)
     log.info("%d sites to choose for, %d left dense; largest achievable speedup %.3fx",
              len(sites), len(prep.excluded), max_speedup)
     fastest = None
-    if max_speedup < FASTEST_CHECK_RATIO * target * (1 + margin):
+    if max_speedup < FASTEST_CHECK_RATIO * required:
         t0 = time.perf_counter()
         fastest = fastest_profile_speedup(prep, table, sites, cache_dir=cache_dir, use_cache=use_cache,
-                                          required=target * (1 + margin) / (1 + FASTEST_SLACK))
+                                          required=required / (1 + FASTEST_SLACK))
         phases["fastest_check_s"] = time.perf_counter() - t0
-        if fastest is not None and fastest * (1 + FASTEST_SLACK) < target * (1 + margin):
+        if fastest is not None and fastest * (1 + FASTEST_SLACK) < required:
             raise InfeasibleTarget(target, max_speedup, margin=margin, measured=fastest)
 
     t0 = time.perf_counter()
@@ -439,7 +440,6 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     phases["calibration_s"] = time.perf_counter() - t0
 
     attempts = []
-    required = target * (1 + margin)   # what one measurement's median must reach
 
     def meets(comparison) -> bool:
         """A pooled measurement stands on several compiles and needs less of the margin."""
@@ -687,11 +687,10 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
     total_w = sum(s.n_weights for s in sites)
     mean_sparsity = sum(levels[profile[s.name]] * s.n_weights for s in sites) / total_w if total_w else 0.0
     return {
-        "status": status, "target": target, "margin": margin, "required_speedup": target * (1 + margin),
+        "status": status, "target": target, "margin": margin, "required_speedup": required_speedup(target, margin),
         # the measurement kept may pool several compiles, which need less of the margin (required_speedup())
         "compiles_pooled": compiles_in(comparison) if comparison else None,
-        "required_speedup_applied": (required_speedup(target, margin, compiles_in(comparison))
-                                     if comparison else target * (1 + margin)),
+        "required_speedup_applied": required_speedup(target, margin, compiles_in(comparison) if comparison else 1),
         "predicted_speedup": predicted,
         "measured_speedup": comparison.speedup if comparison else None,
         "dense_ms": comparison.baseline_ms if comparison else table.dense_total_ms,
