@@ -544,6 +544,7 @@ def run_one(name, onnx_path, calib, table_path, task, *, strategy, target, args,
                    search=quality.get("search"), search_prior=quality.get("search_prior"),
                    attempt_speedups=[(a.get("predicted_speedup"), a.get("measured_speedup"))
                                      for a in rep.get("attempts", [])],
+                   fused_groups_from_drafts=rep.get("fused_groups_from_drafts", []),
                    profile={s["name"]: s["sparsity"] for s in rep.get("sites", [])})
     if row["status"] in ("met", "not_measured") and out.exists():
         t0 = time.perf_counter()

@@ -25,6 +25,7 @@ def main(argv=None):
     p = pruned_file.parser(__doc__)
     p.add_argument("--levels", default=None, help="sparsity grid (default: the engine's)")
     p.add_argument("--runs", type=int, default=2, help="analyses of the pruned and dense files, alternated")
+    p.add_argument("--per-site", action="store_true", help="also print every site's predicted and measured time")
     args = p.parse_args(argv)
 
     f = pruned_file.load(args.model, args.pruned, cores=args.cores, batch_size=args.batch_size, levels=args.levels)
@@ -57,6 +58,13 @@ def main(argv=None):
             pr = sum(table.times[n][j] for n in names)
             me = sum(measured[n] for n in names)
             print(f"| {lv:g} | {len(names)} | {pr:.3f} | {me:.3f} | {me / pr:.3f} |")
+    if args.per_site:
+        print("\n| site | level | table dense ms | predicted ms | measured ms | measured / predicted |\n"
+              "|---|---|---|---|---|---|")
+        for n, j in chosen.items():
+            print(f"| {n} | {levels[j]:g} | {table.times[n][0]:.3f} | {table.times[n][j]:.3f} | {measured[n]:.3f} | "
+                  f"{measured[n] / table.times[n][j]:.3f} |")
+        print()
     m_total = float(np.median(totals))
     m_dense = float(np.median(dense_totals))
     print(f"| **all sites** | {len(chosen)} | {predicted_sites:.3f} | {sum(measured.values()):.3f} | "

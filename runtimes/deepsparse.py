@@ -27,8 +27,7 @@ from spdy_onnx.journal import Journal  # noqa: E402
 from spdy_onnx.levels import log_density_grid  # noqa: E402
 from spdy_onnx.runtimes import Comparison  # noqa: E402
 from spdy_onnx.runtimes.cpu_load import ForeignLoad  # noqa: E402
-from spdy_onnx.solver import tied_units  # noqa: E402
-from spdy_onnx.tables import LatencyTable  # noqa: E402
+from spdy_onnx.tables import LatencyTable, merge_groups  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +120,6 @@ def slowness_factors(run_levels, totals, site_sums, *, fused: bool = False) -> l
     expected = quickest[np.searchsorted(grid, run_levels)]
     factors = np.clip(other / expected, *SLOWNESS_LIMITS)
     return [float(f) if f >= SLOWNESS_THRESHOLD else 1.0 for f in factors]
-
-
-def merge_groups(groups: list[list[str]], known: set[str]) -> list[list[str]]:
-    """Overlapping groups merged (the solver's tied units), sites without times dropped, groups of one
-    left out; sorted."""
-    names = sorted({n for g in groups for n in g if n in known})
-    index = {n: i for i, n in enumerate(names)}
-    units = tied_units(len(names), [[index[n] for n in g if n in index] for g in groups])
-    return sorted(sorted(names[i] for i in u) for u in units if len(u) > 1)
 
 
 class DeepSparseRuntime:
@@ -338,6 +328,15 @@ class DeepSparseRuntime:
         """The dense total of one profiling run, to check a cached table against the machine now."""
         inputs = [np.ascontiguousarray(a) for a in feeds.values()]
         return float(self._analyse(model_path, inputs, batch_size, 0.0)["average_total_time"])
+
+    def fused_sites(self, model_path, *, batch_size, feeds, aliases) -> list[list[str]]:
+        """Sites the engine runs as one kernel in this file, as it is (its own zeros, nothing imposed).
+
+        A mixed file can fuse sites that no profiling run (every site at one level) fused: on MobileNetV2
+        a draft with blocks 4-5 sparse and blocks 6-7 dense ran block 5's project and block 6's expand as
+        one kernel, and those blocks ran slower than dense (benchmarks/draft_fusion.py)."""
+        inputs = [np.ascontiguousarray(a) for a in feeds.values()]
+        return self.fused(self._analyse(model_path, inputs, batch_size, 0.0)["layer_info"], aliases)
 
     # --- end-to-end, interleaved ---------------------------------------------------------------
 

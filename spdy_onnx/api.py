@@ -200,6 +200,7 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
         table = cache.load_cached(path, LatencyTable.load)
         if table is not None and _still_current(prep, table, feeds):
             log.info("latency table from cache %s", path)
+            table.cache_path = path
             return table
     aliases = graph.output_aliases(prep.model, prep.all_sites)
     log.info("profiling %d sites at %d levels on %s", len(prep.all_sites), len(level_list), prep.runtime.name)
@@ -224,6 +225,7 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     table.validate()
     table.save(path)
     Journal(partial).remove()
+    table.cache_path = path
     return table
 
 
@@ -447,6 +449,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
 
     def measure(attempt, aim, predicted, pruned, weights_kind):
         candidate = prep.static_copy(pruned, f"candidate{attempt}{weights_kind[0]}")
+        candidates[attempt] = candidate
         t0 = time.perf_counter()
         comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
                                           feeds=chooser.timing_feeds())
@@ -465,6 +468,33 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             log.info("attempt %d (%s weights): aimed %.3fx, predicted %.3fx, measured %.3fx (target %gx)",
                      attempt, weights_kind, aim, predicted, comparison.speedup, target)
         return comparison
+
+    candidates: dict[int, Path] = {}   # attempt -> the static file measured last for it
+    tied_in_run: list[list[str]] = []
+
+    def tie_fused(attempt) -> bool:
+        """After a missed draft, on an engine that fuses sites: kernels it formed in this file across sites
+        the table keeps apart are tied, so the same aim is solved again with them at one level. A
+        profiling run has every site at one level and never sees the kernels of a mixed file."""
+        find = getattr(prep.runtime, "fused_sites", None)
+        if find is None or not table.fused_groups or not chooser.ties_groups or attempt not in candidates:
+            return False
+        t0 = time.perf_counter()
+        found = find(str(candidates[attempt]), batch_size=prep.batch_size, feeds=chooser.timing_feeds(),
+                     aliases=graph.output_aliases(prep.model, prep.all_sites))
+        phases[f"fusion_check_s_{attempt}"] = time.perf_counter() - t0
+        before = table.tied_groups(names)
+        if not table.tie(found) or table.tied_groups(names) == before:
+            return False
+        chooser.groups = table.tied_groups(names)
+        new = [[names[i] for i in g] for g in chooser.groups if g not in before]
+        attempts[-1]["tied_after"] = new
+        tied_in_run.extend(new)
+        log.info("attempt %d: the engine fused %s in this file, across sites the table kept apart: tied, "
+                 "and the same aim solved again", attempt, "; ".join(f"{len(g)} sites from {g[0]}" for g in new))
+        if getattr(table, "cache_path", None) is not None:
+            table.save(table.cache_path)   # later runs on this table start with the tie
+        return True
 
     # The additive table is off by a profile-dependent amount, so the aim (the speedup the solver is
     # asked for) is searched on measurements: raised by the shortfall after a miss, lowered after a
@@ -535,6 +565,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                 aim = lower
             else:
                 last_miss = (profile, predicted, pruned, comparison)
+                if pruned is not None and tie_fused(attempt):
+                    continue
                 missed_aim = max(missed_aim, aim)
                 # by the shortfall, and by at least the aims' resolution: a smaller step after a near
                 # miss lands on a profile that measures the same, within the noise, and misses again
@@ -628,6 +660,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         if prep.rewrites:
             meta["graph_rewrites"] = dict(prep.rewrites)
         modelio.save_model_atomic(set_metadata(pruned, meta), output)
+    if tied_in_run:
+        rep["fused_groups_from_drafts"] = tied_in_run
     if fastest is not None:
         rep["fastest_profile_measured_speedup"] = fastest
     rep["warnings"] = _noise_warnings(table, comparison)

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 class Chooser:
     """Maps (times, budget) to level picks, and a profile to the weights to write."""
 
+    ties_groups = True   # whether `groups` constrain its picks (the DP strategies)
+
     def __init__(self, *, sites, levels, database, evaluator=None, feeds=None, groups=None):
         self.sites = sites
         self.names = [s.name for s in sites]
@@ -111,6 +113,8 @@ class ErrorDP(Chooser):
 class Uniform(Chooser):
     """One level for every site: the least sparse level whose total time fits the budget."""
 
+    ties_groups = False
+
     def choose(self, times, budget):
         totals = times.sum(axis=0)
         order = np.argsort(self.levels, kind="stable")
@@ -126,6 +130,8 @@ class GlobalMagnitude(Chooser):
     A site's level is the least sparse grid level removing at least the share of its weights below
     the threshold.
     """
+
+    ties_groups = False
 
     def __init__(self, sources: dict, **kw):
         super().__init__(**kw)

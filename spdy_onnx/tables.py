@@ -7,6 +7,8 @@ minus the dense time of the sites being chosen for. Sites left dense (excluded) 
 while such sites share one level: DeepSparse runs MobileNetV2's dense expand-depthwise-project blocks
 as one kernel, and a profile predicted at 1.30x with some of them sparse and others dense measured
 1.17x; tied, a profile with the same prediction measured 1.32x (benchmarks/results/fused_groups_mobilenetv2.txt).
+A profiling run has every site at one level, so it cannot see kernels the engine forms only in a mixed
+file: `tie` adds groups found fused in a pruned file written during a run (api.py, after a missed draft).
 
 `level_factors` (one per level, empty meaning all 1) scale the sites' times at a level in the solver and
 the prediction, never the dense total or the fixed time: a dense or lightly pruned site among pruned
@@ -26,6 +28,16 @@ import numpy as np
 from spdy_onnx.errors import SpdyError
 
 SCHEMA = "spdy-onnx/latency-table/1"
+
+
+def merge_groups(groups: list[list[str]], known: set[str]) -> list[list[str]]:
+    """Overlapping groups merged (the solver's tied units), sites without times dropped, groups of one
+    left out; sorted."""
+    from spdy_onnx.solver import tied_units
+    names = sorted({n for g in groups for n in g if n in known})
+    index = {n: i for i, n in enumerate(names)}
+    units = tied_units(len(names), [[index[n] for n in g if n in index] for g in groups])
+    return sorted(sorted(names[i] for i in u) for u in units if len(u) > 1)
 
 
 @dataclass
@@ -80,6 +92,15 @@ class LatencyTable:
         index = {name: i for i, name in enumerate(sites)}
         groups = [[index[n] for n in group if n in index] for group in self.fused_groups]
         return [g for g in groups if len(g) > 1]
+
+    def tie(self, groups: list[list[str]]) -> bool:
+        """Merge groups of sites found fused elsewhere (a pruned file's own analysis) into fused_groups;
+        whether they changed."""
+        merged = merge_groups(list(self.fused_groups) + [list(g) for g in groups], set(self.times))
+        if merged == merge_groups(self.fused_groups, set(self.times)):
+            return False
+        self.fused_groups = merged
+        return True
 
     def fastest_picks(self, sites: list[str]) -> np.ndarray:
         """The fastest level of every site, tied sites at the fastest level of their group's summed time."""

@@ -456,6 +456,33 @@ def test_fused_layers_become_merged_groups_of_known_sites():
         table.validate()
 
 
+def test_groups_found_in_a_pruned_file_are_merged_into_the_table():
+    table = LatencyTable(levels=[0.0, 0.5], times={n: [1, 1] for n in "abcde"}, dense_total_ms=5, runtime="t",
+                         fused_groups=[["a", "b"], ["c", "d"]])
+    assert not table.tie([["b", "a"], ["zz", "c"]])            # nothing new: known pairs, unknown names
+    assert table.fused_groups == [["a", "b"], ["c", "d"]]
+    assert table.tie([["b", "c"]])                              # a kernel across the two groups
+    assert table.fused_groups == [["a", "b", "c", "d"]]
+    assert table.tie([["e", "a"]]) and table.fused_groups == [["a", "b", "c", "d", "e"]]
+    assert [sorted(g) for g in table.tied_groups(["e", "c", "x"])] == [[0, 1]]
+
+
+def test_the_engine_names_the_sites_it_fuses_in_a_file_as_it_is(tmp_path):
+    """DeepSparse's analysis of a file with its own zeros (nothing imposed) lists the fused kernels; the
+    dense inverted-residual block is one."""
+    from spdy_onnx import graph
+    from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime
+    model = tiny.inverted_residual()
+    path = tmp_path / "blocks.onnx"
+    onnx.save(model, path)
+    sites, _ = graph.find_sites(model)
+    rt = DeepSparseRuntime(cores=1, iterations=2)
+    found = rt.fused_sites(str(path), batch_size=1, feeds={"x": np.zeros((1, 16, 28, 28), np.float32)},
+                           aliases=graph.output_aliases(model, sites))
+    assert any({"expand0", "project0"} <= set(g) for g in found), found
+    assert all(set(g) <= {s.name for s in sites} for g in found)
+
+
 def test_slowness_factors_drop_a_spike_and_keep_a_drift():
     """A run slow in everything is found by its time outside the sites against the levels around it; the
     real drift of that time with the level is not mistaken for slowness."""

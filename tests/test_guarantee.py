@@ -328,3 +328,66 @@ def test_a_near_miss_is_measured_again_before_the_aim_goes_up(scripted, model_pa
     aims = [a["aimed_speedup"] for a in rep["attempts"]]
     assert rep["attempts"][1]["pooled_speedup"] < required and aims[0] == aims[1]
     assert aims[2] >= aims[0] * (1 + api.AIM_RESOLUTION) * (1 - 1e-9)
+
+
+class FusingRuntime(ScriptedRuntime):
+    """An engine that fuses every site into one kernel whenever their levels differ, and then runs 30%
+    slower than the table: a kernel no profiling run (every site at one level) can show. The table
+    knows one fused pair, so the engine counts as one that fuses."""
+    analysed: list = []
+
+    def measure(self, model_path, sites, **kw):
+        table = super().measure(model_path, sites, **kw)
+        table.fused_groups = [[sites[0].name, sites[1].name]]
+        return table
+
+    @staticmethod
+    def _levels(path):
+        from spdy_onnx import graph
+        from spdy_onnx.passes import sparsity_of
+        model = onnx.load(path)
+        sites, _ = graph.find_sites(model)
+        w = graph.read_weights(model, sites)
+        return {s.name: round(sparsity_of(w[s.name]), 2) for s in sites}
+
+    def compare(self, baseline_path, candidate_path, **kw):
+        c = super().compare(baseline_path, candidate_path, **kw)
+        if len(set(self._levels(candidate_path).values())) > 1:
+            c.candidate_ms *= 1.3
+        return c
+
+    def fused_sites(self, model_path, *, batch_size, feeds, aliases):
+        type(self).analysed.append(model_path)
+        levels = self._levels(model_path)
+        return [sorted(levels)] if len(set(levels.values())) > 1 else []
+
+
+def test_kernels_fused_only_in_a_mixed_draft_are_tied_and_the_aim_solved_again(monkeypatch, model_path, tmp_path):
+    """2x on this table needs mixed levels; the engine fuses the mixed draft into one slow kernel. The
+    draft's own analysis ties its sites, the same aim is solved again with them at one level, and the
+    tie is kept in the cached table for later runs."""
+    monkeypatch.setitem(REGISTRY, "fusing", (__name__, "FusingRuntime", None))
+    monkeypatch.setattr(ScriptedRuntime, "efficiency", 1.0)
+    FusingRuntime.analysed = []
+    rep = api.optimize(model_path, target=2.0, runtime="fusing", output=tmp_path / "o.onnx",
+                       cache_dir=tmp_path / "c", progress=False, max_attempts=3)
+    first, second = rep["attempts"][:2]
+    assert first["measured_speedup"] < 2.0 and first["tied_after"]          # a mixed draft, slow
+    assert second["aimed_speedup"] == first["aimed_speedup"]                # the same aim, not raised
+    assert rep["status"] == "met" and rep["measured_speedup"] >= 2.04
+    assert len({s["sparsity"] for s in rep["sites"]}) == 1                  # now at one level
+    names = sorted(s["name"] for s in rep["sites"])
+    assert rep["fused_groups_from_drafts"] == [names] and rep["fused_groups"] == [names]
+    assert len(FusingRuntime.analysed) == 1                                 # only the missed draft
+    (saved,) = (tmp_path / "c" / "tables").glob("*.json")
+    assert LatencyTable.load(saved).fused_groups == [names]
+
+
+def test_a_missed_draft_is_not_analysed_for_a_strategy_that_ignores_groups(monkeypatch, model_path, tmp_path):
+    monkeypatch.setitem(REGISTRY, "fusing", (__name__, "FusingRuntime", None))
+    monkeypatch.setattr(ScriptedRuntime, "efficiency", 0.9)
+    FusingRuntime.analysed = []
+    rep = api.optimize(model_path, target=1.75, runtime="fusing", output=tmp_path / "o.onnx",
+                       cache_dir=tmp_path / "c", progress=False, strategy="uniform", max_attempts=3)
+    assert rep["attempts"][0]["measured_speedup"] < 1.75 and FusingRuntime.analysed == []
+    assert "fused_groups_from_drafts" not in rep
