@@ -166,6 +166,8 @@ def _print_optimize(rep: dict):
         before = q.get("calibration_loss_before_correction")
         extra = f" (database weights {before:.5f}, before the correction)" if before is not None else ""
         print(f"calibration {q.get('loss')} vs dense: {q['calibration_loss']:.5f}{extra}")
+    for group in rep.get("fused_groups_from_drafts", []):
+        print(f"tied {len(group)} sites from {group[0]}: the engine ran them as one kernel in a draft")
     for warning in rep.get("warnings", []):
         print(f"warning: {warning}")
     if rep["status"] == "met":
