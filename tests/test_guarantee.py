@@ -391,3 +391,19 @@ def test_a_missed_draft_is_not_analysed_for_a_strategy_that_ignores_groups(monke
                        cache_dir=tmp_path / "c", progress=False, strategy="uniform", max_attempts=3)
     assert rep["attempts"][0]["measured_speedup"] < 1.75 and FusingRuntime.analysed == []
     assert "fused_groups_from_drafts" not in rep
+
+
+def test_a_failed_analysis_of_the_draft_leaves_the_aim_search_as_it_was(monkeypatch, model_path, tmp_path, caplog):
+    from spdy_onnx.errors import SpdyError
+
+    def broken(self, *a, **k):
+        raise SpdyError("DeepSparse could not run the model: boom")
+    monkeypatch.setitem(REGISTRY, "fusing", (__name__, "FusingRuntime", None))
+    monkeypatch.setattr(ScriptedRuntime, "efficiency", 1.0)
+    monkeypatch.setattr(FusingRuntime, "fused_sites", broken)
+    rep = api.optimize(model_path, target=2.0, runtime="fusing", output=tmp_path / "o.onnx",
+                       cache_dir=tmp_path / "c", progress=False, max_attempts=4)
+    first, second = rep["attempts"][:2]
+    assert first["measured_speedup"] < 2.0 and "tied_after" not in first
+    assert second["aimed_speedup"] > first["aimed_speedup"]      # raised, as without the check
+    assert "analysis of the draft failed" in caplog.text and "fused_groups_from_drafts" not in rep
