@@ -84,6 +84,9 @@ class Runtime(Protocol):
     # Optional: `dense_check_ms(model_path, *, batch_size, feeds) -> float | None`, the dense model's
     # total as `measure` reports it (LatencyTable.dense_total_ms), from one quick run. A runtime that
     # has it gets its cached tables checked against the machine as it is now.
+    # Optional: `fused_sites(model_path, *, batch_size, feeds, aliases) -> list[list[str]]`, the sites the
+    # engine runs as one kernel in this file as it is. On an engine whose table has fused groups, a missed
+    # draft is analysed with it and the groups its kernels join are tied (api._optimize, tie_fused).
 
 
 def available() -> list[str]:
