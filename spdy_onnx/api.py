@@ -190,7 +190,8 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     shapes = {k: list(v[0]) for k, v in prep.specs.items()}
     parts = dict(model=prep.digest, engine=prep.runtime.fingerprint(), batch=prep.batch_size, shapes=shapes,
                  levels=level_list, pattern=prep.runtime.pattern, sites=sorted(s.name for s in prep.all_sites),
-                 table_format=5)   # 2: fused groups; 3: slowness; 4: only from 1.3x; 5: lowest level checked
+                 table_format=6)   # 2: fused groups; 3: slowness; 4: only from 1.3x; 5: lowest level checked;
+                                 # 6: checked on the sites chosen for, a cut on two measurements
     if level_context:
         parts["level_context"] = 1
     key = cache.cache_key(**parts)
@@ -241,11 +242,17 @@ def _magnitude_file(prep: Prepared, table: LatencyTable, sites, picks, tag: str)
 
 def _check_lowest_level(prep: Prepared, table: LatencyTable, feeds) -> None:
     """Time a uniform file at the lowest sparse level end to end and cut that level's savings to what it
-    measured, when it measured under LOWEST_LEVEL_SHARE of the prediction."""
+    measured, when it measured under LOWEST_LEVEL_SHARE of the prediction, twice (pooled).
+
+    The file prunes the sites this run chooses for, as the files it writes do, and leaves the others
+    dense. A cut lasts as long as the cached table, and one compile's noise moves the share a lot where
+    the level saves little: on MobileNetV2 (batch 16) four measurements of one such file gave shares
+    of 0.74-0.84 against a threshold of 0.8 (benchmarks/lowest_level.py,
+    benchmarks/results/lowest_level_mobilenetv2.txt)."""
     if not getattr(prep.runtime, "checks_lowest_level", False) or len(table.levels) < 3 \
             or table.pattern != "unstructured":
         return
-    sites = [s for s in prep.all_sites if s.name in table.times]
+    sites = [s for s in prep.sites if s.name in table.times]
     profile = {s.name: 1 for s in sites}
     predicted = table.predicted_speedup(profile)
     saving_predicted = 1.0 - 1.0 / predicted
@@ -259,8 +266,14 @@ def _check_lowest_level(prep: Prepared, table: LatencyTable, feeds) -> None:
     if comparison is None:
         return
     share = (1.0 - 1.0 / comparison.speedup) / saving_predicted
+    if share < LOWEST_LEVEL_SHARE:   # a cut lasts as long as the cached table: not on one compile's noise
+        again = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
+                                     feeds=feeds)
+        if again is not None:
+            comparison = pooled(comparison, again)
+            share = (1.0 - 1.0 / comparison.speedup) / saving_predicted
     check = {"level": table.levels[1], "predicted": predicted, "measured": comparison.speedup,
-             "share": share, "applied": share < LOWEST_LEVEL_SHARE}
+             "compiles": compiles_in(comparison), "share": share, "applied": share < LOWEST_LEVEL_SHARE}
     table.meta["lowest_level_check"] = check
     if check["applied"]:
         table.scale_savings(1, share)

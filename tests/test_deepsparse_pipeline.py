@@ -338,15 +338,42 @@ def test_the_lowest_level_is_cut_to_what_a_uniform_file_measured(mlp_path, tmp_p
     finally:
         prep.close()
     raw = seen_table[1]
-    assert len(seen) == 1 and "lowest-level" in seen[0]
+    # a cut is made only on two measurements (pooled), a kept level on one
+    assert len(seen) == (2 if applied else 1) and all("lowest-level" in c for c in seen)
     check = table.meta["lowest_level_check"]
-    assert check["applied"] == applied and check["level"] == 0.5
+    assert check["applied"] == applied and check["level"] == 0.5 and check["compiles"] == len(seen)
     for name, row in table.times.items():
         assert row[2:] == raw.times[name][2:] and row[0] == raw.times[name][0]   # other levels untouched
         if applied:
             assert row[1] == pytest.approx(max(raw.times[name][1], raw.times[name][0]))   # counted as dense
         else:
             assert row[1] == raw.times[name][1]
+
+
+def test_the_lowest_level_check_prunes_only_the_sites_chosen_for(mlp_path, tmp_path, monkeypatch):
+    """The check times a file like those the tool writes: a site left dense stays dense in it."""
+    from spdy_onnx.runtimes import Comparison
+    from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime
+    files = []
+
+    def scripted(self, baseline, candidate, *, batch_size, feeds):
+        model = onnx.load(candidate)
+        sites, _ = graph.find_sites(model)
+        files.append({n: sparsity_of(w) for n, w in graph.read_weights(model, sites).items()})
+        return Comparison(baseline_ms=10.0, candidate_ms=9.0, rounds=3, iterations_per_round=1)
+    monkeypatch.setattr(DeepSparseRuntime, "compare", scripted)
+    prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None,
+                        exclude=["matmul_0"], include=None, min_weights=0, progress=False,
+                        runtime_options={"repeats": 1})
+    try:
+        table = api.latency_table(prep, levels="0.5,0.9", cache_dir=tmp_path / "c")
+    finally:
+        prep.close()
+    assert "matmul_0" in table.times                          # the table still times every site
+    assert files
+    for sparsity in files:
+        assert sparsity["matmul_0"] == 0.0
+        assert all(v == pytest.approx(0.5, abs=0.01) for n, v in sparsity.items() if n != "matmul_0")
 
 
 def test_infeasible_target_says_largest_speedup(mlp_path, tmp_path, cache_dir):
