@@ -8,6 +8,13 @@ same sentences, and the calibration loss of each, then counts, per target, the r
 significantly ahead (p < 0.05), level, or significantly behind.
 
     python benchmarks/accuracy_summary.py benchmarks/results/accuracy_minilm_xeon_crossfit_seed*.json
+
+Runs without probe columns (MobileNetV2: top-1 on 20 labelled images, too few for a test) are printed
+side by side instead: per strategy and target, each run's measured speedup, top-1, agreement with
+dense on the held-out photos, KL to dense on the labelled images and weighted sparsity, runs in the
+order given.
+
+    python benchmarks/accuracy_summary.py benchmarks/results/accuracy_mobilenetv2_xeon_seed{1,2,3}_run21.json
 """
 from __future__ import annotations
 
@@ -49,6 +56,29 @@ def compare(rows: list[dict]) -> list[dict]:
     return out
 
 
+def side_by_side(runs: list[list[dict]]) -> list[str]:
+    """Markdown rows: one per strategy and target, each cell the runs' values joined by ' / '."""
+    keyed = [{(r["strategy"], r["target"]): r for r in rows} for rows in runs]
+    order = []
+    for rows in runs:
+        for r in rows:
+            if r["strategy"] != "dense" and (r["strategy"], r["target"]) not in order:
+                order.append((r["strategy"], r["target"]))
+    order.sort(key=lambda k: float(k[1]))
+    columns = (("measured", lambda r: f"{r['measured']:.2f}x"),
+               ("top-1", lambda r: f"{r['top1']}/{r['n_labelled']}"),
+               ("agree w/ dense (photos)", lambda r: f"{round(r['agree'] * r['n_photos'])}/{r['n_photos']}"),
+               ("KL to dense (labelled)", lambda r: f"{r['kl_labelled']:.2f}"),
+               ("sparsity", lambda r: f"{100 * r['sparsity']:.0f}%"))
+    lines = ["| strategy | target | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for key in order:
+        cells = [" / ".join(fmt(k[key]) if key in k and k[key].get("top1") is not None else "-" for k in keyed)
+                 for _, fmt in columns]
+        lines.append(f"| {key[0]} | {float(key[1]):g}x | " + " | ".join(cells) + " |")
+    return lines
+
+
 def verdict(gap: float, p: float) -> str:
     if p >= SIGNIFICANT:
         return "level"
@@ -59,6 +89,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", type=Path, help="JSON files written by accuracy.py --out")
     args = ap.parse_args(argv)
+    runs = [json.loads(path.read_text())["rows"] for path in args.results]
+    if not any(r.get("probe_right") for rows in runs for r in rows):
+        print(f"runs, in order: {', '.join(path.stem for path in args.results)}\n")
+        print("\n".join(side_by_side(runs)))
+        return 0
     tally = defaultdict(lambda: defaultdict(int))
     print("| run | target | SPDY probe acc | vs uniform (p) | vs global magnitude (p) | calib loss SPDY / uniform / GM "
           "| measured SPDY / uniform / GM |")
