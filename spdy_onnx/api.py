@@ -455,6 +455,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     phases["calibration_s"] = time.perf_counter() - t0
 
     attempts = []
+    candidates: dict[int, Path] = {}   # attempt -> the static file measured last for it
+    tied_in_run: list[list[str]] = []  # groups tied from drafts' own kernels (tie_fused)
 
     def meets(comparison) -> bool:
         """A pooled measurement stands on several compiles and needs less of the margin."""
@@ -481,9 +483,6 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             log.info("attempt %d (%s weights): aimed %.3fx, predicted %.3fx, measured %.3fx (target %gx)",
                      attempt, weights_kind, aim, predicted, comparison.speedup, target)
         return comparison
-
-    candidates: dict[int, Path] = {}   # attempt -> the static file measured last for it
-    tied_in_run: list[list[str]] = []
 
     def tie_fused(attempt) -> bool:
         """After a missed draft, on an engine that fuses sites: kernels it formed in this file across sites
