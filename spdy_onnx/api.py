@@ -261,14 +261,16 @@ def _check_lowest_level(prep: Prepared, table: LatencyTable, feeds) -> None:
                                             "applied": False}
         return
     candidate = _magnitude_file(prep, table, sites, [1] * len(sites), "lowest-level")
-    comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
-                                      feeds=feeds)
+
+    def measure():
+        return prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
+                                    feeds=feeds)
+    comparison = measure()
     if comparison is None:
         return
     share = (1.0 - 1.0 / comparison.speedup) / saving_predicted
     if share < LOWEST_LEVEL_SHARE:   # a cut lasts as long as the cached table: not on one compile's noise
-        again = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
-                                     feeds=feeds)
+        again = measure()
         if again is not None:
             comparison = pooled(comparison, again)
             share = (1.0 - 1.0 / comparison.speedup) / saving_predicted
@@ -510,7 +512,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         tied_in_run.extend(new)
         log.info("attempt %d: the engine fused %s in this file, across sites the table kept apart: tied, "
                  "and the same aim solved again", attempt, "; ".join(f"{len(g)} sites from {g[0]}" for g in new))
-        if getattr(table, "cache_path", None) is not None:
+        if table.cache_path is not None:
             table.save(table.cache_path)   # later runs on this table start with the tie
         return True
 

@@ -50,6 +50,8 @@ class LatencyTable:
     meta: dict = field(default_factory=dict)  # engine version, cpu, cores, batch, shapes, model digest, spread
     fused_groups: list[list[str]] = field(default_factory=list)   # sites that must share one level
     level_factors: list[float] = field(default_factory=list)       # per level, empty: all 1 (see above)
+    # where the cache keeps this table (set by api.latency_table; never saved, None for a user's file)
+    cache_path: Path | None = field(default=None, repr=False, compare=False)
 
     def validate(self) -> "LatencyTable":
         if not self.levels or self.levels[0] != 0.0:
