@@ -231,6 +231,55 @@ def test_search_budget():
     assert len(calls) <= 37
 
 
+def _rugged_instance(seed=5, n_sites=8, n_levels=6):
+    """A non-separable loss with many local optima under a tight budget: where local search stalls."""
+    rng = np.random.default_rng(seed)
+    times = np.sort(rng.uniform(0.2, 1.0, (n_sites, n_levels)), axis=1)[:, ::-1]
+    budget = times[:, 0].sum() * 0.55
+    pair = rng.normal(0, 1, (n_sites, n_sites))
+    base = rng.uniform(0.1, 3.0, n_sites)
+
+    def loss(picks):
+        x = np.asarray(picks, dtype=np.float64) / (n_levels - 1)
+        return float(base @ x ** 2 + 0.8 * np.abs(np.sin(3 * x @ pair @ x)))
+
+    shape = error_shape(n_levels)
+
+    def profile_of(c):
+        return solve_dp(np.asarray(c)[:, None] * shape[None, :], times, budget)
+
+    return n_sites, n_levels, profile_of, loss
+
+
+def test_budget_left_after_the_local_search_goes_to_restarts_that_only_improve():
+    n_sites, n_levels, profile_of, loss = _rugged_instance()
+    common = dict(seed=1, n_init=20, patience=20, max_evals=400, progress=False)
+    _, _, stop_loss, stop = spdy_search(n_sites, n_levels, profile_of, loss, restarts=False, **common)
+    _, picks, more_loss, more = spdy_search(n_sites, n_levels, profile_of, loss, **common)
+    assert stop["restarts"] == 0 and stop["evaluations"] < 400      # converged early: budget left unused
+    assert more["restarts"] > 0 and more["evaluations"] == 400       # the rest of the budget was spent
+    assert more_loss < stop_loss and more_loss == pytest.approx(loss(picks))   # never worse; here better
+    # without any budget there is nothing to spend: the paper's schedule, run to its end
+    _, _, _, free = spdy_search(n_sites, n_levels, profile_of, loss, seed=1, n_init=20, patience=20, progress=False)
+    assert free["restarts"] == 0
+
+
+def test_a_re_solve_gets_a_share_of_the_first_search():
+    """After a draft moves the aim, the re-solve starts from the best c and gets resolve_evaluations(first)."""
+    from spdy_onnx import search as search_mod
+    curves = np.tile((np.arange(5) / 4.0) ** 2, (6, 1)) * np.linspace(0.5, 3, 6)[:, None]
+    times = np.tile(np.linspace(1.0, 0.3, 5), (6, 1))
+    s = SpdySearch(search_budget="400", progress=False, prior="shape", sites=[_Named(i) for i in range(6)],
+                   levels=list(np.linspace(0, 0.9, 5)), database=None, evaluator=_CurveEvaluator(curves))
+    first = s.choose(times, 4.5)
+    second = s.choose(times, 3.5)
+    assert times[np.arange(6), second].sum() <= 3.5 < times[np.arange(6), first].sum() + 1e-9
+    n_first = s.info["search"][0]["evaluations"]
+    assert s.info["search"][1]["evaluations"] == search_mod.resolve_evaluations(n_first)
+    assert search_mod.resolve_evaluations(10) == search_mod.RESOLVE_EVALS          # never fewer than this
+    assert search_mod.resolve_evaluations(4000) == round(search_mod.RESOLVE_SHARE * 4000)
+
+
 def _masked_model():
     """x (1,4,32) * mask -> MatMul: a stand-in for an encoder fed padded sentences."""
     from onnx import TensorProto, helper, numpy_helper
