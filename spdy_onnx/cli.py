@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "MSE otherwise (default: auto)")
     p.add_argument("--search-budget", default=None,
                    help="SPDY search budget: a number of evaluations (600) or a time (5m, 90s); "
-                        "default: 40 s (the paper's schedule, then restarts from the best until the time is "
-                        "spent); a re-solve after a measured draft gets a quarter of the first search's evaluations")
+                        "default: 40 s (the paper's schedule, then restarts from the best while they find new "
+                        "profiles); a re-solve after a measured draft gets a quarter of the first search's evaluations")
     p.add_argument("--search-prior", choices=["auto", "shape", "losses"], default="auto",
                    help="what SPDY's coefficients scale: each site's measured loss curve (the dp-loss errors; "
                         "the search then starts from dp-loss's profile), or the paper's quadratic shape. "

@@ -33,6 +33,7 @@ RESOLVE_SHARE = 0.25
 # after 315-701 evaluations of the 958-1677 its 40 s afford; with the rest spent on restarts, the same six
 # searches' mean loss fell from 0.153 to 0.135 (same file).
 RESTART_SHARE = 0.3
+STALE_RESTARTS = 2
 PRIORS = ("auto", "shape", "losses")
 MIN_SECONDS = 10.0   # the search keeps at least this long after the loss curves
 CURVE_SHARE = 0.75   # auto: the loss curves may take this share of the search's budget
@@ -126,11 +127,14 @@ def spdy_search(n_sites: int, n_levels: int, profile_of, loss_of, *, seed: int =
             break
     if best_c is not None:
         best_c, best_picks, best_loss = local_search(best_c, best_picks, best_loss)
-    n_restarts = 0
+    n_restarts = stale = 0
     # the local search stops in the basin it started in; budget it left unused goes to restarts from the
-    # best c (never without a budget: then the result is the paper's schedule, run to its end)
-    while restarts and best_c is not None and (max_evals is not None or max_seconds is not None) and not out_of_budget():
+    # best c (never without a budget: then the result is the paper's schedule, run to its end), until two
+    # restarts in a row find no profile not seen before (a small model's space is soon exhausted)
+    while restarts and best_c is not None and (max_evals is not None or max_seconds is not None) \
+            and not out_of_budget() and stale < STALE_RESTARTS:
         n_restarts += 1
+        known = len(seen)
         c0 = best_c.copy()
         idx = rng.choice(n_sites, size=max(1, int(round(RESTART_SHARE * n_sites))), replace=False)
         c0[idx] = rng.uniform(0, 1, idx.size)
@@ -140,6 +144,7 @@ def spdy_search(n_sites: int, n_levels: int, profile_of, loss_of, *, seed: int =
         if loss < best_loss:
             best_c, best_picks, best_loss = c, picks, loss
             bar.set_postfix(best=f"{best_loss:.5g}")
+        stale = stale + 1 if len(seen) == known else 0
     bar.close()
     stats = {"evaluations": evals, "distinct_profiles": len(seen), "seconds": time.perf_counter() - t0,
              "best_loss": best_loss, "restarts": n_restarts}

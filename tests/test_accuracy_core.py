@@ -231,11 +231,11 @@ def test_search_budget():
     assert len(calls) <= 37
 
 
-def _rugged_instance(seed=5, n_sites=8, n_levels=6):
+def _rugged_instance(seed=5, n_sites=8, n_levels=6, share=0.55):
     """A non-separable loss with many local optima under a tight budget: where local search stalls."""
     rng = np.random.default_rng(seed)
     times = np.sort(rng.uniform(0.2, 1.0, (n_sites, n_levels)), axis=1)[:, ::-1]
-    budget = times[:, 0].sum() * 0.55
+    budget = times[:, 0].sum() * share
     pair = rng.normal(0, 1, (n_sites, n_sites))
     base = rng.uniform(0.1, 3.0, n_sites)
 
@@ -257,11 +257,15 @@ def test_budget_left_after_the_local_search_goes_to_restarts_that_only_improve()
     _, _, stop_loss, stop = spdy_search(n_sites, n_levels, profile_of, loss, restarts=False, **common)
     _, picks, more_loss, more = spdy_search(n_sites, n_levels, profile_of, loss, **common)
     assert stop["restarts"] == 0 and stop["evaluations"] < 400      # converged early: budget left unused
-    assert more["restarts"] > 0 and more["evaluations"] == 400       # the rest of the budget was spent
+    assert more["restarts"] > 0 and stop["evaluations"] < more["evaluations"] <= 400   # budget went to restarts
     assert more_loss < stop_loss and more_loss == pytest.approx(loss(picks))   # never worse; here better
     # without any budget there is nothing to spend: the paper's schedule, run to its end
     _, _, _, free = spdy_search(n_sites, n_levels, profile_of, loss, seed=1, n_init=20, patience=20, progress=False)
     assert free["restarts"] == 0
+    # a space the search has exhausted ends the restarts long before a large budget does
+    small = _rugged_instance(n_sites=2, n_levels=3, share=0.9)
+    _, _, _, done = spdy_search(*small, seed=1, n_init=5, patience=5, max_evals=100_000, progress=False)
+    assert 1 <= done["restarts"] and done["evaluations"] < 1_000
 
 
 def test_a_re_solve_gets_a_share_of_the_first_search():
