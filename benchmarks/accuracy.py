@@ -479,7 +479,7 @@ def main(argv=None):
 
 
 def render_saved(path: Path, markdown: Path | None) -> None:
-    """The tables of a saved run, rendered with today's notes (the metrics are those its rows hold)."""
+    """The tables of a saved run, rendered with the current notes (the metrics are those its rows hold)."""
     result = json.loads(path.read_text())
     saved = argparse.Namespace(**{k: v for k, v in result["meta"]["args"].items()}, cpu=result["meta"].get("cpu"))
     tables = []

@@ -63,7 +63,7 @@ def losses(ref_tok: np.ndarray, out_tok: np.ndarray, ref_emb: np.ndarray, out_em
     """Label-free losses on calibration data: token states (per token, real tokens only) and sentence embeddings."""
     err = out_tok - ref_tok
     std = ref_tok.std(0) + 1e-6
-    return {"nmse": float((err ** 2).sum() / (ref_tok ** 2).sum()),                      # today's loss
+    return {"nmse": float((err ** 2).sum() / (ref_tok ** 2).sum()),                      # the default loss
             "std_mse": float(((err / std) ** 2).mean()),                                    # every width channel weighed alike
             "pooled_nmse": float(((out_emb - ref_emb) ** 2).sum() / (ref_emb ** 2).sum())}  # the sentence embedding only
 

@@ -15,7 +15,7 @@ profiles the model `--repeats` times (levels in alternating order), then compare
   by) and, per profile, across the passes (how much a table depends on the moment it was measured).
 
 Run it on a quiet machine; it is not a test. `--replay` re-reads the runs and measurements of an earlier
-`--out` file and prints the same tables with today's slowness factors, without the engine.
+`--out` file and prints the same tables with the slowness factors the code now computes, without the engine.
 
     python benchmarks/table_noise.py --model out/minilm-l6.onnx --cores 1 --repeats 3 --out table_noise.json
     python benchmarks/table_noise.py --model out/minilm-l6.onnx --replay table_noise.json

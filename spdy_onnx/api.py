@@ -331,8 +331,8 @@ STALE_TABLE = 0.05    # a cached table whose dense total is this far from a fres
 def _still_current(prep: Prepared, table: LatencyTable, feeds) -> bool:
     """Whether a cached table still describes this machine: the dense model is timed once more.
 
-    A shared machine's speed drifts over hours (other tenants, clocks): a MiniLM-L6 table from an
-    earlier session was 22% off, every profile chosen on it measured well under its prediction, and
+    A shared machine's speed drifts over hours (other tenants, clocks): a MiniLM-L6 table cached by an
+    earlier run was 22% off, every profile chosen on it measured well under its prediction, and
     the aim search over-pruned to make up for it (benchmarks/results/accuracy_minilm_*table*).
     """
     check = getattr(prep.runtime, "dense_check_ms", None)

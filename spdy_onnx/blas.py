@@ -1,7 +1,7 @@
 """Dense matrix products and factorisations for the numerical core, on PyTorch's BLAS when installed.
 
 numpy's wheel bundles an OpenBLAS that picks its kernels from the CPU model. On a virtual CPU it does
-not recognise it falls back to a generic SSE kernel: on the sixteenth session's Intel Xeon (AVX-512,
+not recognise it falls back to a generic SSE kernel: on the Intel Xeon of commit 5371d2a's benchmark (AVX-512,
 2 cores) it reported "Prescott" and ran a float32 GEMM at about a fifth of PyTorch's speed
 (benchmarks/blas_speed.py, results in benchmarks/results/blas_speed_*). The OBS database, the Hessians and the layer-wise
 refits are made of such products, so they go through here; the results are numpy arrays either way.

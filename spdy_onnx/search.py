@@ -24,8 +24,8 @@ DEFAULT_SECONDS = 40.0   # the paper's schedule is capped in time unless --searc
 # A re-solve (a new aim after a measured draft) re-maps the best c under the new budget and refines it with
 # at least RESOLVE_EVALS evaluations and RESOLVE_SHARE of the first search's. With 30 alone the kept profile
 # was the least searched one: on MobileNetV2 (batch 16), over three pairs of aims and two seeds, the
-# 30-evaluation re-solves ended at a mean loss of 0.170, today's at 0.142, and a fresh search at the new
-# aim at 0.135 (benchmarks/results/search_resolve_mobilenetv2.txt).
+# 30-evaluation re-solves ended at a mean loss of 0.170, those with RESOLVE_SHARE at 0.142, and a fresh search
+# at the new aim at 0.135 (benchmarks/results/search_resolve_mobilenetv2.txt).
 RESOLVE_EVALS = 30
 RESOLVE_SHARE = 0.25
 # A local search that has converged (patience exhausted at every neighbourhood size) while budget is left
