@@ -15,7 +15,10 @@ and each correction variant tunes those same draft weights.
         --speedups 1.1,1.25 --strategies spdy,uniform --runs default,lr=1e-4,samples=128
 
 A run is `default` (the correction as `optimize` runs it) or options joined by ':' — lr=LR,
-epochs=E, samples=N (training views per epoch).
+epochs=E, samples=N (training views per epoch), val (judge the epochs on --validation-views augmented
+views of the held-out photos, as `optimize --validation-data` does, instead of a slice of the calibration
+views). A `val` run has seen the held-out photos (to choose an epoch, not to train): only the 20 labelled
+images judge it cleanly.
 """
 from __future__ import annotations
 
@@ -42,27 +45,41 @@ OPTIONS = {"lr": float, "epochs": int, "samples": int}
 
 
 def parse_runs(text: str) -> list[tuple[str, dict]]:
-    """'default,lr=1e-4:epochs=2' -> [('default', {}), ('lr=1e-4:epochs=2', {'lr': 0.0001, 'epochs': 2})]"""
+    """'default,lr=1e-4:val' -> [('default', {}), ('lr=1e-4:val', {'lr': 0.0001, 'val': True})]"""
     runs = []
     for part in (p.strip() for p in text.split(",")):
         kwargs: dict = {}
         if part != "default":
             for opt in part.split(":"):
                 key, _, value = opt.partition("=")
-                if key in OPTIONS:
+                if key == "val" and not value:
+                    kwargs["val"] = True
+                elif key in OPTIONS:
                     kwargs[key] = OPTIONS[key](value)
                 else:
-                    raise SystemExit(f"unknown run option '{opt}' (known: default, "
+                    raise SystemExit(f"unknown run option '{opt}' (known: default, val, "
                                      f"{', '.join(k + '=' for k in OPTIONS)})")
         runs.append((part, kwargs))
     return runs
 
 
 def correct_weights(dense, sites, draft, calib, *, loss, batch_size, seed, lr=correct.DEFAULT_LR,
-                    epochs=correct.DEFAULT_EPOCHS, samples=correct.MAX_TRAIN_SAMPLES):
+                    epochs=correct.DEFAULT_EPOCHS, samples=correct.MAX_TRAIN_SAMPLES, validation=None):
     """The correction of `draft` with these settings, without a time limit (the profile's own, not the hour's)."""
     return correct.global_correction(dense, sites, draft, calib, loss=loss, batch_size=batch_size, epochs=epochs,
-                                     lr=lr, max_samples=samples, max_seconds=None, seed=seed)
+                                     lr=lr, max_samples=samples, max_seconds=None, seed=seed, validation=validation)
+
+
+def heldout_photo_views(models_dir: Path, n: int, seed: int) -> dict:
+    """`n` strongly augmented views of the held-out photos (models/make_data_mobilenetv2.py's manifest),
+    made the way the calibration views are: what a user would keep apart as --validation-data."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    from _images import augmented_view, load_rgb, photo_files
+    names = json.loads((models_dir / "mobilenetv2_data.json").read_text())["heldout_photos"]
+    by_name = {p.name: p for p in photo_files()}
+    ims = [load_rgb(by_name[n]) for n in names]
+    rng = np.random.default_rng(seed)
+    return {"input": np.stack([augmented_view(ims, rng, i) for i in range(n)]).astype(np.float32)}
 
 
 def main(argv=None) -> int:
@@ -79,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--cores", type=int, default=1)
     p.add_argument("--search-budget", default="600",
                    help="the search's budget; a number of evaluations makes the profile independent of the machine")
+    p.add_argument("--validation-views", type=int, default=64,
+                   help="augmented views of the held-out photos for `val` runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     args = p.parse_args(argv)
@@ -87,6 +106,9 @@ def main(argv=None) -> int:
     calib_path = args.models_dir / "mobilenetv2_calib.npz"
     calib = load_npz(calib_path)
     runs = parse_runs(args.runs)
+    validation = None
+    if any(kw.get("val") for _, kw in runs):
+        validation = heldout_photo_views(args.models_dir, args.validation_views, seed=1000 + args.seed)
     cache = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="spdy-corrgen-"))
     task = MobileNetTask(args.models_dir, dense_path, engine=args.engine, cores=args.cores,
                          cache=cache / "accuracy", heldout=None, seed=args.seed)
@@ -117,8 +139,11 @@ def main(argv=None) -> int:
                 print(_line(rows[-1]), flush=True)
                 for name, kwargs in runs:
                     t0 = time.perf_counter()
+                    options = {k: v for k, v in kwargs.items() if k != "val"}
                     tuned, summary = correct_weights(dense, sites, draft, calib, loss=loss,
-                                                     batch_size=args.batch_size, seed=args.seed, **kwargs)
+                                                     batch_size=args.batch_size, seed=args.seed,
+                                                     validation=validation if kwargs.get("val") else None,
+                                                     **options)
                     seconds = time.perf_counter() - t0
                     out = work / f"{strategy}_{speedup}_{len(rows)}.onnx"
                     onnx.save(write_weights(model, tuned), str(out))
@@ -132,11 +157,12 @@ def main(argv=None) -> int:
           f"({len(next(iter(calib.values())))} views); {task.describe()}")
     d = task.dense_metrics
     print(f"dense: top-1 {d['top1']}/{d['n_labelled']}\n")
-    print("| strategy | predicted | sparsity | correction | s | held-back loss before -> after | top-1 (labelled) "
+    print("| strategy | predicted | sparsity | correction | s | held-back loss before -> after (epoch kept) | top-1 (labelled) "
           "| KL to dense (labelled) | agree w/ dense (photos) | KL to dense (photos) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        held = "-" if r["loss_before"] is None else f"{r['loss_before']:.3f} -> {r['loss_after']:.3f}"
+        held = "-" if r["loss_before"] is None else \
+            f"{r['loss_before']:.3f} -> {r['loss_after']:.3f} ({r.get('best_epoch', '-')})"
         print(f"| {r['strategy']} | {r['predicted']:.2f}x | {r['sparsity']:.0%} | {r['run']} | {r['seconds']:.0f} "
               f"| {held} | {r['top1']}/{r['n_labelled']} | {r['kl_labelled']:.2f} "
               f"| {r['agree'] * r['n_photos']:.0f}/{r['n_photos']} | {r['kl_photos']:.2f} |")

@@ -376,7 +376,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
              reconstruct: str = "obs", loss: str = "auto", search_budget=None, eval_samples: int | None = None,
              seed: int = 0, max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = False,
              correct_epochs: int = DEFAULT_CORRECT_EPOCHS, correct_budget=None, progress: bool = True,
-             runtime_options: dict | None = None, search_prior: str = "auto", level_context: bool = False) -> dict:
+             runtime_options: dict | None = None, search_prior: str = "auto", level_context: bool = False,
+             validation_data=None) -> dict:
     """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report."""
     t_start = time.perf_counter()
     target = parse_target(target)
@@ -398,6 +399,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     if correct_epochs < 0:
         raise SpdyError(f"correction epochs must be >= 0, got {correct_epochs}")
     correct_seconds = parse_seconds(correct_budget, what="--correct-budget")
+    if validation_data is not None and data is None:
+        raise SpdyError("--validation-data judges the global correction of a calibrated run; it needs --data")
     from spdy_onnx.search import PRIORS
     if search_prior not in PRIORS:
         raise SpdyError(f"unknown --search-prior '{search_prior}'; choose one of: {', '.join(PRIORS)}")
@@ -412,17 +415,26 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
                          search_budget=search_budget, eval_samples=eval_samples, seed=seed,
                          max_attempts=max_attempts, margin=margin, refit=refit, correct_epochs=correct_epochs,
                          correct_seconds=correct_seconds, progress=progress, search_prior=search_prior,
-                         level_context=level_context, t_start=t_start)
+                         level_context=level_context, t_start=t_start, validation_data=validation_data)
     finally:
         prep.close()
 
 
 def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_table_path, cache_dir, use_cache,
               strategy, data, samples, reconstruct, loss, search_budget, eval_samples, seed, max_attempts, margin, refit,
-              correct_epochs, correct_seconds, progress, t_start, search_prior="auto", level_context=False) -> dict:
+              correct_epochs, correct_seconds, progress, t_start, search_prior="auto", level_context=False,
+              validation_data=None) -> dict:
     from spdy_onnx import strategies  # the accuracy side: calibration, database, search
 
     phases: dict[str, float] = {}
+    validation = None
+    if validation_data is not None:
+        # checked before the table is profiled: bad data should fail in a second, not after minutes
+        from spdy_onnx import calibrate
+        validation = calibrate.load_data(validation_data, prep.specs, what="validation")
+        if correct_epochs == 0:
+            log.warning("--validation-data is only used by the global correction, which --correct-epochs 0 "
+                        "turns off: it is ignored")
     t0 = time.perf_counter()
     table = latency_table(prep, levels=levels, latency_table=latency_table_path, cache_dir=cache_dir,
                           use_cache=use_cache, level_context=level_context)
@@ -453,7 +465,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         strategy, prep=prep, sites=sites, table=table, data=data, samples=samples, reconstruct=reconstruct,
         loss=loss, search_budget=search_budget, eval_samples=eval_samples, seed=seed, cache_dir=cache_dir,
         progress=progress, refit=refit, correct_epochs=correct_epochs, correct_seconds=correct_seconds,
-        search_prior=search_prior)
+        search_prior=search_prior, validation=validation)
     phases["calibration_s"] = time.perf_counter() - t0
 
     attempts = []

@@ -21,30 +21,32 @@ from spdy_onnx.ort_session import make_session, run
 log = logging.getLogger(__name__)
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npz(path: Path, what: str = "calibration") -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception as exc:  # numpy raises many kinds on damaged files (incl. tokenize errors in headers)
-        raise SpdyError(f"cannot read calibration file {path}: {type(exc).__name__}: {exc}") from None
+        raise SpdyError(f"cannot read {what} file {path}: {type(exc).__name__}: {exc}") from None
 
 
-def load_data(path, specs: dict, *, samples: int | None = None) -> dict[str, np.ndarray]:
-    """Arrays keyed by model input, first axis = samples, checked against the model's inputs."""
+def load_data(path, specs: dict, *, samples: int | None = None, what: str = "calibration") -> dict[str, np.ndarray]:
+    """Arrays keyed by model input, first axis = samples, checked against the model's inputs.
+
+    `what` names the data in errors (calibration, validation)."""
     path = Path(path)
     if samples is not None and samples < 1:
         raise SpdyError(f"--samples must be >= 1, got {samples}")
     if path.is_dir():
         files = sorted(path.glob("*.npz"))
         if not files:
-            raise SpdyError(f"calibration folder {path} has no .npz files")
+            raise SpdyError(f"{what} folder {path} has no .npz files")
         if samples:
             files = files[:samples]
-        per_sample = [_read_npz(f) for f in files]
+        per_sample = [_read_npz(f, what) for f in files]
         names = set(per_sample[0])
         for f, d in zip(files, per_sample):
             if set(d) != names:
-                raise SpdyError(f"calibration file {f.name} has arrays {sorted(d)}, the first has {sorted(names)}")
+                raise SpdyError(f"{what} file {f.name} has arrays {sorted(d)}, the first has {sorted(names)}")
         data = {}
         for name in names:
             arrays = []
@@ -56,52 +58,53 @@ def load_data(path, specs: dict, *, samples: int | None = None) -> dict[str, np.
                 arrays.append(a)
             shapes = {a.shape for a in arrays}
             if len(shapes) != 1:
-                raise SpdyError(f"calibration input '{name}' has samples of different shapes: {sorted(shapes)[:3]}")
+                raise SpdyError(f"{what} input '{name}' has samples of different shapes: {sorted(shapes)[:3]}")
             data[name] = np.stack(arrays)
     elif path.is_file():
-        data = _read_npz(path)
+        data = _read_npz(path, what)
     else:
-        raise SpdyError(f"no such calibration data: {path}")
-    return check_data(data, specs, samples=samples, source=str(path))
+        raise SpdyError(f"no such {what} data: {path}")
+    return check_data(data, specs, samples=samples, source=str(path), what=what)
 
 
-def check_data(data: dict, specs: dict, *, samples: int | None = None, source: str = "data") -> dict:
+def check_data(data: dict, specs: dict, *, samples: int | None = None, source: str = "data",
+               what: str = "calibration") -> dict:
     missing = [n for n in specs if n not in data]
     if missing:
-        raise SpdyError(f"calibration data {source} lacks model input(s) {', '.join(missing)}; it has "
+        raise SpdyError(f"{what} data {source} lacks model input(s) {', '.join(missing)}; it has "
                         f"{', '.join(sorted(data)) or 'no arrays'} (arrays must be keyed by the model's input names)")
     extra = sorted(set(data) - set(specs))
     if extra:
-        log.info("calibration data: ignoring arrays that are not model inputs: %s", ", ".join(extra))
+        log.info("%s data: ignoring arrays that are not model inputs: %s", what, ", ".join(extra))
     out, count = {}, None
     for name, (shape, dtype) in specs.items():
         a = np.asarray(data[name])
         if a.ndim == 0 or a.shape[0] == 0:
-            raise SpdyError(f"calibration input '{name}' in {source} is empty")
+            raise SpdyError(f"{what} input '{name}' in {source} is empty")
         if tuple(a.shape[1:]) != tuple(shape[1:]):
-            raise SpdyError(f"calibration input '{name}' has samples of shape {tuple(a.shape[1:])}; the model "
+            raise SpdyError(f"{what} input '{name}' has samples of shape {tuple(a.shape[1:])}; the model "
                             f"expects {tuple(shape[1:])} (first axis = samples)")
         if np.issubdtype(dtype, np.floating):
             if not np.issubdtype(a.dtype, np.floating):
-                raise SpdyError(f"calibration input '{name}' is {a.dtype}; the model expects {np.dtype(dtype)}")
+                raise SpdyError(f"{what} input '{name}' is {a.dtype}; the model expects {np.dtype(dtype)}")
             with np.errstate(over="ignore", invalid="ignore"):
                 cast = a.astype(dtype, copy=False)
             if not np.isfinite(cast).all():
-                raise SpdyError(f"calibration input '{name}' contains NaN or infinity (as {np.dtype(dtype)})")
+                raise SpdyError(f"{what} input '{name}' contains NaN or infinity (as {np.dtype(dtype)})")
         elif np.issubdtype(dtype, np.integer):
             if not np.issubdtype(a.dtype, np.integer):
-                raise SpdyError(f"calibration input '{name}' is {a.dtype}; the model expects {np.dtype(dtype)}")
+                raise SpdyError(f"{what} input '{name}' is {a.dtype}; the model expects {np.dtype(dtype)}")
         elif a.dtype != dtype:
-            raise SpdyError(f"calibration input '{name}' is {a.dtype}; the model expects {np.dtype(dtype)}")
+            raise SpdyError(f"{what} input '{name}' is {a.dtype}; the model expects {np.dtype(dtype)}")
         if count is not None and a.shape[0] != count:
-            raise SpdyError(f"calibration inputs have different sample counts ({count} and {a.shape[0]} for '{name}')")
+            raise SpdyError(f"{what} inputs have different sample counts ({count} and {a.shape[0]} for '{name}')")
         count = a.shape[0]
         out[name] = a.astype(dtype, copy=False)
     if samples:
         out = {k: v[:samples] for k, v in out.items()}
     batch = next(iter(specs.values()))[0][0] if specs else 1
     if count < batch:
-        raise SpdyError(f"calibration data has {count} sample(s), fewer than the batch size {batch}")
+        raise SpdyError(f"{what} data has {count} sample(s), fewer than the batch size {batch}")
     return out
 
 

@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration data: an .npz (arrays keyed by input name, first axis = samples) "
                         "or a folder of .npz files, one sample each")
     p.add_argument("--samples", type=int, default=None, help="use at most this many calibration samples")
+    p.add_argument("--validation-data", default=None, metavar="PATH",
+                   help="samples kept apart from --data (same format), on which the global correction judges "
+                        "its epochs and keeps the best or none; without it, a random eighth of the calibration "
+                        "batches. Give it when the calibration samples are not independent (augmented views of "
+                        "a few images)")
     p.add_argument("--strategy", default="spdy",
                    choices=["spdy", "uniform", "global-magnitude", "dp-loss", "magnitude-dp"],
                    help="how the per-site profile is chosen (default: %(default)s)")
@@ -167,6 +172,11 @@ def _print_optimize(rep: dict):
         before = q.get("calibration_loss_before_correction")
         extra = f" (database weights {before:.5f}, before the correction)" if before is not None else ""
         print(f"calibration {q.get('loss')} vs dense: {q['calibration_loss']:.5f}{extra}")
+    corr = q.get("global_correction") or {}
+    if corr.get("held_back") == "validation data":
+        kept = f"epoch {corr['best_epoch']} kept" if corr.get("best_epoch") else "no epoch beat the draft: not applied"
+        print(f"global correction on validation data: {q.get('loss')} {corr['loss_before']:.5f} -> "
+              f"{corr['loss_after']:.5f} ({kept})")
     for group in rep.get("fused_groups_from_drafts", []):
         print(f"tied {len(group)} sites from {group[0]}: the engine ran them as one kernel in a draft")
     for warning in rep.get("warnings", []):
@@ -207,7 +217,8 @@ def _run(args) -> int:
                 search_prior=args.search_prior,
                 max_attempts=args.max_attempts, margin=args.margin, refit=args.refit,
                 correct_epochs=args.correct_epochs, correct_budget=args.correct_budget, progress=progress,
-                runtime_options={"repeats": args.repeats}, level_context=args.level_context)
+                runtime_options={"repeats": args.repeats}, level_context=args.level_context,
+                validation_data=args.validation_data)
             _print_optimize(rep)
         elif args.command == "profile":
             from spdy_onnx.api import profile

@@ -161,7 +161,10 @@ class GlobalMagnitude(Chooser):
 
 def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
                  cache_dir, progress, eval_samples: int | None = None, refit: bool = False, correct_epochs: int = 0,
-                 correct_seconds: float | None = None, search_prior: str = "auto") -> Chooser:
+                 correct_seconds: float | None = None, search_prior: str = "auto",
+                 validation: dict | None = None) -> Chooser:
+    """The strategy's chooser, with the corrections asked for; `validation` (loaded samples) is what
+    the global correction judges its epochs on instead of a slice of the calibration data."""
     chooser = _make_chooser(strategy, prep=prep, sites=sites, table=table, data=data, samples=samples,
                             reconstruct=reconstruct, loss=loss, search_budget=search_budget, seed=seed,
                             cache_dir=cache_dir, progress=progress, eval_samples=eval_samples,
@@ -183,7 +186,7 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
             chooser.correction = lambda weights: correct.global_correction(
                 prep.calibration_model, sites, weights, calib, loss=loss_name, batch_size=prep.batch_size,
                 epochs=correct_epochs, max_seconds=correct_seconds or correct.DEFAULT_SECONDS, seed=seed,
-                progress=progress)
+                progress=progress, validation=validation)
     return chooser
 
 
