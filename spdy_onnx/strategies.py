@@ -243,8 +243,7 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
     t0 = time.perf_counter()
     evaluator = make_evaluator(eval_samples)
     eval_info = {"samples": len(evaluator.feeds) * evaluator.batch_size, "chosen_by": "user" if chosen_samples else "default"}
-    # every strategy with data decides alike, so their calibration losses are on the same samples
-    if not chosen_samples:
+    if strategy == "spdy" and not chosen_samples:
         more = more_eval_samples(evaluator, len(sites), len(levels), search_budget, calibrate.n_samples(calib))
         eval_info.update(more)
         if more.get("samples_chosen"):
