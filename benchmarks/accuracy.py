@@ -542,7 +542,6 @@ def run_one(name, onnx_path, calib, table_path, task, *, strategy, target, args,
                    loss_before_correction=quality.get("calibration_loss_before_correction"),
                    correction=quality.get("global_correction"),
                    search=quality.get("search"), search_prior=quality.get("search_prior"),
-                   eval_samples=quality.get("eval_samples"),
                    attempt_speedups=[(a.get("predicted_speedup"), a.get("measured_speedup"))
                                      for a in rep.get("attempts", [])],
                    fused_groups_from_drafts=rep.get("fused_groups_from_drafts", []),
