@@ -93,9 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "as fit in 3/4 of the search budget, and uses the shape when fewer than 2 fit")
     p.add_argument("--eval-samples", type=int, default=None,
                    help="calibration samples each search candidate is scored on, the same ones for every "
-                        "candidate (at least one batch). More samples give a less noisy loss and fewer "
-                        "evaluations in the same time. Default: 16, or 64 with SPDY when a time-bounded search "
-                        "would still afford 100 evaluations at 64 (a small, fast model)")
+                        "candidate (default: 16; at least one batch). More samples give a less noisy loss "
+                        "and fewer evaluations in the same time")
     p.add_argument("--refit", action="store_true",
                    help="after choosing the profile, re-fit kept weights site by site against the pruned "
                         "model's own inputs (a closed-form correction, site by site; with --data). Off by default: "

@@ -6,7 +6,6 @@ candidate is evaluated by feeding its weights, never by building a new session.
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import onnx
@@ -180,16 +179,6 @@ class Evaluator:
     def is_cached(self, picks) -> bool:
         """Whether loss(picks) is already known (this run or the journal of an earlier one)."""
         return tuple(int(j) for j in picks) in self._memo
-
-    def seconds_to_evaluate(self, picks) -> float:
-        """The time one evaluation of `picks` takes, computed afresh (the memo and journal untouched):
-        a decision made on it must not depend on what an earlier run left in the journal."""
-        key = tuple(int(j) for j in picks)
-        t0 = time.perf_counter()
-        weights = self._weights(key)
-        for item, ref, mask in zip(self.feeds, self.reference, self.masks):
-            combined_loss(self.loss_names, ref, self._run(item, weights), mask)
-        return time.perf_counter() - t0
 
     def loss(self, picks) -> float:
         key = tuple(int(j) for j in picks)

@@ -220,7 +220,6 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
     t0 = time.perf_counter()
     calib = calibrate.load_data(data, prep.specs, samples=samples)
     setup = {"load_data_s": time.perf_counter() - t0}
-    chosen_samples = eval_samples is not None
     eval_samples = evaluate.DEFAULT_EVAL_SAMPLES if eval_samples is None else int(eval_samples)
     feeds = calibrate.timing_batch(calib, prep.specs)
     t0 = time.perf_counter()
@@ -230,28 +229,13 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
     setup["database_s"] = time.perf_counter() - t0
     setup.update(built)
     from spdy_onnx import cache
-    digest = calibrate.data_digest(calib)
-
-    def make_evaluator(n: int):
-        memo = cache.cache_key(model=prep.digest, sites=[s.name for s in sites], levels=levels, loss=loss,
-                               database=getattr(database, "folder", type(database).__name__), pattern=table.pattern,
-                               data=digest, samples=n, version=3)
-        journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
-        return evaluate.Evaluator(prep.calibration_model, sites, database, calib, loss=loss, specs=prep.specs,
-                                  eval_samples=n, journal=journal)
-
+    memo = cache.cache_key(model=prep.digest, sites=[s.name for s in sites], levels=levels, loss=loss,
+                           database=getattr(database, "folder", type(database).__name__), pattern=table.pattern,
+                           data=calibrate.data_digest(calib), samples=eval_samples, version=3)
+    journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
     t0 = time.perf_counter()
-    evaluator = make_evaluator(eval_samples)
-    eval_info = {"samples": len(evaluator.feeds) * evaluator.batch_size, "chosen_by": "user" if chosen_samples else "default"}
-    if strategy == "spdy" and not chosen_samples:
-        more = more_eval_samples(evaluator, len(sites), len(levels), search_budget, calibrate.n_samples(calib))
-        eval_info.update(more)
-        if more.get("samples_chosen"):
-            evaluator = make_evaluator(more["samples_chosen"])
-            eval_info.update(samples=len(evaluator.feeds) * evaluator.batch_size, chosen_by="evaluation time")
-            log.info("search: candidates scored on %d calibration samples (an evaluation of %d took %.3fs, "
-                     "so the budget affords about %d at the larger count)", eval_info["samples"], eval_samples,
-                     more["seconds_per_evaluation"], more["affordable_evaluations"])
+    evaluator = evaluate.Evaluator(prep.calibration_model, sites, database, calib, loss=loss, specs=prep.specs,
+                                   eval_samples=eval_samples, journal=journal)
     setup["evaluator_s"] = time.perf_counter() - t0
     common = dict(sites=sites, levels=levels, database=database, evaluator=evaluator, feeds=feeds, groups=groups)
     if strategy == "uniform":
@@ -268,51 +252,4 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
         chooser = search.SpdySearch(search_budget=search_budget, seed=seed, progress=progress, prior=search_prior,
                                     **common)
     chooser.info["calibration_phases_s"] = setup
-    chooser.info["eval_samples"] = eval_info
     return chooser
-
-
-# SPDY's candidates are scored on more samples when evaluations are cheap enough that the search still
-# makes many: at the same predicted speed, MobileNetV2 (batch 16, about 0.06 s per evaluation of 16
-# samples) scored on 64 had a lower KL to dense on unseen photos in 6 of 6 pairs, with 99-331
-# evaluations instead of 1,019-1,870; MiniLM-L6 (about 0.18 s) scored on 64 was left 54-60 evaluations
-# and had a lower cosine to dense in 4 of 4 (benchmarks/results/eval_samples_{mobilenetv2,minilm}.txt).
-MORE_EVAL_SAMPLES = 64
-# what the 40-s budget must afford at the larger count, timed as below: MobileNetV2 (batch 16) 174-177,
-# MiniLM-L6 (batch 1, 128 tokens) 55-57; the threshold sits between them in ratio
-MORE_SAMPLES_MIN_EVALUATIONS = 100
-TIMED_EVALUATIONS = 3
-
-
-def more_eval_samples(evaluator, n_sites: int, n_levels: int, search_budget, available: int) -> dict:
-    """{'samples_chosen': MORE_EVAL_SAMPLES, ...} when a time-bounded search could score its candidates on
-    that many samples and still make MORE_SAMPLES_MIN_EVALUATIONS evaluations; else no 'samples_chosen'.
-
-    Timed on a few single-site profiles computed afresh, whatever the journal holds, so that a rerun
-    decides as a cold run would (up to the machine's noise, as with any time budget); a search budget
-    in evaluations keeps the count, so the run's length stays what was asked."""
-    from spdy_onnx import search
-
-    current = len(evaluator.feeds) * evaluator.batch_size
-    target = (min(MORE_EVAL_SAMPLES, available) // evaluator.batch_size) * evaluator.batch_size
-    max_evals, max_seconds = search.parse_budget(search_budget)
-    if search_budget is None:
-        max_seconds = search.DEFAULT_SECONDS
-    if max_evals is not None or max_seconds is None or target <= current:
-        return {}
-    def affordable_at(seconds: float) -> int:
-        return int(max_seconds / max(seconds * target / current, 1e-9))
-
-    spent = []
-    for i in range(TIMED_EVALUATIONS):
-        picks = search.one_site(n_sites, i % n_sites, n_levels - 1)
-        evaluator.seconds_to_evaluate(picks)   # first use: sessions, the site's weights read from the database
-        spent.append(evaluator.seconds_to_evaluate(picks))   # the search mostly runs on weights in memory
-        if affordable_at(spent[0]) < MORE_SAMPLES_MIN_EVALUATIONS / 2:
-            break   # far too slow (a BERT-base-size model): no more timing
-    per_eval = float(np.median(spent))
-    affordable = affordable_at(per_eval)
-    out = {"seconds_per_evaluation": per_eval, "affordable_evaluations": affordable}
-    if affordable >= MORE_SAMPLES_MIN_EVALUATIONS:
-        out["samples_chosen"] = target
-    return out

@@ -152,8 +152,7 @@ def test_auto_prior_measures_the_curves_it_can_afford(setup, tmp_path):
     """auto (the default): every level when the curves fit 3/4 of the budget, evenly spaced levels with
     the sparsest when only some do, the quadratic shape when too few do."""
     path, data, table_path = setup
-    # a fixed count: left to itself, a time budget on this fast model scores on more samples (another journal)
-    kw = dict(correct_epochs=0, strategy="spdy", eval_samples=16)
+    kw = dict(correct_epochs=0, strategy="spdy")
     n_sites = len(graph.find_sites(onnx.load(path))[0])
     roomy = run(path, data, table_path, tmp_path / "a.onnx", search_budget=None, **kw)["quality"]["search_prior"]
     assert roomy["kind"] == "losses" and roomy["levels_measured"] == [1, 2, 3]
@@ -167,28 +166,3 @@ def test_auto_prior_measures_the_curves_it_can_afford(setup, tmp_path):
     timed_out = run(path, data, table_path, tmp_path / "d.onnx", search_budget="0.001s",
                     cache_dir=tmp_path / "cold-2", **kw)["quality"]["search_prior"]
     assert timed_out["kind"] == "shape" and timed_out["seconds_per_evaluation"] > 0
-
-
-def test_a_fast_search_scores_its_candidates_on_more_samples(setup, tmp_path, monkeypatch):
-    """With a time budget and evaluations this cheap, SPDY scores candidates on more calibration samples
-    (all 24 here, fewer than 64); a budget in evaluations, a count given by the user, or evaluations too
-    slow for the budget keep the count."""
-    from spdy_onnx import strategies
-    path, data, table_path = setup
-    kw = dict(strategy="spdy", correct_epochs=0)
-    timed = run(path, data, table_path, tmp_path / "a.onnx", search_budget="2s", **kw)["quality"]["eval_samples"]
-    assert timed["samples"] == 24 and timed["chosen_by"] == "evaluation time"
-    assert timed["affordable_evaluations"] >= strategies.MORE_SAMPLES_MIN_EVALUATIONS
-    counted = run(path, data, table_path, tmp_path / "b.onnx", search_budget="150", **kw)["quality"]["eval_samples"]
-    assert counted == {"samples": 16, "chosen_by": "default"}
-    # the 16-sample journal now holds every single-site profile: the decision is timed afresh all the same
-    again = run(path, data, table_path, tmp_path / "a2.onnx", search_budget="2s", **kw)["quality"]["eval_samples"]
-    assert again["samples"] == 24
-    user = run(path, data, table_path, tmp_path / "c.onnx", search_budget="2s", eval_samples=8, **kw)
-    assert user["quality"]["eval_samples"] == {"samples": 8, "chosen_by": "user"}
-    monkeypatch.setattr(strategies, "MORE_SAMPLES_MIN_EVALUATIONS", 10 ** 9)
-    slow = run(path, data, table_path, tmp_path / "d.onnx", search_budget="2s", **kw)["quality"]["eval_samples"]
-    assert slow["samples"] == 16 and slow["chosen_by"] == "default" and slow["seconds_per_evaluation"] > 0
-    # the baselines search nothing: their loss is reported on the default count
-    base = run(path, data, table_path, tmp_path / "e.onnx", search_budget="2s", strategy="uniform", correct_epochs=0)
-    assert base["quality"]["eval_samples"]["samples"] == 16
