@@ -171,6 +171,8 @@ def _print_optimize(rep: dict):
     if "calibration_loss" in q:
         before = q.get("calibration_loss_before_correction")
         extra = f" (database weights {before:.5f}, before the correction)" if before is not None else ""
+        if before is not None and (q.get("global_correction") or {}).get("best_epoch") == 0:
+            extra = " (the database weights: the global correction kept no epoch)"
         print(f"calibration {q.get('loss')} vs dense: {q['calibration_loss']:.5f}{extra}")
     corr = q.get("global_correction") or {}
     if corr.get("held_back") == "validation data":

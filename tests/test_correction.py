@@ -418,3 +418,9 @@ def test_bad_validation_data_is_refused_before_anything_is_written(mlp_setup, tm
     assert not (tmp_path / "b.onnx").exists()
     assert main(base + ["-o", str(tmp_path / "c.onnx"), "--validation-data", str(data)]) == 0
     assert "global correction on validation data" in capsys.readouterr().out
+    # validation samples no epoch can help (see above): the CLI says the draft was kept
+    zeros = tmp_path / "zeros.npz"
+    np.savez(zeros, x=np.zeros((8, 8, 64), np.float32))
+    assert main(base + ["-o", str(tmp_path / "d.onnx"), "--validation-data", str(zeros)]) == 0
+    out = capsys.readouterr().out
+    assert "the global correction kept no epoch" in out and "no epoch beat the draft: not applied" in out
