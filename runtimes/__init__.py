@@ -27,6 +27,9 @@ class Comparison:
     ratio_p75: float = 0.0
     foreign_load_cores: float = 0.0  # CPU used by other processes while measuring
     extra: dict = field(default_factory=dict)
+    # what the engine returned for the timing inputs, [baseline outputs, candidate outputs], where the
+    # engine hands them back; checked against onnxruntime (spdy_onnx/engine_check.py), never serialised
+    outputs: list | None = field(default=None, repr=False, compare=False)
 
     @property
     def speedup(self) -> float:
@@ -53,7 +56,8 @@ def pooled(first: Comparison, second: Comparison) -> Comparison:
                       ratio_p25=min(first.ratio_p25, second.ratio_p25), ratio_p75=max(first.ratio_p75, second.ratio_p75),
                       foreign_load_cores=max(first.foreign_load_cores, second.foreign_load_cores),
                       extra={**second.extra,
-                             "pooled_speedups": first.extra.get("pooled_speedups", [first.speedup]) + [second.speedup]})
+                             "pooled_speedups": first.extra.get("pooled_speedups", [first.speedup]) + [second.speedup]},
+                      outputs=second.outputs if second.outputs is not None else first.outputs)
 
 
 class Runtime(Protocol):

@@ -352,9 +352,11 @@ class DeepSparseRuntime:
         # compiled one after the other in this thread, as they are timed: the guarantee's measurement is not
         # the place to save two seconds (benchmarks/profile_time.py)
         engines = [self._engine(baseline_path, batch_size), self._engine(candidate_path, batch_size)]
+        outputs = []
         for engine in engines:  # warm-up, and a first estimate of one run's time
             for _ in range(3):
-                engine.run(inputs)
+                out = engine.run(inputs)
+            outputs.append([np.array(a, copy=True) for a in out])
         t0 = time.perf_counter()
         engines[0].run(inputs)
         one = max(time.perf_counter() - t0, 1e-5)
@@ -387,4 +389,5 @@ class DeepSparseRuntime:
                           foreign_load_cores=load.cores,
                           extra={"engine": "deepsparse", "version": deepsparse.__version__,
                                  "cores": self.cores or os.cpu_count(), "batch_size": batch_size,
-                                 "native_ops_share": None if native is None else float(native)})
+                                 "native_ops_share": None if native is None else float(native)},
+                          outputs=outputs)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 
-from spdy_onnx import cache, context, graph, modelio
+from spdy_onnx import cache, context, engine_check, graph, modelio
 from spdy_onnx.errors import InfeasibleTarget, SpdyError, TargetMissed
 from spdy_onnx.journal import Journal
 from spdy_onnx.levels import parse_levels
@@ -619,6 +619,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         t0 = time.perf_counter()
         weights = chooser.final_weights(profile)
         phases[f"correct_s_{attempt}"] = phases.get(f"correct_s_{attempt}", 0.0) + time.perf_counter() - t0
+        if not chooser.corrects:   # the correction could not run here: the measured draft is the file
+            break
         corrected = write_weights(prep.model, weights)
         comparison = measure(attempt, h_aim, predicted, corrected, "corrected")
         if comparison is not None and meets(comparison):
@@ -697,6 +699,13 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     if fastest is not None:
         rep["fastest_profile_measured_speedup"] = fastest
     rep["warnings"] = _noise_warnings(table, comparison)
+    if status != "missed" and comparison is not None:
+        t0 = time.perf_counter()
+        rep["engine_outputs"], wrong = engine_check.check(prep.dense_static(), prep.static_copy(pruned, "written"),
+                                                          chooser.timing_feeds(), comparison,
+                                                          engine=prep.runtime.name)
+        rep["warnings"] += wrong
+        phases["engine_output_check_s"] = time.perf_counter() - t0
     rep["seconds_total"] = time.perf_counter() - t_start
     write_json_atomic(report_path, rep)
     rep["report_path"] = str(report_path)

@@ -191,7 +191,8 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
                 holder.b = shared_params[("bias", name)]
     if not params:
         torch.random.set_rng_state(gen_state)
-        return {}, {"skipped": "no site weight can be tuned (all behind Transpose/Cast or shared)"}
+        raise CorrectionUnsupported("no pruned weight can be tuned: each reaches its node through a "
+                                    "Transpose or Cast, or feeds several nodes")
 
     def run(item, grad: bool):
         """The compared outputs of the pruned graph, in the order of `dense_outputs`."""

@@ -1,6 +1,8 @@
 """onnxruntime sessions for calibration and evaluation, with the engine's errors turned into one line."""
 from __future__ import annotations
 
+import os
+
 import onnx
 
 from spdy_onnx.errors import SpdyError
@@ -11,7 +13,8 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int | None = None):
+def make_session(model: "onnx.ModelProto | str | os.PathLike", *, optimize: bool = True, threads: int | None = None):
+    """A CPU session of an in-memory model, or of a file (which may keep its weights as external data)."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -20,7 +23,8 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int 
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        source = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise SpdyError(f"onnxruntime cannot load the model for calibration: {_first_line(exc)}") from None
 

@@ -181,7 +181,15 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> dict:
         raise SpdyError(f"cannot read {what} {path}: {exc}") from None
 
 
+def _new_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (mkstemp's own is 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
+    """Written whole to a temp file beside `path`, then renamed: a reader never sees half a report."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -189,6 +197,7 @@ def write_json_atomic(path: str | os.PathLike, data) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, sort_keys=False, default=_json_default)
             f.write("\n")
+        os.chmod(tmp, _new_file_mode())   # readable like the model written next to it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -101,6 +101,19 @@ def test_input_unchanged_and_writes_stay_in_the_output_folder(setup, capsys):
     assert not any(k == "write" and Path(t) == out / "pruned.onnx" for k, t in writes)
 
 
+def test_report_and_model_get_the_same_permissions(setup, capsys):
+    """The report is renamed from a private temp file; it ends up as readable as the model beside it
+    (what the umask gives a new file), not 0600."""
+    path, table, out, _ = setup
+    old = os.umask(0o022)
+    try:
+        assert optimize(path, table, out / "pruned.onnx") == 0
+    finally:
+        os.umask(old)
+    model_mode = (out / "pruned.onnx").stat().st_mode & 0o777
+    assert (out / "pruned.report.json").stat().st_mode & 0o777 == model_mode == 0o644
+
+
 def _fail_on(monkeypatch, exc, *, when):
     real = os.replace
 

@@ -191,6 +191,25 @@ def test_the_corrected_file_is_the_one_measured_and_written(clock, mlp_setup, tm
     assert any(not np.array_equal(draft[k], v) for k, v in last.items())       # and it is not the draft
 
 
+def test_weights_the_correction_cannot_tune_leave_the_measured_draft_as_the_file(clock, tmp_path, caplog):
+    """fp16 weights reach their MatMuls through a Cast, which the correction does not tune: it says so
+    once, and the draft it measured is written without a second, identical measurement."""
+    rng = np.random.default_rng(0)
+    path, data, _ = _setup(tmp_path, tiny.mlp(width=64, depth=4, seq=8, weight_form="fp16"),
+                           {"x": rng.standard_normal((48, 8, 64)).astype(np.float32)})
+    clock.efficiency = 1.0
+    out = tmp_path / "o.onnx"
+    with caplog.at_level("WARNING", logger="spdy_onnx"):
+        rep = api.optimize(path, target=1.5, runtime="sparsity-clock", output=out, data=data, progress=False,
+                           cache_dir=tmp_path / "c", strategy="uniform", correct_epochs=1)
+    assert rep["status"] == "met"
+    assert [a["weights"] for a in rep["attempts"]] == ["draft"]     # no second measurement of the same file
+    assert "Cast" in rep["quality"]["global_correction_skipped"] and "global_correction" not in rep["quality"]
+    assert caplog.text.count("global correction is skipped") == 1
+    written = _inits(out)
+    assert all(np.array_equal(written[k], v) for k, v in clock.measured[-1].items())
+
+
 def test_the_report_splits_the_calibration_setup_and_a_cached_database_skips_its_hessians(clock, mlp_setup, tmp_path):
     path, data, _ = mlp_setup
     clock.efficiency = 1.0

@@ -49,6 +49,11 @@ def test_optimize_writes_valid_model_with_measured_speedup(mlp_path, tmp_path, c
     assert rep["lowest_level_check"]["level"] == 0.5 and rep["lowest_level_check"]["measured"] > 0
     on_disk = json.loads((tmp_path / "out.report.json").read_text())
     assert on_disk["measured_speedup"] == rep["measured_speedup"]
+    # what the engine returned while it was timed matches onnxruntime, for the dense and the written file
+    check = on_disk["engine_outputs"]
+    assert check["checked"] and check["dense"]["finite"] and check["pruned"]["finite"]
+    assert 0 <= check["pruned"]["max_rel_error"] < 1e-3 and 0 <= check["dense"]["max_rel_error"] < 1e-3
+    assert not any("onnxruntime" in w for w in rep["warnings"])
     model = onnx.load(out)
     onnx.checker.check_model(model)
     meta = get_metadata(model)
@@ -571,3 +576,31 @@ def test_a_run_slow_in_everything_is_divided_out_of_its_column(mlp_path, monkeyp
     assert column == pytest.approx(steady[0.7], rel=0.05)
     assert dict((lvl, f) for lvl, f in table.meta["slowness"])[0.7] == pytest.approx(2.0, rel=0.05)
     assert sum(table.times[s][1] for s in table.times) == pytest.approx(steady[0.5], rel=0.05)
+
+
+def test_a_file_the_engine_computes_wrongly_is_reported(mlp_path, tmp_path, cache_dir, monkeypatch, caplog):
+    """The outputs the engine returned for the written file are checked against onnxruntime's: here the
+    engine's answer for the pruned file is replaced by NaN (as DeepSparse returns for some models), and
+    the report and the console say so, naming the file and not the dense model."""
+    from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime
+    real = DeepSparseRuntime.compare
+
+    def broken(self, *args, **kwargs):
+        comparison = real(self, *args, **kwargs)
+        comparison.outputs[1] = [np.full_like(a, np.nan) for a in comparison.outputs[1]]
+        return comparison
+
+    monkeypatch.setattr(DeepSparseRuntime, "compare", broken)
+    out = tmp_path / "out.onnx"
+    try:
+        rep = api.optimize(mlp_path, target="1.2x", output=out, cache_dir=cache_dir, max_attempts=4,
+                           margin=-0.05, **FAST)
+    except (TargetMissed, InfeasibleTarget) as exc:
+        pytest.skip(f"machine too noisy to meet the target here: {exc}")
+    check = rep["engine_outputs"]
+    assert check["dense"]["finite"] and check["dense"]["max_rel_error"] < 1e-3
+    assert not check["pruned"]["finite"] and check["pruned"]["max_rel_error"] is None
+    wrong = [w for w in rep["warnings"] if "written file" in w]
+    assert len(wrong) == 1 and "dense model's agree" in wrong[0]
+    assert any("written file" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    json.loads((tmp_path / "out.report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
