@@ -825,10 +825,14 @@ def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=1, 
             if {k: v for k, v in base.specs.items()} != {k: v for k, v in cand.specs.items()}:
                 raise SpdyError("the model and the baseline have different inputs; they cannot be compared")
         base_path = base.dense_static() if base else cand.dense_static()
+        feeds = modelio.example_inputs(cand.specs)
         comparison = cand.runtime.compare(str(base_path), str(cand.dense_static()), batch_size=cand.batch_size,
-                                          feeds=modelio.example_inputs(cand.specs))
+                                          feeds=feeds)
         if comparison is None:
             raise SpdyError(f"runtime '{runtime}' cannot run models on this machine; nothing was measured")
+        check, wrong = engine_check.check(base_path, cand.dense_static(), feeds, comparison, engine=runtime,
+                                          names=("the baseline", "the model"))
+        comparison.extra.update(engine_outputs=check, warnings=wrong)
         return comparison
     finally:
         cand.close()

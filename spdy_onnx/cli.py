@@ -261,6 +261,8 @@ def _run(args) -> int:
                       f"batch {args.batch_size}, cores {c.extra.get('cores')}")
             if c.foreign_load_cores > 0.5:
                 print(f"warning: other processes used {c.foreign_load_cores:.1f} cores meanwhile")
+            for warning in c.extra.get("warnings", []):
+                print(f"warning: {warning}")
         elif args.command == "sites":
             from spdy_onnx import graph, modelio
             model = graph.constants_to_initializers(modelio.load_model(args.model))

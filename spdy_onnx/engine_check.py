@@ -59,9 +59,11 @@ def reference_outputs(path, feeds: dict) -> list[np.ndarray]:
     return run(session, names, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
 
 
-def check(dense_path, candidate_path, feeds: dict, comparison, *, engine: str) -> tuple[dict | None, list[str]]:
-    """(the report's `engine_outputs`, warnings) for a measurement; (None, []) where the engine gave
-    no outputs back (an engine that cannot run here, or one that does not hand them out)."""
+def check(dense_path, candidate_path, feeds: dict, comparison, *, engine: str,
+          names: tuple[str, str] = ("the dense model", "the written file")) -> tuple[dict | None, list[str]]:
+    """(the report's `engine_outputs`, warnings) for a measurement of `candidate_path` against
+    `dense_path`, which `names` call them in the warnings; (None, []) where the engine gave no outputs
+    back (an engine that cannot run here, or one that does not hand them out)."""
     outputs = getattr(comparison, "outputs", None)
     if outputs is None:
         return None, []
@@ -72,23 +74,22 @@ def check(dense_path, candidate_path, feeds: dict, comparison, *, engine: str) -
         log.warning("the engine's outputs were not checked: %s", exc)
         return {"reference": "onnxruntime", "checked": False, "note": str(exc)}, []
     report = {"reference": "onnxruntime", "checked": True, "tolerance": TOLERANCE, "dense": dense, "pruned": pruned}
+    base, cand = names
     warnings = []
     if not pruned["reference_finite"]:
-        warnings.append("the written file's outputs are not finite even in onnxruntime on the measurement "
-                        "inputs: the pruned weights break this model's numerics")
+        warnings.append(f"the outputs of {cand} are not finite even in onnxruntime on the measurement inputs: "
+                        "its weights break the model's numerics")
     if is_wrong(pruned) and is_wrong(dense):
         warnings.append(f"{engine} computes this model wrongly, pruned or not: on the measurement inputs its "
-                        f"outputs of the written file are {_describe(pruned)} and those of the dense model "
-                        f"{_describe(dense)}. Check the engine's outputs before deploying either")
+                        f"outputs of {cand} are {_describe(pruned)} and those of {base} {_describe(dense)}. "
+                        "Check the engine's outputs before deploying either")
     elif is_wrong(pruned):
-        warnings.append(f"{engine}'s outputs of the written file are {_describe(pruned)} on the measurement "
-                        "inputs, while the dense model's agree: check the file on the engine before deploying it")
+        warnings.append(f"{engine}'s outputs of {cand} are {_describe(pruned)} on the measurement inputs, while "
+                        f"those of {base} agree: check the file on the engine before deploying it")
     elif is_wrong(dense):
-        warnings.append(f"{engine}'s outputs of the dense model are {_describe(dense)} on the measurement "
-                        "inputs, while the written file's agree: the engine may not run this model reliably")
-    for text in warnings:
-        log.warning(text)
-    return report, warnings
+        warnings.append(f"{engine}'s outputs of {base} are {_describe(dense)} on the measurement inputs, while "
+                        f"those of {cand} agree: the engine may not run this model reliably")
+    return report, warnings   # the caller reports them (the CLI prints the report's warnings)
 
 
 def _describe(error: dict) -> str:
