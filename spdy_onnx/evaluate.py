@@ -61,16 +61,22 @@ def normalised_mse(ref: np.ndarray, out: np.ndarray) -> float:
     return num / den if den > 0 else num
 
 
+# a rank-2 output named with one of these is a vector to keep, not class scores (sentence_embedding,
+# pooler_output, image_embeds, features): KL would compare softmaxes of its coordinates
+EMBEDDING_WORDS = ("embed", "pool", "hidden", "feature", "vector", "encod")
+
+
 def choose_loss(loss: str, output_shape, name: str = "") -> str:
-    """auto: KL for class scores (rank-2 outputs with several columns, or an output named like logits,
-    e.g. a language model's (batch, tokens, vocabulary)), normalised MSE otherwise. KL is taken over
-    the last axis, per position."""
+    """auto: KL for class scores (rank-2 outputs with several columns not named like an embedding, or
+    an output named like logits, e.g. a language model's (batch, tokens, vocabulary)), normalised MSE
+    otherwise. KL is taken over the last axis, per position."""
     if loss in ("kl", "mse"):
         return loss
     if loss != "auto":
         raise SpdyError(f"unknown loss '{loss}'; choose kl, mse or auto")
     if len(output_shape) == 2 and output_shape[-1] > 1:
-        return "kl"
+        lowered = name.lower()
+        return "mse" if any(w in lowered for w in EMBEDDING_WORDS) and "logit" not in lowered else "kl"
     return "kl" if len(output_shape) >= 3 and output_shape[-1] > 1 and "logit" in name.lower() else "mse"
 
 

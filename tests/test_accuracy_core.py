@@ -400,6 +400,11 @@ def test_auto_loss_reads_the_output_shape_and_name():
     from spdy_onnx.evaluate import choose_loss
     assert choose_loss("auto", (4, 1000)) == "kl"                        # class scores
     assert choose_loss("auto", (4, 1)) == "mse"                          # one regression value
+    assert choose_loss("auto", (4, 1000), "output") == "kl"
+    # pooled vectors are kept, not scored as classes
+    for name in ("sentence_embedding", "pooler_output", "image_embeds", "features", "last_hidden_state"):
+        assert choose_loss("auto", (1, 384), name) == "mse", name
+    assert choose_loss("auto", (1, 10), "pooled_logits") == "kl"
     assert choose_loss("auto", (1, 128, 384), "last_hidden_state") == "mse"
     assert choose_loss("auto", (1, 64, 8000), "logits") == "kl"          # a language model, per token
     assert choose_loss("auto", (1, 64, 8000), "out") == "mse"
