@@ -231,7 +231,8 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
     from spdy_onnx import cache
     memo = cache.cache_key(model=prep.digest, sites=[s.name for s in sites], levels=levels, loss=loss,
                            database=getattr(database, "folder", type(database).__name__), pattern=table.pattern,
-                           data=calibrate.data_digest(calib), samples=eval_samples, version=3)
+                           data=calibrate.data_digest(calib), samples=eval_samples,
+                           version=4)   # 4: auto gives MSE to rank-2 outputs named like embeddings
     journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
     t0 = time.perf_counter()
     evaluator = evaluate.Evaluator(prep.calibration_model, sites, database, calib, loss=loss, specs=prep.specs,
