@@ -59,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-table", default=None,
                    help="use this saved latency table (from `profile`) instead of measuring")
     p.add_argument("--exclude", action="append", metavar="PATTERN",
-                   help="keep these sites dense: node names or regular expressions (repeatable)")
+                   help="keep these sites dense: node or output names, or regular expressions that match "
+                        "the whole name, e.g. '.*attention.*' (repeatable)")
     p.add_argument("--include", action="append", metavar="PATTERN",
-                   help="prune these sites even if excluded by default (tiny or grouped/depthwise)")
+                   help="prune these sites even if excluded by default (tiny or grouped/depthwise); names or "
+                        "whole-name regular expressions, as --exclude (repeatable)")
     p.add_argument("--min-weights", type=int, default=4096,
                    help="sites with fewer weights stay dense unless --include'd (default: %(default)s)")
     p.add_argument("--data", default=None,

@@ -328,7 +328,9 @@ def select_sites(sites: list[Site], *, exclude: list[str] | None = None, include
     for pats, flag in ((excl, "--exclude"), (incl, "--include")):
         for p in pats:
             if not any(s.name == p.pattern or p.fullmatch(s.name) or p.fullmatch(s.output) for s in sites):
-                log.warning("%s pattern '%s' matches no prunable site", flag, p.pattern)
+                log.warning("%s pattern '%s' matches the whole name of no site (Conv/Gemm/MatMul with a "
+                            "constant weight; `spdy-onnx sites MODEL` lists them); for a part of a name write "
+                            "'.*%s.*'", flag, p.pattern, p.pattern)
     return chosen, excluded
 
 

@@ -60,6 +60,18 @@ def test_default_exclusions_and_patterns():
         graph.select_sites(sites, exclude=["("])
 
 
+def test_a_pattern_that_matches_only_part_of_a_name_is_named_with_the_fix(caplog):
+    sites, _ = graph.find_sites(tiny.cnn(channels=64, classes=100))
+    with caplog.at_level("WARNING", logger="spdy_onnx"):
+        chosen, _ = graph.select_sites(sites, include=["depth"])
+    assert "depthwise" not in {s.name for s in chosen}          # patterns match whole names
+    assert "--include pattern 'depth'" in caplog.text and "'.*depth.*'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spdy_onnx"):
+        chosen, _ = graph.select_sites(sites, include=[".*depth.*"])
+    assert "depthwise" in {s.name for s in chosen} and caplog.text == ""
+
+
 def test_shared_weight_is_left_dense_with_reason():
     model = tiny.mlp(width=32, depth=3, seq=2, weight_form="shared")
     sites, unprunable = graph.find_sites(model)
