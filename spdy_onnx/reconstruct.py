@@ -106,6 +106,18 @@ def build_database(prep, sites, sources: dict, levels: list[float], data: dict, 
     return db
 
 
+def _unit_scale(h: np.ndarray) -> np.ndarray | None:
+    """H over its mean non-zero diagonal, or None when H is not finite. The reconstruction does not
+    depend on H's scale, but its float32 steps do: a layer whose inputs are about 1e-20 (a randomly
+    initialised MobileViT has such) gives an H^-1 beyond float32's range."""
+    h = np.asarray(h, dtype=np.float64)
+    if not np.isfinite(h).all():
+        return None
+    diag = np.diag(h)
+    live = diag[diag > 0]
+    return h / float(live.mean()) if live.size else h
+
+
 def _reconstruct_site(site, source, h, levels, pattern, damp) -> np.ndarray:
     out = np.empty((len(levels),) + tuple(source.shape), dtype=source.dtype)
     out[0] = source
@@ -121,6 +133,11 @@ def _reconstruct_site(site, source, h, levels, pattern, damp) -> np.ndarray:
             for j in range(1, len(levels)):
                 out[j] = fallback.weight(site.name, j)
         return out
+    h = _unit_scale(h)
+    if h is None:
+        log.warning("site %s: its inputs on the calibration data are not finite; magnitude pruning instead",
+                    site.name)
+        return _reconstruct_site(site, source, None, levels, pattern, damp)
     try:
         chol, dead = obs.inverse_cholesky(h, damp=damp)
     except np.linalg.LinAlgError:
@@ -130,6 +147,10 @@ def _reconstruct_site(site, source, h, levels, pattern, damp) -> np.ndarray:
         stack = np.repeat(obs.best_reconstruction(w, h, chol, dead, n=2, m=4)[None], len(levels) - 1, axis=0)
     else:
         stack = obs.best_reconstruction_levels(w, h, chol, dead, levels[1:])
+    if not np.isfinite(stack).all():
+        log.warning("site %s: the second-order reconstruction is not finite (inputs of extreme scale?); "
+                    "magnitude pruning instead", site.name)
+        return _reconstruct_site(site, source, None, levels, pattern, damp)
     for j in range(1, len(levels)):
         out[j] = site.from_matrix(stack[j - 1])
     return out

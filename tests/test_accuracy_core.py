@@ -86,6 +86,37 @@ def test_dead_inputs_are_handled():
     assert np.isfinite(obs.prune(w, chol, dead, 0.5)).all()
 
 
+@pytest.mark.parametrize("scale", [1e-40, 1e30])
+def test_reconstruction_does_not_depend_on_the_inputs_scale(scale):
+    """Inputs of about 1e-20 (a randomly initialised MobileViT's) give H = XᵀX near 1e-40: its inverse
+    is beyond float32's range. The site's reconstruction is the same at any scale of H."""
+    from spdy_onnx.reconstruct import _reconstruct_site
+    model = tiny.mlp(width=96, depth=1, seq=4)
+    site = graph.find_sites(model)[0][0]
+    w = graph.read_weights(model, [site])[site.name]
+    _, _, h = _layer_problem(cols=96)
+    levels = [0.0, 0.5, 0.8]
+    ref = _reconstruct_site(site, w, h, levels, "unstructured", 0.01)
+    with np.errstate(all="ignore"):
+        out = _reconstruct_site(site, w, h * scale, levels, "unstructured", 0.01)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out == 0, ref == 0)
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-5)
+
+
+def test_a_hessian_that_is_not_finite_falls_back_to_magnitude(caplog):
+    from spdy_onnx.reconstruct import _reconstruct_site
+    model = tiny.mlp(width=96, depth=1, seq=4)
+    site = graph.find_sites(model)[0][0]
+    w = graph.read_weights(model, [site])[site.name]
+    _, _, h = _layer_problem(cols=96)
+    h[3, 3] = np.inf
+    with caplog.at_level("WARNING", logger="spdy_onnx"):
+        out = _reconstruct_site(site, w, h, [0.0, 0.5], "unstructured", 0.01)
+    assert "not finite" in caplog.text
+    np.testing.assert_array_equal(out[1], MagnitudeDatabase([site], {site.name: w}, [0.0, 0.5]).weight(site.name, 1))
+
+
 def _mlp_and_data(tmp_path, n=16):
     model = tiny.mlp(width=32, depth=3, seq=4)
     rng = np.random.default_rng(0)
