@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from spdy_onnx import __version__
@@ -289,6 +290,11 @@ def _run(args) -> int:
         print("spdy-onnx: interrupted (outputs are only ever renamed into place complete; caches keep "
               "finished work for the next run)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`spdy-onnx sites m.onnx | head`): stop quietly, and keep Python's own
+        # flush of stdout at exit from raising the same error again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141   # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
     return 0
 
 

@@ -146,3 +146,18 @@ def test_bad_latency_table(tmp_path, capsys, mlp_path):
                                               ("--max-attempts", "0", "max attempts must be >= 1")])
 def test_bad_numeric_options(tmp_path, capsys, mlp_path, flag, value, match):
     expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", flag, value, match=match)
+
+
+def test_output_cut_short_by_the_reader_is_not_a_traceback(tmp_path):
+    """`spdy-onnx sites model.onnx | head`: the pipe closes under a long listing."""
+    import subprocess
+    import sys
+    path = tmp_path / "deep.onnx"
+    onnx.save(tiny.mlp(width=8, depth=1500, seq=2), path)     # about 130 kB of listing: more than a pipe holds
+    proc = subprocess.Popen([sys.executable, "-m", "spdy_onnx", "sites", str(path), "--min-weights", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(100)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "Exception ignored" not in err, err
