@@ -145,6 +145,26 @@ class Prepared:
         self.workdir = tempfile.TemporaryDirectory(prefix="spdy-onnx-")
         self._static_paths: dict[str, Path] = {}
         self._calibration_model = None
+        self._check_batch_size()
+
+    def _check_batch_size(self) -> None:
+        """A model exported at a fixed batch often has that batch baked into its graph (a Reshape or
+        Concat to fixed shapes): at another --batch-size it fails deep inside an engine. Run it once in
+        onnxruntime at the new batch first, so the error names the cause."""
+        exported = modelio.fixed_batch(self.model)
+        if exported is None or exported == self.batch_size:
+            return
+        import onnxruntime as ort
+        try:
+            session = ort.InferenceSession(str(self.dense_static()), providers=["CPUExecutionProvider"])
+            session.run(None, modelio.example_inputs(self.specs))
+        except Exception as exc:   # onnxruntime's own errors have no common base class
+            self.close()
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise SpdyError(f"{self.path.name} was exported at batch {exported}, and at --batch-size "
+                            f"{self.batch_size} onnxruntime cannot run it ({why}). Its graph may have the batch size baked in "
+                            f"(a Reshape or Concat to fixed shapes): export it with a dynamic batch axis, or use "
+                            f"--batch-size {exported}") from None
 
     def static_copy(self, model, tag: str) -> Path:
         """Our own file with concrete input shapes: engines compile it (and may rewrite it)."""

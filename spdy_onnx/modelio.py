@@ -426,6 +426,18 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's inputs fix in their first dimension, or None where any is dynamic
+    (or the inputs disagree)."""
+    sizes = set()
+    for value in graph_inputs(model):
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+            return None
+        sizes.add(int(dims[0].dim_value))
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def input_specs(model: onnx.ModelProto, batch_size: int,
                 overrides: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Concrete shape and dtype of every model input.

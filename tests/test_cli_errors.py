@@ -9,6 +9,7 @@ from onnx import TensorProto, helper
 
 from spdy_onnx.cli import main
 from spdy_onnx.runtimes import REGISTRY
+from spdy_onnx.tables import LatencyTable
 
 
 def snapshot(folder):
@@ -161,3 +162,31 @@ def test_output_cut_short_by_the_reader_is_not_a_traceback(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def _baked_batch_model():
+    """x (1, 4, 64) -> MatMul -> Reshape to a constant (1, 256): runs at batch 1 only."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [64, 64], rng.standard_normal(64 * 64).astype(np.float32))
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 256])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Reshape", ["h", "shape"], ["y"], name="flat")]
+    graph_ = helper.make_graph(nodes, "baked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [w, shape])
+    model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model
+
+
+def test_a_batch_size_the_graph_has_baked_in_is_named(tmp_path, capsys):
+    path = tmp_path / "baked.onnx"
+    onnx.save(_baked_batch_model(), path)
+    table = tmp_path / "t.json"
+    LatencyTable(levels=[0.0, 0.5], times={"mm": [1.0, 0.5]}, dense_total_ms=1.2, runtime="table").save(table)
+    err = expect_error(capsys, tmp_path, "optimize", str(path), "--target", "1.2x", "--runtime", "table",
+                       "--latency-table", str(table), "--min-weights", "0", "-b", "4",
+                       match="was exported at batch 1, and at --batch-size 4 onnxruntime cannot run it")
+    assert "--batch-size 1" in err and "dynamic batch axis" in err
+    # at its own batch it runs
+    assert main(["optimize", str(path), "--target", "1.2x", "--runtime", "table", "--latency-table", str(table),
+                 "--min-weights", "0", "-q", "-o", str(tmp_path / "out" / "o.onnx")]) == 0
