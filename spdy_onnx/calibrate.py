@@ -200,8 +200,8 @@ def site_rows(site, x: np.ndarray) -> np.ndarray:
                 for i in range(kh) for j in range(kw)]
         patches = np.stack(cols, axis=-1)                     # (b, c, ho, wo, kh*kw)
         return patches.transpose(0, 2, 3, 4, 1).reshape(-1, kh * kw * c)
-    if site.op_type == "Gemm":
-        return x.reshape(-1, x.shape[-1])
+    if site.op_type == "Gemm" and site.trans_a:
+        return x.reshape(-1, x.shape[-1]).T    # A is (K, M): its rows are the columns
     return x.reshape(-1, x.shape[-1])
 
 
@@ -262,7 +262,7 @@ def hessians(model: onnx.ModelProto, sites, data: dict, batch_size: int, *,
     out_names = [o.name for o in sess.get_outputs()]
     groups: dict[tuple, list] = {}
     for s in sites:
-        geometry = (s.input, s.op_type == "Conv", s.kernel_shape, s.strides, s.pads, s.dilations)
+        geometry = (s.input, s.op_type == "Conv", s.kernel_shape, s.strides, s.pads, s.dilations, s.trans_a)
         groups.setdefault(geometry, []).append(s)
     acc = {geometry: _RowAccumulator() for geometry in groups}
     widths: dict[tuple, int] = {}

@@ -35,6 +35,7 @@ class Site:
     source_dtype: str
     chain: list = field(default_factory=list)   # [("Transpose", perm) | ("Cast", dtype) | ("Identity", None)], source -> node
     trans_b: bool = False          # Gemm transB
+    trans_a: bool = False          # Gemm transA: the activation comes in as (K, M)
     group: int = 1                 # Conv groups
     kernel_shape: tuple = ()
     strides: tuple = ()
@@ -215,6 +216,8 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
         if tensor not in inits:
             if quantized:
                 unprunable[name] = "quantized weight (DequantizeLinear): left as is"
+            elif node.op_type == "MatMul" and node.input[0] in inits:
+                unprunable[name] = "the constant is the first input (W @ x): only x @ W is pruned; left dense"
             continue
         init = inits[tensor]
         if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
@@ -265,6 +268,7 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
             chain=fixed_chain, input=node.input[0])
         if node.op_type == "Gemm":
             site.trans_b = bool(attrs.get("transB", 0))
+            site.trans_a = bool(attrs.get("transA", 0))
         if node.op_type == "Conv":
             nd = len(shape) - 2
             site.group = int(attrs.get("group", 1))

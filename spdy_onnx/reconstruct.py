@@ -82,8 +82,11 @@ def build_database(prep, sites, sources: dict, levels: list[float], data: dict, 
     if method != "obs":
         raise ValueError(f"unknown reconstruction method {method}")
     data = {k: v[:HESSIAN_SAMPLES] for k, v in data.items()}
+    # Gemm transA sites had the transposed Hessian until it was fixed: their databases are keyed apart,
+    # and every other model's cached database stays valid
+    fixed = {"trans_a": sorted(s.name for s in sites if s.trans_a)} if any(s.trans_a for s in sites) else {}
     key = cache.cache_key(model=prep.digest, sites=sorted(s.name for s in sites), levels=levels, method=method,
-                          pattern=pattern, data=calibrate.data_digest(data), damp=damp, version=5)
+                          pattern=pattern, data=calibrate.data_digest(data), damp=damp, version=5, **fixed)
     folder = Path(cache_dir or cache.default_cache_dir()) / "databases" / key
     folder.mkdir(parents=True, exist_ok=True)
     db = StoredDatabase(folder, sites, levels, method)

@@ -172,6 +172,30 @@ def test_hessians_match_direct_computation(tmp_path, monkeypatch, flush_elements
     assert hs["matmul_1"].shape == (32, 32)
 
 
+def test_a_gemm_with_trans_a_gets_the_hessian_of_its_rows(tmp_path):
+    """Gemm(transA=1) reads its activation as (K, M): the reduction runs down its columns."""
+    from onnx import TensorProto, helper
+    k, m, n = 32, 32, 48           # K == M: a transposed H would have the right shape and be wrong
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [k, n], rng.standard_normal(k * n).astype(np.float32))
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [k, m])
+    g = helper.make_graph([helper.make_node("Reshape", ["a", "shape"], ["a2"], name="flat"),
+                           helper.make_node("Gemm", ["a2", "w"], ["y"], name="gemm", transA=1)], "ta",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, k, m])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w, shape])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    scales = np.geomspace(0.01, 10, k).astype(np.float32)[:, None]      # per-K-row scales
+    a = (rng.standard_normal((8, k, m)) * scales).astype(np.float32)
+    np.savez(tmp_path / "c.npz", a=a)
+    data = calibrate.load_data(tmp_path / "c.npz", {"a": ((1, k, m), np.dtype(np.float32))})
+    sites, _ = graph.find_sites(model)
+    assert sites[0].trans_a
+    h = calibrate.hessians(model, sites, data, 1, progress=False)["gemm"]
+    rows = a.transpose(0, 2, 1).reshape(-1, k).astype(np.float64)      # (samples * M, K)
+    np.testing.assert_allclose(h, rows.T @ rows / rows.shape[0], rtol=1e-4, atol=1e-6)
+
+
 def test_evaluator_single_session_and_losses(tmp_path):
     model, path, specs = _mlp_and_data(tmp_path)
     data = calibrate.load_data(path, specs)

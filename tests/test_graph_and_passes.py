@@ -72,6 +72,16 @@ def test_a_pattern_that_matches_only_part_of_a_name_is_named_with_the_fix(caplog
     assert "depthwise" in {s.name for s in chosen} and caplog.text == ""
 
 
+def test_a_matmul_with_its_constant_first_is_listed_as_left_dense():
+    from onnx import TensorProto, helper
+    w = helper.make_tensor("w", TensorProto.FLOAT, [16, 8], np.ones(128, dtype=np.float32))
+    g = helper.make_graph([helper.make_node("MatMul", ["w", "x"], ["y"], name="wx")], "wx",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 4])], [w])
+    sites, unprunable = graph.find_sites(helper.make_model(g))
+    assert sites == [] and "W @ x" in unprunable["wx"]
+
+
 def test_shared_weight_is_left_dense_with_reason():
     model = tiny.mlp(width=32, depth=3, seq=2, weight_form="shared")
     sites, unprunable = graph.find_sites(model)
