@@ -109,6 +109,23 @@ def default_output(model_path: Path, target: float) -> Path:
     return model_path.with_name(f"{model_path.stem}.{target:g}x.onnx")
 
 
+def _check_writable(path: Path, what: str) -> None:
+    """Fail now, not after minutes of work, where a file cannot be written: a folder in the way, or a
+    folder (or its nearest existing parent) that takes no new files. Nothing is left behind."""
+    if path.is_dir():
+        raise SpdyError(f"the {what} path {path} is a folder; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SpdyError(f"cannot write the {what} {path}: {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise SpdyError(f"cannot write the {what} {path}: {folder}: {exc.strerror or exc}") from None
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
@@ -368,6 +385,9 @@ def _still_current(prep: Prepared, table: LatencyTable, feeds) -> bool:
     return True
 
 
+UNTIMED = "the engine does not time this node separately: left dense"
+
+
 def _restrict_to_table(prep: Prepared, table: LatencyTable) -> list:
     """Sites the table has times for; the rest stay dense, with the reason recorded."""
     kept = []
@@ -375,7 +395,7 @@ def _restrict_to_table(prep: Prepared, table: LatencyTable) -> list:
         if site.name in table.times:
             kept.append(site)
         else:
-            prep.excluded[site.name] = "the engine does not time this node separately: left dense"
+            prep.excluded[site.name] = UNTIMED
     if table.pattern == "2:4":
         from spdy_onnx.passes.semi_structured import eligible
         eligible_sites = []
@@ -408,6 +428,11 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     report_path = Path(report) if report else output.with_name(output.stem + ".report.json")
     if _same_file(model_path, report_path):
         raise SpdyError("the report path is the input file; refusing to overwrite the input")
+    if _same_file(output, report_path):
+        raise SpdyError("the report path is the output model's path; the report would replace the model "
+                        "(choose another --report)")
+    for path, what in ((output, "output"), (report_path, "report")):
+        _check_writable(path, what)
     if strategy not in STRATEGIES:
         raise SpdyError(f"unknown strategy '{strategy}'; choose one of: {', '.join(STRATEGIES)}")
     if not -0.5 < margin < 0.5:
@@ -447,6 +472,12 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     from spdy_onnx import strategies  # the accuracy side: calibration, database, search
 
     phases: dict[str, float] = {}
+    if data is not None:
+        # loaded and checked before the table is profiled: bad data should fail in a second, not after minutes
+        from spdy_onnx import calibrate
+        t0 = time.perf_counter()
+        data = calibrate.load_data(data, prep.specs, samples=samples)
+        phases["load_data_s"] = time.perf_counter() - t0
     validation = None
     if validation_data is not None:
         # checked before the table is profiled: bad data should fail in a second, not after minutes
@@ -461,6 +492,11 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     phases["latency_table_s"] = time.perf_counter() - t0
     sites = _restrict_to_table(prep, table)
     if not sites:
+        untimed = [n for n, why in prep.excluded.items() if why == UNTIMED]
+        if prep.sites and len(untimed) == len(prep.sites):
+            raise SpdyError(f"{prep.runtime.name} times none of the {len(untimed)} prunable site(s) on its own: its "
+                            "per-layer analysis maps no layer of this model to them, so no profile can be predicted; "
+                            "nothing to prune on this engine")
         raise SpdyError("every prunable site is excluded; nothing to prune "
                         f"({len(prep.excluded)} excluded, see --include/--exclude)")
     names = [s.name for s in sites]

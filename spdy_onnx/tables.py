@@ -191,16 +191,19 @@ def _new_file_mode() -> int:
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
     """Written whole to a temp file beside `path`, then renamed: a reader never sees half a report."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, sort_keys=False, default=_json_default)
             f.write("\n")
         os.chmod(tmp, _new_file_mode())   # readable like the model written next to it
         os.replace(tmp, path)
+    except OSError as exc:
+        raise SpdyError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 

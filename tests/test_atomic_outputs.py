@@ -219,3 +219,42 @@ def test_external_data_input_unchanged(tmp_path, capsys):
     pruned = onnx.load(str(folder / "pruned.onnx"))   # its data file holds the pruned weights
     weights = graph.read_weights(pruned, graph.find_sites(pruned)[0])
     assert sorted(float(np.mean(w == 0)) for w in weights.values()) == pytest.approx([0.5, 0.9], abs=1e-3)
+
+
+def test_output_and_report_paths_that_cannot_work_fail_before_any_work(setup, capsys):
+    """The report on the model's path would replace the model; a folder in the way, or a folder that
+    takes no files, would fail only after the whole run: each is one error up front, nothing written."""
+    path, table, out, _ = setup
+    model = out / "m.onnx"
+    cases = [(["--report", str(model)], "the report path is the output model's path"),
+             (["--report", str(out)], "is a folder"),
+             ([], "is a folder")]
+    for extra, match in cases:
+        target = out if match == "is a folder" and not extra else model
+        assert optimize(path, table, target, *extra) == 2
+        assert match in capsys.readouterr().err
+        assert listing(out) == []
+
+
+def test_a_folder_that_takes_no_files_is_named_up_front(setup, capsys, monkeypatch):
+    path, table, out, _ = setup
+    real = tempfile.TemporaryFile
+
+    def refuse(*a, dir=None, **k):
+        if dir is not None and Path(dir) == out:
+            raise OSError(30, "Read-only file system")
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    assert optimize(path, table, out / "sub" / "m.onnx") == 2
+    err = capsys.readouterr().err
+    assert "cannot write the output" in err and "Read-only file system" in err
+    assert listing(out) == []
+
+
+def test_a_report_that_cannot_be_written_is_one_error_not_a_traceback(tmp_path):
+    from spdy_onnx.tables import write_json_atomic
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SpdyError, match="cannot write"):
+        write_json_atomic(tmp_path / "taken", {"a": 1})
+    assert listing(tmp_path) == ["taken"]

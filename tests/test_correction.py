@@ -215,12 +215,27 @@ def test_the_report_splits_the_calibration_setup_and_a_cached_database_skips_its
     clock.efficiency = 1.0
     kw = dict(target=1.5, runtime="sparsity-clock", data=data, progress=False, cache_dir=tmp_path / "c",
               strategy="uniform", correct_epochs=0)
-    first = api.optimize(path, output=tmp_path / "a.onnx", **kw)["quality"]["calibration_phases_s"]
-    assert {"load_data_s", "database_s", "hessians_s", "reconstruction_s", "evaluator_s"} <= set(first)
+    rep = api.optimize(path, output=tmp_path / "a.onnx", **kw)
+    first = rep["quality"]["calibration_phases_s"]
+    assert {"database_s", "hessians_s", "reconstruction_s", "evaluator_s"} <= set(first)
+    assert "load_data_s" in rep["phases_s"]
     assert first["database_s"] >= first["hessians_s"] + first["reconstruction_s"] > 0
     again = api.optimize(path, output=tmp_path / "b.onnx", **kw)["quality"]["calibration_phases_s"]
     assert "hessians_s" not in again and "reconstruction_s" not in again    # read from the cache
     assert again["database_s"] < first["database_s"]
+
+
+def test_bad_calibration_data_fails_before_anything_is_profiled(clock, mlp_setup, tmp_path, monkeypatch):
+    """A wrong key in --data costs a second, not a profiling pass."""
+    path, _, _ = mlp_setup
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, ids=np.zeros((4, 8, 64), dtype=np.float32))
+    profiled = []
+    monkeypatch.setattr(clock, "measure", lambda self, *a, **k: profiled.append(1))
+    with pytest.raises(SpdyError, match="lacks model input"):
+        api.optimize(path, target=1.5, runtime="sparsity-clock", output=tmp_path / "o.onnx", data=bad,
+                     progress=False, cache_dir=tmp_path / "c")
+    assert profiled == [] and not (tmp_path / "o.onnx").exists()
 
 
 class NoisyClock(SparsityClock):
