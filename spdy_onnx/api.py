@@ -173,7 +173,9 @@ class Prepared:
             return
         import onnxruntime as ort
         try:
-            session = ort.InferenceSession(str(self.dense_static()), providers=["CPUExecutionProvider"])
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 4   # the exception carries the error: no second, raw copy on stderr
+            session = ort.InferenceSession(str(self.dense_static()), opts, providers=["CPUExecutionProvider"])
             session.run(None, modelio.example_inputs(self.specs))
         except Exception as exc:   # onnxruntime's own errors have no common base class
             self.close()

@@ -17,7 +17,7 @@ def make_session(model: "onnx.ModelProto | str | os.PathLike", *, optimize: bool
     """A CPU session of an in-memory model, or of a file (which may keep its weights as external data)."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4   # fatal only: its errors reach the user once, through the exception
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor visible
     if threads:
