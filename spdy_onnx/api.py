@@ -446,6 +446,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     if correct_epochs < 0:
         raise SpdyError(f"correction epochs must be >= 0, got {correct_epochs}")
     correct_seconds = parse_seconds(correct_budget, what="--correct-budget")
+    from spdy_onnx.search import parse_budget
+    parse_budget(search_budget)   # a bad budget fails here, not after profiling
     if validation_data is not None and data is None:
         raise SpdyError("--validation-data judges the global correction of a calibrated run; it needs --data")
     from spdy_onnx.search import PRIORS
@@ -756,7 +758,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         rep["fused_groups_from_drafts"] = tied_in_run
     if fastest is not None:
         rep["fastest_profile_measured_speedup"] = fastest
-    rep["warnings"] = _noise_warnings(table, comparison)
+    rep["warnings"] = _noise_warnings(table, comparison) + _quality_warnings(quality)
     if status != "missed" and comparison is not None:
         t0 = time.perf_counter()
         rep["engine_outputs"], wrong = engine_check.check(prep.dense_static(), prep.static_copy(pruned, "written"),
@@ -784,6 +786,24 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
 
 NOISY_CORES = 0.5
 NOISY_SPREAD = 1.10
+
+
+# a written file whose calibration loss is past these has lost most of what its outputs say: normalised
+# MSE 0.5 is an error half the size of the output; KL 1 nat puts the dense top class far down
+FAR_LOSS = {"mse": 0.5, "kl": 1.0}
+
+
+def _quality_warnings(quality: dict) -> list[str]:
+    """Meeting the speed is not enough to be worth deploying: say when the outputs are mostly gone."""
+    value, kinds = quality.get("calibration_loss"), quality.get("loss")
+    if value is None or not kinds:
+        return []
+    limit = max(FAR_LOSS.get(k, 0.5) for k in kinds.split("+"))
+    if value < limit:
+        return []
+    return [f"the written file's outputs are far from the dense model's on the calibration data ({kinds} "
+            f"{value:.3g}, at or past {limit:g}): at this target the model may be unusable; check its accuracy "
+            "before deploying it, or ask for less speed"]
 
 
 def _noise_warnings(table, comparison) -> list[str]:

@@ -53,6 +53,9 @@ def parse_budget(text) -> tuple[int | None, float | None]:
     if value <= 0:
         raise SpdyError(f"bad --search-budget '{text}': must be positive")
     if unit is None:
+        if value != int(value):
+            raise SpdyError(f"bad --search-budget '{text}': a number of evaluations is a whole number "
+                            "(or give a time: 5m, 90s)")
         return int(value), None
     return None, value * {"m": 60, "min": 60, "s": 1, "sec": 1, "h": 3600}[unit]
 

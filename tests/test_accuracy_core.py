@@ -277,7 +277,7 @@ def test_search_budget():
     assert parse_budget("600") == (600, None)
     assert parse_budget("5m") == (None, 300)
     assert parse_budget("90s") == (None, 90)
-    for bad in ["abc", "-3", "0"]:
+    for bad in ["abc", "-3", "0", "0.5", "10.5"]:
         with pytest.raises(SpdyError):
             parse_budget(bad)
     calls = []

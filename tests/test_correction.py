@@ -236,6 +236,10 @@ def test_bad_calibration_data_fails_before_anything_is_profiled(clock, mlp_setup
         api.optimize(path, target=1.5, runtime="sparsity-clock", output=tmp_path / "o.onnx", data=bad,
                      progress=False, cache_dir=tmp_path / "c")
     assert profiled == [] and not (tmp_path / "o.onnx").exists()
+    with pytest.raises(SpdyError, match="search-budget"):
+        api.optimize(path, target=1.5, runtime="sparsity-clock", output=tmp_path / "o.onnx", data=mlp_setup[1],
+                     progress=False, cache_dir=tmp_path / "c", search_budget="0.5")
+    assert profiled == []
 
 
 class NoisyClock(SparsityClock):

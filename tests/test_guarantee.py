@@ -407,3 +407,13 @@ def test_a_failed_analysis_of_the_draft_leaves_the_aim_search_as_it_was(monkeypa
     assert first["measured_speedup"] < 2.0 and "tied_after" not in first
     assert second["aimed_speedup"] > first["aimed_speedup"]      # raised, as without the check
     assert "analysis of the draft failed" in caplog.text and "fused_groups_from_drafts" not in rep
+
+
+def test_a_file_whose_outputs_are_mostly_gone_is_called_out():
+    from spdy_onnx.api import _quality_warnings
+    assert _quality_warnings({}) == []                                        # no data: nothing measured
+    assert _quality_warnings({"calibration_loss": 0.2, "loss": "mse"}) == []
+    assert _quality_warnings({"calibration_loss": 0.8, "loss": "kl"}) == []
+    (text,) = _quality_warnings({"calibration_loss": 0.73, "loss": "mse"})
+    assert "mse 0.73" in text and "less speed" in text
+    assert _quality_warnings({"calibration_loss": 1.3, "loss": "mse+kl"})
