@@ -507,8 +507,10 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     times = table.matrix(names)
     max_speedup = table.max_speedup(names)
     required = required_speedup(target, margin)   # what one measurement's median must reach
+    # Amdahl's bound, for the refusal: how much of the dense time the sites to choose for hold
+    pruned_share = float(times[:, 0].sum()) / table.dense_total_ms if table.dense_total_ms > 0 else None
     if max_speedup < required:
-        raise InfeasibleTarget(target, max_speedup, margin=margin)
+        raise InfeasibleTarget(target, max_speedup, margin=margin, pruned_share=pruned_share)
     log.info("%d sites to choose for, %d left dense; largest achievable speedup %.3fx",
              len(sites), len(prep.excluded), max_speedup)
     fastest = None
@@ -518,7 +520,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                                           required=required / (1 + FASTEST_SLACK))
         phases["fastest_check_s"] = time.perf_counter() - t0
         if fastest is not None and fastest * (1 + FASTEST_SLACK) < required:
-            raise InfeasibleTarget(target, max_speedup, margin=margin, measured=fastest)
+            raise InfeasibleTarget(target, max_speedup, margin=margin, measured=fastest, pruned_share=pruned_share)
 
     t0 = time.perf_counter()
     chooser = strategies.make_chooser(

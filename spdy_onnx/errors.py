@@ -5,9 +5,14 @@ class SpdyError(Exception):
     """A problem with the user's input or environment; the message is the whole explanation."""
 
 
+PRUNED_SHARE_NOTE = 0.6   # an infeasible target says how little of the time can be pruned, under this share
+
+
 class InfeasibleTarget(SpdyError):
-    def __init__(self, target: float, max_speedup: float, *, margin: float = 0.0, measured: float | None = None):
-        """`measured`: the end-to-end speedup of that fastest profile, when it was measured."""
+    def __init__(self, target: float, max_speedup: float, *, margin: float = 0.0, measured: float | None = None,
+                 pruned_share: float | None = None):
+        """`measured`: the end-to-end speedup of that fastest profile, when it was measured;
+        `pruned_share`: the share of the dense model's time in the sites that can be pruned."""
         self.target = target
         self.max_speedup = max_speedup
         self.measured = measured
@@ -24,13 +29,19 @@ class InfeasibleTarget(SpdyError):
         else:
             text = (f"target {target:g}x is infeasible on this engine: the largest achievable speedup is "
                     f"{max_speedup:.3f}x (with every prunable site at its fastest measured level)")
-            if max_speedup <= 1.01:
+            bounded = pruned_share is not None and pruned_share < 1 and 1 / (1 - pruned_share) < target
+            if max_speedup <= 1.01 and not bounded:   # when the pruned share is the limit, the batch is not
                 text += ("; no sparsity level runs faster than dense here: at this batch size the pruned "
                          "layers are too small to pay, try a larger --batch-size if you deploy one")
         if measured is None and target <= max_speedup < target * (1 + margin):
             # reachable on paper, but not with the safety margin the measurement must clear
             text += (f", under the {target * (1 + margin):.3f}x that target x (1 + margin {margin:g}) requires; "
                      "lower the target, or --margin 0 to accept no safety margin")
+        if pruned_share is not None and 0 <= pruned_share < PRUNED_SHARE_NOTE:
+            bound = 1 / (1 - pruned_share)
+            text += (f". The prunable sites take {pruned_share:.0%} of the dense model's time on this engine: even "
+                     f"with them removed entirely it could run at most {bound:.2f}x faster (the rest is ops that "
+                     "are not pruned, such as recurrent layers, attention, normalisation, or sites left dense)")
         super().__init__(text)
 
 

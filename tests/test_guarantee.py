@@ -417,3 +417,13 @@ def test_a_file_whose_outputs_are_mostly_gone_is_called_out():
     (text,) = _quality_warnings({"calibration_loss": 0.73, "loss": "mse"})
     assert "mse 0.73" in text and "less speed" in text
     assert _quality_warnings({"calibration_loss": 1.3, "loss": "mse+kl"})
+
+
+def test_a_refusal_says_how_little_of_the_time_can_be_pruned():
+    from spdy_onnx.errors import InfeasibleTarget
+    text = str(InfeasibleTarget(1.3, 1.001, margin=0.02, pruned_share=0.25))
+    assert "take 25% of the dense model's time" in text and "at most 1.33x faster" in text
+    assert "dense model's time" not in str(InfeasibleTarget(1.3, 1.1, margin=0.02, pruned_share=0.9))
+    # where the share itself is the limit, a bigger batch is not the advice
+    assert "--batch-size" not in str(InfeasibleTarget(1.3, 1.001, margin=0.02, pruned_share=0.01))
+    assert "--batch-size" in str(InfeasibleTarget(1.3, 1.001, margin=0.02, pruned_share=0.9))
