@@ -163,3 +163,19 @@ def run_deepsparse(path: Path, inputs: Sequence[np.ndarray], batch_size: int, *,
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def export_all(doc: str, names: Sequence[str], export, argv=None) -> None:
+    """The command line of an exporter of several models: NAME... (default all), --out, --calib; each
+    model through `export(name, out, calib=N)`, which returns the paths it wrote."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", help=f"default all: {', '.join(names)}")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--calib", type=int, default=64, help="random calibration samples (default 64)")
+    args = p.parse_args(argv)
+    for name in args.names or list(names):
+        if name not in names:
+            p.error(f"unknown architecture {name!r}; choose from {', '.join(names)}")
+        paths = export(name, args.out, calib=args.calib)
+        print(f"{name}: {' '.join(str(x) for x in paths)}", flush=True)

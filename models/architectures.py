@@ -12,7 +12,6 @@ Needs torch (`pip install -r models/requirements.txt`).
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _common import atomic_path, atomic_savez
+from _common import atomic_path, atomic_savez, export_all
 
 
 def _randomize_batchnorm(model: nn.Module) -> nn.Module:
@@ -221,16 +220,7 @@ def export(name: str, out: Path, calib: int = 64, seed: int = 0) -> tuple[Path, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="*", help=f"default all: {', '.join(ARCHITECTURES)}")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--calib", type=int, default=64, help="random calibration samples (default 64)")
-    args = p.parse_args(argv)
-    for name in args.names or list(ARCHITECTURES):
-        if name not in ARCHITECTURES:
-            p.error(f"unknown architecture {name!r}; choose from {', '.join(ARCHITECTURES)}")
-        paths = export(name, args.out, calib=args.calib)
-        print(f"{name}: {paths[0]} {paths[1]}")
+    export_all(__doc__, list(ARCHITECTURES), export, argv)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ Needs torch and transformers (`pip install -r models/requirements.txt`).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from _common import atomic_path, atomic_savez
+from _common import atomic_path, atomic_savez, export_all
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -130,16 +129,7 @@ def export(name: str, out: Path, calib: int = 64, seed: int = 0) -> tuple[Path, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="*", help=f"default all: {', '.join(HF_ARCHITECTURES)}")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--calib", type=int, default=64, help="random calibration samples (default 64)")
-    args = p.parse_args(argv)
-    for name in args.names or list(HF_ARCHITECTURES):
-        if name not in HF_ARCHITECTURES:
-            p.error(f"unknown architecture {name!r}; choose from {', '.join(HF_ARCHITECTURES)}")
-        paths = export(name, args.out, calib=args.calib)
-        print(f"{name}: {paths[0]} {paths[1]}", flush=True)
+    export_all(__doc__, list(HF_ARCHITECTURES), export, argv)
 
 
 if __name__ == "__main__":
