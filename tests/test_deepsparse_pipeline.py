@@ -375,6 +375,10 @@ def test_the_lowest_level_check_prunes_only_the_sites_chosen_for(mlp_path, tmp_p
     finally:
         prep.close()
     assert "matmul_0" in table.times                          # the table still times every site
+    if table.meta["lowest_level_check"]["measured"] is None:
+        # a noisy profile can time the 50% level no faster than dense: then there is rightly no check
+        assert files == []
+        pytest.skip("the table predicted no saving at the lowest level on this machine just now")
     assert files
     for sparsity in files:
         assert sparsity["matmul_0"] == 0.0
