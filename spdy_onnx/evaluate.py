@@ -66,18 +66,28 @@ def normalised_mse(ref: np.ndarray, out: np.ndarray) -> float:
 EMBEDDING_WORDS = ("embed", "pool", "hidden", "feature", "vector", "encod")
 
 
-def choose_loss(loss: str, output_shape, name: str = "") -> str:
-    """auto: KL for class scores (rank-2 outputs with several columns not named like an embedding, or
-    an output named like logits, e.g. a language model's (batch, tokens, vocabulary)), normalised MSE
-    otherwise. KL is taken over the last axis, per position."""
+def choose_loss(loss: str, output_shape, name: str = "", values: np.ndarray | None = None) -> str:
+    """auto: KL for class scores (rank-2 outputs with several columns not named like an embedding and
+    whose rows, in `values` when given, are not unit vectors; or an output named like logits, e.g. a
+    language model's (batch, tokens, vocabulary)), normalised MSE otherwise. KL is taken over the last
+    axis, per position."""
     if loss in ("kl", "mse"):
         return loss
     if loss != "auto":
         raise SpdyError(f"unknown loss '{loss}'; choose kl, mse or auto")
     if len(output_shape) == 2 and output_shape[-1] > 1:
         lowered = name.lower()
-        return "mse" if any(w in lowered for w in EMBEDDING_WORDS) and "logit" not in lowered else "kl"
+        if "logit" in lowered:
+            return "kl"
+        named = any(w in lowered for w in EMBEDDING_WORDS)
+        return "mse" if named or (values is not None and _unit_rows(values)) else "kl"
     return "kl" if len(output_shape) >= 3 and output_shape[-1] > 1 and "logit" in name.lower() else "mse"
+
+
+def _unit_rows(values: np.ndarray) -> bool:
+    """Rows of length 1: an L2-normalised embedding (a sentence-transformers export), not class scores."""
+    norms = np.linalg.norm(np.asarray(values, dtype=np.float64).reshape(len(values), -1), axis=1)
+    return bool(norms.size) and bool(np.all(np.abs(norms - 1.0) < 1e-3))
 
 
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
@@ -130,7 +140,7 @@ class Evaluator:
         self.feeds = [self._cut(f, dense) for f in feeds]
         self.reference = [self._run(f, dense) for f in self.feeds]
         self.masks = [calibrate.token_mask(f) for _, f in self.feeds]
-        self.loss_names = [choose_loss(loss, ref.shape, name) for ref, name in zip(self.reference[0], self.outputs)]
+        self.loss_names = [choose_loss(loss, ref.shape, name, ref) for ref, name in zip(self.reference[0], self.outputs)]
         self.loss_name = "+".join(self.loss_names)   # one name per compared output, e.g. kl+kl
         self._memo: dict[tuple, float] = {}
         # evaluations of earlier (possibly killed) runs on the same model, data and database

@@ -460,6 +460,11 @@ def test_auto_loss_reads_the_output_shape_and_name():
     for name in ("sentence_embedding", "pooler_output", "image_embeds", "features", "last_hidden_state"):
         assert choose_loss("auto", (1, 384), name) == "mse", name
     assert choose_loss("auto", (1, 10), "pooled_logits") == "kl"
+    # a generic name: unit-length rows are an L2-normalised embedding, others class scores
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((4, 384))
+    assert choose_loss("auto", rows.shape, "out", rows / np.linalg.norm(rows, axis=1, keepdims=True)) == "mse"
+    assert choose_loss("auto", rows.shape, "out", rows) == "kl"
     assert choose_loss("auto", (1, 128, 384), "last_hidden_state") == "mse"
     assert choose_loss("auto", (1, 64, 8000), "logits") == "kl"          # a language model, per token
     assert choose_loss("auto", (1, 64, 8000), "out") == "mse"
