@@ -171,19 +171,14 @@ class Prepared:
         exported = modelio.fixed_batch(self.model)
         if exported is None or exported == self.batch_size:
             return
-        import onnxruntime as ort
-        try:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 4   # the exception carries the error: no second, raw copy on stderr
-            session = ort.InferenceSession(str(self.dense_static()), opts, providers=["CPUExecutionProvider"])
-            session.run(None, modelio.example_inputs(self.specs))
-        except Exception as exc:   # onnxruntime's own errors have no common base class
+        from spdy_onnx.ort_session import run_error
+        why = run_error(self.dense_static(), modelio.example_inputs(self.specs))
+        if why is not None:
             self.close()
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise SpdyError(f"{self.path.name} was exported at batch {exported}, and at --batch-size "
                             f"{self.batch_size} onnxruntime cannot run it ({why}). Its graph may have the batch size baked in "
                             f"(a Reshape or Concat to fixed shapes): export it with a dynamic batch axis, or use "
-                            f"--batch-size {exported}") from None
+                            f"--batch-size {exported}")
 
     def static_copy(self, model, tag: str) -> Path:
         """Our own file with concrete input shapes: engines compile it (and may rewrite it)."""
@@ -475,17 +470,16 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
               validation_data=None) -> dict:
     from spdy_onnx import strategies  # the accuracy side: calibration, database, search
 
+    from spdy_onnx import calibrate
     phases: dict[str, float] = {}
+    # the data is loaded and checked before the table is profiled: bad data should fail in a second,
+    # not after minutes
     if data is not None:
-        # loaded and checked before the table is profiled: bad data should fail in a second, not after minutes
-        from spdy_onnx import calibrate
         t0 = time.perf_counter()
         data = calibrate.load_data(data, prep.specs, samples=samples)
         phases["load_data_s"] = time.perf_counter() - t0
     validation = None
     if validation_data is not None:
-        # checked before the table is profiled: bad data should fail in a second, not after minutes
-        from spdy_onnx import calibrate
         validation = calibrate.load_data(validation_data, prep.specs, what="validation")
         if correct_epochs == 0:
             log.warning("--validation-data is only used by the global correction, which --correct-epochs 0 "

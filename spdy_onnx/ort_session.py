@@ -13,8 +13,8 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def make_session(model: "onnx.ModelProto | str | os.PathLike", *, optimize: bool = True, threads: int | None = None):
-    """A CPU session of an in-memory model, or of a file (which may keep its weights as external data)."""
+def _session(model, *, optimize: bool = True, threads: int | None = None):
+    """onnxruntime's own session, with its own errors."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 4   # fatal only: its errors reach the user once, through the exception
@@ -22,11 +22,26 @@ def make_session(model: "onnx.ModelProto | str | os.PathLike", *, optimize: bool
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor visible
     if threads:
         opts.intra_op_num_threads = threads
+    source = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def make_session(model: "onnx.ModelProto | str | os.PathLike", *, optimize: bool = True, threads: int | None = None):
+    """A CPU session of an in-memory model, or of a file (which may keep its weights as external data)."""
     try:
-        source = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
-        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        return _session(model, optimize=optimize, threads=threads)
     except Exception as exc:
         raise SpdyError(f"onnxruntime cannot load the model for calibration: {_first_line(exc)}") from None
+
+
+def run_error(model, feeds: dict) -> str | None:
+    """The first line of onnxruntime's error loading `model` or running it once on `feeds`, or None
+    when it runs: for checks that word the error themselves."""
+    try:
+        _session(model).run(None, feeds)
+    except Exception as exc:   # onnxruntime's own errors have no common base class
+        return _first_line(exc)
+    return None
 
 
 def run(session, outputs, feeds):
