@@ -786,7 +786,7 @@ NOISY_SPREAD = 1.10
 
 # a written file whose calibration loss is past these has lost most of what its outputs say: normalised
 # MSE 0.5 is an error half the size of the output; KL 1 nat puts the dense top class far down
-FAR_LOSS = {"mse": 0.5, "kl": 1.0}
+FAR_LOSS = {"mse": 0.5, "kl": 1.0, "kl-probs": 1.0}
 
 
 def _quality_warnings(quality: dict) -> list[str]:

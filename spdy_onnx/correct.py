@@ -23,6 +23,7 @@ import onnx
 
 from spdy_onnx import calibrate, shorten
 from spdy_onnx.errors import SpdyError
+from spdy_onnx.evaluate import TINY_PROBABILITY, compared_outputs
 from spdy_onnx.ort_session import make_session
 from spdy_onnx.ort_session import run as ort_run
 
@@ -95,7 +96,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     while raising the KL on unseen images (benchmarks/results/correction_generalisation_mobilenetv2.txt).
 
     `model` is the dense model, `data` the calibration samples, `loss` 'mse' (masked to real tokens
-    when the feed has an attention mask) or 'kl', or one of them per compared output joined by '+'
+    when the feed has an attention mask), 'kl' or 'kl-probs', or one of them per compared output joined by '+'
     (the evaluator's `loss_name`: every floating-point output counts). Returns the weights to write (site weights and bias
     initializers) and {'loss_before', 'loss_after', 'epochs_run', 'best_epoch', 'seconds', ...}.
     """
@@ -114,7 +115,6 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     # verified to give the same outputs (spdy_onnx.shorten): one session/executor per length
     dense_session = make_session(model)
     dense_inputs = [i.name for i in dense_session.get_inputs()]
-    from spdy_onnx.evaluate import compared_outputs
     dense_outputs = compared_outputs(dense_session)
     loss_names = loss.split("+")
     if len(loss_names) == 1:
@@ -327,16 +327,19 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
 
 
 def torch_loss(kind: str, y, ref, mask=None):
-    """The evaluator's loss (evaluate.kl_divergence / normalised_mse) on torch tensors, differentiable:
-    KL over the last axis per position, or normalised MSE; real tokens only when a padding mask of the
+    """The evaluator's loss (evaluate.LOSSES) on torch tensors, differentiable: KL over the last axis per
+    position (of logits, or of probabilities for 'kl-probs'), or normalised MSE; real tokens only when a padding mask of the
     output's (batch, seq) shape is given."""
     import torch
     y = y.to(torch.float32)
     if mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
         y, ref = y[mask], ref[mask]
-    if kind == "kl":
-        logp = torch.log_softmax(ref.reshape(-1, ref.shape[-1]), dim=-1)
-        logq = torch.log_softmax(y.reshape(-1, y.shape[-1]), dim=-1)
+    if kind in ("kl", "kl-probs"):
+        ref, y = ref.reshape(-1, ref.shape[-1]), y.reshape(-1, y.shape[-1])
+        if kind == "kl":
+            logp, logq = torch.log_softmax(ref, dim=-1), torch.log_softmax(y, dim=-1)
+        else:
+            logp, logq = ref.clamp_min(TINY_PROBABILITY).log(), y.clamp_min(TINY_PROBABILITY).log()
         return (logp.exp() * (logp - logq)).sum(-1).mean()
     return ((y - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-12)
 

@@ -54,6 +54,18 @@ def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
 
 
+# a probability the engine rounded to 0 counts as this one, so that KL stays finite
+TINY_PROBABILITY = 1e-30
+
+
+def kl_of_probabilities(ref_probs: np.ndarray, probs: np.ndarray) -> float:
+    """Mean KL(ref || x) over all leading positions, for outputs that already are distributions (a
+    Softmax at the end of the graph): the softmax of probabilities would be nearly uniform."""
+    lp = np.log(np.maximum(ref_probs.astype(np.float64), TINY_PROBABILITY))
+    lq = np.log(np.maximum(probs.astype(np.float64), TINY_PROBABILITY))
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+
+
 def normalised_mse(ref: np.ndarray, out: np.ndarray) -> float:
     ref = ref.astype(np.float64)
     den = float(np.sum(ref ** 2))
@@ -65,22 +77,31 @@ def normalised_mse(ref: np.ndarray, out: np.ndarray) -> float:
 # pooler_output, image_embeds, features): KL would compare softmaxes of its coordinates
 EMBEDDING_WORDS = ("embed", "pool", "hidden", "feature", "vector", "encod")
 
+# the loss of each kind: KL of logits, KL of probabilities (an output that is already a distribution),
+# normalised MSE
+LOSSES = {"kl": kl_divergence, "kl-probs": kl_of_probabilities, "mse": normalised_mse}
+
 
 def choose_loss(loss: str, output_shape, name: str = "", values: np.ndarray | None = None) -> str:
     """auto: KL for class scores (rank-2 outputs with several columns not named like an embedding and
-    whose rows, in `values` when given, are not unit vectors; or an output named like logits, e.g. a
-    language model's (batch, tokens, vocabulary)), normalised MSE otherwise. KL is taken over the last
-    axis, per position."""
-    if loss in ("kl", "mse"):
-        return loss
-    if loss != "auto":
+    whose rows, in `values` when given, are neither unit vectors nor bounded to [0, 1] like a sigmoid's;
+    or an output named like logits, e.g. a language model's (batch, tokens, vocabulary)), normalised MSE
+    otherwise. KL is taken over the last axis, per position. An output whose rows are distributions (a
+    Softmax's) gets KL of the probabilities themselves, with auto or kl."""
+    if loss not in ("auto", "kl", "mse"):
         raise SpdyError(f"unknown loss '{loss}'; choose kl, mse or auto")
+    if loss != "mse" and values is not None and len(output_shape) >= 2 and output_shape[-1] > 1 \
+            and _distribution_rows(values):
+        return "kl-probs"
+    if loss != "auto":
+        return loss
     if len(output_shape) == 2 and output_shape[-1] > 1:
         lowered = name.lower()
         if "logit" in lowered:
             return "kl"
         named = any(w in lowered for w in EMBEDDING_WORDS)
-        return "mse" if named or (values is not None and _unit_rows(values)) else "kl"
+        vector = values is not None and (_unit_rows(values) or _unit_interval(values))
+        return "mse" if named or vector else "kl"
     return "kl" if len(output_shape) >= 3 and output_shape[-1] > 1 and "logit" in name.lower() else "mse"
 
 
@@ -88,6 +109,18 @@ def _unit_rows(values: np.ndarray) -> bool:
     """Rows of length 1: an L2-normalised embedding (a sentence-transformers export), not class scores."""
     norms = np.linalg.norm(np.asarray(values, dtype=np.float64).reshape(len(values), -1), axis=1)
     return bool(norms.size) and bool(np.all(np.abs(norms - 1.0) < 1e-3))
+
+
+def _distribution_rows(values: np.ndarray) -> bool:
+    """Non-negative rows (over the last axis) that sum to 1: a Softmax's probabilities."""
+    v = np.asarray(values, dtype=np.float64)
+    return bool(v.size) and bool(np.all(v >= 0)) and bool(np.all(np.abs(v.sum(axis=-1) - 1.0) < 1e-3))
+
+
+def _unit_interval(values: np.ndarray) -> bool:
+    """Every value in [0, 1] (a Sigmoid's independent probabilities): not scores to compare by softmax."""
+    v = np.asarray(values, dtype=np.float64)
+    return bool(v.size) and bool(np.all((v >= 0) & (v <= 1)))
 
 
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
@@ -105,8 +138,7 @@ def combined_loss(loss_names: list[str], refs: list[np.ndarray], outs: list[np.n
     """Mean over the compared outputs of each one's loss (KL or normalised MSE, see choose_loss)."""
     values = []
     for name, ref, out in zip(loss_names, refs, outs):
-        fn = kl_divergence if name == "kl" else normalised_mse
-        values.append(fn(*_real_tokens(ref, out, mask)))
+        values.append(LOSSES[name](*_real_tokens(ref, out, mask)))
     return float(np.mean(values))
 
 

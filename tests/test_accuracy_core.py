@@ -471,9 +471,49 @@ def test_auto_loss_reads_the_output_shape_and_name():
     assert choose_loss("mse", (4, 1000)) == "mse" and choose_loss("kl", (1, 8, 3), "x") == "kl"
 
 
+def _softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_auto_loss_reads_probabilities_and_sigmoids():
+    """A graph that ends in Softmax gives distributions: KL of those, not of their softmax; one that ends
+    in Sigmoid gives independent probabilities: MSE, not a softmax across them."""
+    from spdy_onnx.evaluate import choose_loss
+    rng = np.random.default_rng(0)
+    logits = 3 * rng.standard_normal((4, 1000))
+    probs = _softmax(logits)
+    assert choose_loss("auto", probs.shape, "output", probs) == "kl-probs"
+    assert choose_loss("kl", probs.shape, "output", probs) == "kl-probs"      # kl means the distributions' KL
+    assert choose_loss("mse", probs.shape, "output", probs) == "mse"
+    tokens = _softmax(rng.standard_normal((1, 8, 50)))                         # per-token probabilities
+    assert choose_loss("auto", tokens.shape, "probs", tokens) == "kl-probs"
+    assert choose_loss("auto", logits.shape, "output", logits) == "kl"
+    sig = 1 / (1 + np.exp(-logits[:, :20]))
+    assert choose_loss("auto", sig.shape, "output", sig) == "mse"
+    assert choose_loss("auto", (4, 1), "p", sig[:, :1]) == "mse"               # one column: no distribution
+    relu = np.maximum(logits[:, :20], 0)                                       # non-negative, not bounded
+    assert choose_loss("auto", relu.shape, "output", relu) == "kl"
+
+
+def test_kl_of_probabilities_is_the_kl_of_the_logits_they_came_from():
+    """Brute force: the distributions' KL equals the logits' KL; the softmax of probabilities hides it."""
+    from spdy_onnx.evaluate import kl_divergence, kl_of_probabilities
+    rng = np.random.default_rng(1)
+    a, b = 3 * rng.standard_normal((6, 100)), 3 * rng.standard_normal((6, 100))
+    expected = kl_divergence(a, b)
+    assert kl_of_probabilities(_softmax(a), _softmax(b)) == pytest.approx(expected, rel=1e-6)
+    assert kl_divergence(_softmax(a), _softmax(b)) < expected / 20
+    assert kl_of_probabilities(_softmax(a), _softmax(a)) == 0
+    zero = _softmax(b)
+    zero[:, 0] = 0.0                                                           # an underflowed probability
+    assert np.isfinite(kl_of_probabilities(_softmax(a), zero))
+
+
 @pytest.mark.parametrize("kind,shape,masked", [("kl", (3, 10), False), ("kl", (2, 5, 7), True),
                                                ("kl", (2, 5, 7), False), ("mse", (2, 5, 7), True),
-                                               ("mse", (3, 10), False)])
+                                               ("mse", (3, 10), False), ("kl-probs", (3, 10), False),
+                                               ("kl-probs", (2, 5, 7), True)])
 def test_the_correction_minimises_the_loss_the_search_scores(kind, shape, masked):
     """The torch loss of the global correction equals the evaluator's numpy loss on the same outputs."""
     torch = pytest.importorskip("torch")
@@ -481,6 +521,8 @@ def test_the_correction_minimises_the_loss_the_search_scores(kind, shape, masked
     from spdy_onnx.evaluate import combined_loss
     rng = np.random.default_rng(0)
     ref, out = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    if kind == "kl-probs":
+        ref, out = _softmax(ref).astype(np.float32), _softmax(out).astype(np.float32)
     mask = (rng.random(shape[:2]) < 0.6) if masked else None
     if mask is not None:
         mask[:, 0] = True

@@ -116,6 +116,35 @@ def test_correction_on_a_cnn_with_kl(tmp_path):
         np.testing.assert_array_equal(a[s.weight] == 0, b[s.weight] == 0)
 
 
+def _ending_in_softmax(model):
+    """The same model with a Softmax after its output: probabilities, as many exported classifiers give."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    out = m.graph.output[0]
+    m.graph.node.append(onnx.helper.make_node("Softmax", [out.name], ["probs"], name="softmax", axis=-1))
+    out.name = "probs"
+    return m
+
+
+def test_a_softmax_output_is_scored_and_corrected_by_the_kl_of_its_probabilities(tmp_path):
+    """KL of the probabilities equals KL of the logits they came from: the same model with and without a
+    final Softmax gets the same calibration losses, not a softmax of probabilities that is near zero."""
+    rng = np.random.default_rng(1)
+    x = {"x": rng.standard_normal((24, 3, 8, 8)).astype(np.float32)}
+    logits_model = tiny.cnn(channels=16, size=8, classes=10)
+    runs = {}
+    for name, model in (("logits", logits_model), ("probs", _ending_in_softmax(logits_model))):
+        folder = tmp_path / name
+        folder.mkdir()
+        path, data, table_path = _setup(folder, model, x)
+        runs[name] = _optimize(path, data, table_path, folder / "o.onnx", correct_epochs=3, target=1.5,
+                               min_weights=0)["quality"]
+    assert runs["logits"]["loss"] == "kl" and runs["probs"]["loss"] == "kl-probs"
+    for key in ("calibration_loss_before_correction", "calibration_loss"):
+        assert runs["probs"][key] == pytest.approx(runs["logits"][key], rel=0.05), key
+    assert runs["probs"]["calibration_loss"] < runs["probs"]["calibration_loss_before_correction"]
+
+
 def test_without_torch_the_correction_is_skipped_with_a_warning(mlp_setup, tmp_path, monkeypatch, caplog):
     path, data, table_path = mlp_setup
     monkeypatch.setattr(correct, "available", lambda: False)
