@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how pruned weights are computed with calibration data (default: %(default)s)")
     p.add_argument("--loss", default="auto", choices=["auto", "kl", "mse"],
                    help="label-free calibration loss against the dense model: auto picks KL for class "
-                        "scores (rank-2 outputs that are not an embedding by name or unit rows, nor all in [0, 1], "
+                        "scores (rank-2 outputs made by a linear op that are not an embedding by name or unit rows, nor all in [0, 1], "
                         "or outputs named like logits, per position), KL of the probabilities themselves for "
                         "outputs whose rows sum to 1 (a Softmax), and normalised MSE otherwise (default: auto)")
     p.add_argument("--search-budget", default=None,

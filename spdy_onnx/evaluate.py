@@ -82,12 +82,31 @@ EMBEDDING_WORDS = ("embed", "pool", "hidden", "feature", "vector", "encod")
 LOSSES = {"kl": kl_divergence, "kl-probs": kl_of_probabilities, "mse": normalised_mse}
 
 
-def choose_loss(loss: str, output_shape, name: str = "", values: np.ndarray | None = None) -> str:
-    """auto: KL for class scores (rank-2 outputs with several columns not named like an embedding and
-    whose rows, in `values` when given, are neither unit vectors nor bounded to [0, 1] like a sigmoid's;
-    or an output named like logits, e.g. a language model's (batch, tokens, vocabulary)), normalised MSE
-    otherwise. KL is taken over the last axis, per position. An output whose rows are distributions (a
-    Softmax's) gets KL of the probabilities themselves, with auto or kl."""
+# ops whose output can be class scores: a linear layer, or its bias. A rank-2 output made by anything
+# else (LayerNorm, Tanh, pooling, an activation) is a vector to keep
+SCORE_OPS = ("Gemm", "MatMul", "Add", "Conv", "Einsum", "Sub")
+# ops that only reshape, skipped when looking for what made an output
+SHAPE_OPS = ("Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Dropout")
+
+
+def producer_op(model: onnx.ModelProto, output: str) -> str | None:
+    """The op type that computes graph output `output`, looking through reshapes; None for an input or
+    an initializer."""
+    made = {o: n for n in model.graph.node for o in n.output}
+    node = made.get(output)
+    while node is not None and node.op_type in SHAPE_OPS and node.input:
+        node = made.get(node.input[0])
+    return None if node is None else node.op_type
+
+
+def choose_loss(loss: str, output_shape, name: str = "", values: np.ndarray | None = None,
+                producer: str | None = None) -> str:
+    """auto: KL for class scores (rank-2 outputs with several columns not named like an embedding, made
+    by a linear op when `producer` is given, and whose rows, in `values` when given, are neither unit
+    vectors nor bounded to [0, 1] like a sigmoid's; or an output named like logits, e.g. a language
+    model's (batch, tokens, vocabulary)), normalised MSE otherwise. KL is taken over the last axis, per
+    position. An output whose rows are distributions (a Softmax's) gets KL of the probabilities
+    themselves, with auto or kl."""
     if loss not in ("auto", "kl", "mse"):
         raise SpdyError(f"unknown loss '{loss}'; choose kl, mse or auto")
     if loss != "mse" and values is not None and len(output_shape) >= 2 and output_shape[-1] > 1 \
@@ -101,7 +120,8 @@ def choose_loss(loss: str, output_shape, name: str = "", values: np.ndarray | No
             return "kl"
         named = any(w in lowered for w in EMBEDDING_WORDS)
         vector = values is not None and (_unit_rows(values) or _unit_interval(values))
-        return "mse" if named or vector else "kl"
+        made_as_vector = producer is not None and producer not in SCORE_OPS
+        return "mse" if named or vector or made_as_vector else "kl"
     return "kl" if len(output_shape) >= 3 and output_shape[-1] > 1 and "logit" in name.lower() else "mse"
 
 
@@ -172,7 +192,8 @@ class Evaluator:
         self.feeds = [self._cut(f, dense) for f in feeds]
         self.reference = [self._run(f, dense) for f in self.feeds]
         self.masks = [calibrate.token_mask(f) for _, f in self.feeds]
-        self.loss_names = [choose_loss(loss, ref.shape, name, ref) for ref, name in zip(self.reference[0], self.outputs)]
+        self.loss_names = [choose_loss(loss, ref.shape, name, ref, producer_op(model, name))
+                           for ref, name in zip(self.reference[0], self.outputs)]
         self.loss_name = "+".join(self.loss_names)   # one name per compared output, e.g. kl+kl
         self._memo: dict[tuple, float] = {}
         # evaluations of earlier (possibly killed) runs on the same model, data and database

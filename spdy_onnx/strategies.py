@@ -237,7 +237,7 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
     memo = cache.cache_key(model=prep.digest, sites=[s.name for s in sites], levels=levels, loss=loss,
                            database=getattr(database, "folder", type(database).__name__), pattern=table.pattern,
                            data=calibrate.data_digest(calib), samples=eval_samples,
-                           version=5)   # 5: KL of probabilities for Softmax outputs, MSE for [0, 1] rows
+                           version=5)   # 5: auto reads Softmax, Sigmoid and non-linear outputs
     journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
     t0 = time.perf_counter()
     evaluator = evaluate.Evaluator(prep.calibration_model, sites, database, calib, loss=loss, specs=prep.specs,

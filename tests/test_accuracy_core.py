@@ -496,6 +496,34 @@ def test_auto_loss_reads_probabilities_and_sigmoids():
     assert choose_loss("auto", relu.shape, "output", relu) == "kl"
 
 
+def test_auto_loss_reads_what_made_the_output():
+    """A rank-2 output under a generic name is class scores only when a linear op made it: after
+    LayerNorm, Tanh or pooling it is a vector to keep (CLIP's pooled output, BERT's pooler)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from spdy_onnx.evaluate import choose_loss, producer_op
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"]),
+             helper.make_node("Identity", ["scores"], ["out"]),
+             helper.make_node("Tanh", ["scores"], ["t"]),
+             helper.make_node("Flatten", ["t"], ["pooled"]),
+             helper.make_node("GlobalAveragePool", ["img"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["feats"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                                       helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 4, 2, 2])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                           for n in ("out", "pooled", "feats", "x")], [w])
+    m = helper.make_model(g)
+    assert [producer_op(m, n) for n in ("out", "pooled", "feats", "x")] == ["MatMul", "Tanh", "GlobalAveragePool", None]
+    rows = np.random.default_rng(0).standard_normal((4, 384))
+    assert choose_loss("auto", rows.shape, "out", rows, "MatMul") == "kl"
+    assert choose_loss("auto", rows.shape, "out", rows, "Gemm") == "kl"
+    for op in ("LayerNormalization", "Tanh", "GlobalAveragePool", "ReduceMean", "Relu"):
+        assert choose_loss("auto", rows.shape, "out", rows, op) == "mse", op
+    assert choose_loss("auto", rows.shape, "logits", rows, "Tanh") == "kl"   # the name says so
+    assert choose_loss("kl", rows.shape, "out", rows, "Tanh") == "kl"         # as asked
+
+
 def test_kl_of_probabilities_is_the_kl_of_the_logits_they_came_from():
     """Brute force: the distributions' KL equals the logits' KL; the softmax of probabilities hides it."""
     from spdy_onnx.evaluate import kl_divergence, kl_of_probabilities
