@@ -281,6 +281,8 @@ def _run(args) -> int:
                 if name not in {s.name for s in sites}:
                     print(f"{name[:48]:48s} {'':7s} {'':10s}  dense: {why}")
             print(f"\n{len(chosen)} prunable, {len(excluded)} left dense")
+            if not sites:
+                print(graph.no_sites_message(os.path.basename(args.model), model, unprunable))
     except SpdyError as exc:
         from spdy_onnx.modelio import printable
         print(f"spdy-onnx: error: {printable(exc, limit=2000)}", file=sys.stderr)

@@ -286,6 +286,27 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
     return sites, unprunable
 
 
+# ops of a model quantized to integers: its weights are no longer float initializers to prune
+QUANTIZED_OPS = ("ConvInteger", "MatMulInteger", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "DynamicQuantizeLinear")
+
+
+def no_sites_message(name: str, model: onnx.ModelProto, unprunable: dict) -> str:
+    """Why nothing can be pruned, in terms a user can act on: a quantized model, or the reasons given
+    for each constant-weight node."""
+    text = f"{name} has no prunable site (Conv, Gemm or MatMul with a constant float weight)"
+    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if quantized:
+        return (text + f": it is quantized ({', '.join(quantized)}). spdy-onnx prunes float models: prune the "
+                "float model first, then quantize the file it writes")
+    if unprunable:
+        first = list(unprunable.items())[:3]
+        text += "; every candidate is left dense: " + "; ".join(f"{printable(n, 60)}: {why}" for n, why in first)
+        if len(unprunable) > len(first):
+            text += f"; and {len(unprunable) - len(first)} more (`spdy-onnx sites` lists them all)"
+    return text
+
+
 def _chain_tensors(start: str, producers: dict, stop: str) -> list[str]:
     tensors = []
     t = start

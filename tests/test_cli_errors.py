@@ -78,6 +78,41 @@ def test_no_prunable_site(tmp_path, capsys):
     expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="no prunable site")
 
 
+def _save(tmp_path, name, nodes, inits):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    p = tmp_path / name
+    onnx.save(m, p)
+    return p
+
+
+def test_a_quantized_model_is_named_as_such(tmp_path, capsys):
+    """An int8 QDQ model has no float weight to prune: the error says it is quantized and what to do,
+    and so does `sites`, instead of only "no prunable site"."""
+    from onnx import numpy_helper
+    w = numpy_helper.from_array(np.ones((16, 16), np.int8), "w_q")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "scale")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "zero")
+    p = _save(tmp_path, "qdq.onnx", [helper.make_node("DequantizeLinear", ["w_q", "scale", "zero"], ["w"]),
+                                     helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [w, scale, zero])
+    err = expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="it is quantized")
+    assert "DequantizeLinear" in err and "prune the float model first" in err
+    assert main(["sites", str(p)]) == 0
+    assert "it is quantized (DequantizeLinear)" in capsys.readouterr().out
+
+
+def test_no_prunable_site_gives_the_reasons(tmp_path, capsys):
+    """Every constant-weight node left dense: the error says why, not only that nothing is prunable."""
+    from onnx import numpy_helper
+    w = numpy_helper.from_array(np.ones((16, 16), np.float32), "w_shared")
+    p = _save(tmp_path, "shared.onnx", [helper.make_node("MatMul", ["x", "w_shared"], ["h"], name="first"),
+                                        helper.make_node("MatMul", ["h", "w_shared"], ["y"], name="second")], [w])
+    err = expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="no prunable site")
+    assert "first: weight 'w_shared' is shared by several nodes" in err
+
+
 @pytest.mark.parametrize("target", ["abc", "1", "1x", "0.5x", "-2", "nan", "inf"])
 def test_bad_target(tmp_path, capsys, mlp_path, target):
     expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", target, match="target")
