@@ -446,7 +446,13 @@ def input_specs(model: onnx.ModelProto, batch_size: int,
     with --input-shape, because timing and calibration need real shapes.
     """
     overrides = dict(overrides or {})
+    names = [v.name for v in graph_inputs(model)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise SpdyError(f"--input-shape names unknown input(s): {printable(', '.join(unknown))}; the model's "
+                        f"inputs are: {printable(', '.join(names))} (one --input-shape NAME:D0xD1... per input)")
     specs = {}
+    dynamic = []   # --input-shape flags still needed, all named in one error
     for value in graph_inputs(model):
         shown = printable(value.name, 80)
         ttype = value.type.tensor_type
@@ -467,14 +473,18 @@ def input_specs(model: onnx.ModelProto, batch_size: int,
             for i, (given, static) in enumerate(zip(shape, dims)):
                 if i > 0 and static is not None and given != static:
                     raise SpdyError(f"--input-shape for '{shown}' sets dim {i} to {given}, the model fixes it to {static}")
+            if shape and shape[0] not in (1, batch_size):
+                raise SpdyError(f"--input-shape for '{shown}' gives batch {shape[0]}, but the batch comes from "
+                                f"--batch-size ({batch_size}): pass -b {shape[0]} to optimise for batch {shape[0]}")
             shape = (batch_size,) + tuple(shape[1:]) if shape else shape
         else:
             missing = [i for i, d in enumerate(dims) if d is None and i > 0]
             if missing:
                 pretty = "x".join(str(d) if d else "?" for d in dims)
-                raise SpdyError(
-                    f"input '{shown}' has dynamic dimensions ({pretty}); give them with "
-                    f"--input-shape {shown}:" + "x".join(str(d or 1) if i == 0 else str(d or 'N') for i, d in enumerate(dims)))
+                flag = f"--input-shape {shown}:" + "x".join(str(d or 1) if i == 0 else str(d or 'N')
+                                                            for i, d in enumerate(dims))
+                dynamic.append((shown, pretty, flag))
+                continue
             shape = tuple([batch_size] + dims[1:]) if dims else ()
         shape = tuple(int(d) for d in shape)
         nbytes = math.prod(shape) * dtype.itemsize
@@ -483,9 +493,10 @@ def input_specs(model: onnx.ModelProto, batch_size: int,
                             f"{nbytes / 2**30:.1f} GiB per batch; inputs over {MAX_INPUT_BYTES >> 30} GiB are "
                             "refused (check the model's input shape, --input-shape and --batch-size)")
         specs[value.name] = (shape, dtype)
-    if overrides:
-        raise SpdyError(f"--input-shape names unknown input(s): {', '.join(sorted(overrides))}; "
-                        f"the model's inputs are: {printable(', '.join(specs))}")
+    if dynamic:
+        which = ", ".join(f"'{n}' ({pretty})" for n, pretty, _ in dynamic)
+        raise SpdyError(f"input(s) {which} have dynamic dimensions; give them with "
+                        + " ".join(flag for _, _, flag in dynamic) + " (N: the length to optimise for)")
     return specs
 
 

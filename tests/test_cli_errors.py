@@ -143,6 +143,33 @@ def test_dynamic_dims_need_input_shape(tmp_path, capsys):
     assert "--input-shape x:" in msg
 
 
+def _two_dynamic_inputs():
+    g = helper.make_graph([helper.make_node("Add", ["ids", "mask"], ["y"])], "g",
+                          [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("ids", "mask")],
+                          [helper.make_tensor_value_info("y", TensorProto.INT64, ["batch", "seq"])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_every_dynamic_input_is_named_in_one_error():
+    from spdy_onnx import modelio
+    from spdy_onnx.errors import SpdyError
+    with pytest.raises(SpdyError) as err:
+        modelio.input_specs(_two_dynamic_inputs(), 1)
+    assert "--input-shape ids:1xN --input-shape mask:1xN" in str(err.value)
+    specs = modelio.input_specs(_two_dynamic_inputs(), 4, {"ids": (1, 32), "mask": (4, 32)})
+    assert {n: s for n, (s, _) in specs.items()} == {"ids": (4, 32), "mask": (4, 32)}
+
+
+def test_a_batch_in_input_shape_that_is_not_the_batch_size_is_refused():
+    """input_ids:4x64 without -b 4 used to run at batch 1 without a word."""
+    from spdy_onnx import modelio
+    from spdy_onnx.errors import SpdyError
+    with pytest.raises(SpdyError, match="pass -b 4"):
+        modelio.input_specs(_two_dynamic_inputs(), 1, {"ids": (4, 32), "mask": (4, 32)})
+    with pytest.raises(SpdyError, match=r"unknown input\(s\): ids:1x32,mask.*one --input-shape"):
+        modelio.input_specs(_two_dynamic_inputs(), 1, {"ids:1x32,mask": (1, 32)})
+
+
 def test_bad_input_shape_spec(tmp_path, capsys, mlp_path):
     expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--input-shape", "x:1xq",
                  match="bad --input-shape")
