@@ -265,7 +265,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         try:
             onnx.checker.check_model(str(path))
         except Exception as exc:
-            raise SpdyError(f"{path} fails onnx.checker: {_checker_message(exc)}") from None
+            raise SpdyError(f"{path} fails onnx.checker: {_checker_message(exc)}{_newer_opset_hint(model)}") from None
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
@@ -313,7 +313,18 @@ def check_model(model: onnx.ModelProto, name: str = "model") -> None:
             return  # the in-memory checker refuses >2GB protos; load_model checks those by path
         onnx.checker.check_model(model)
     except Exception as exc:  # ValidationError, and protobuf/size errors from the checker
-        raise SpdyError(f"{name} fails onnx.checker: {_checker_message(exc)}") from None
+        raise SpdyError(f"{name} fails onnx.checker: {_checker_message(exc)}{_newer_opset_hint(model)}") from None
+
+
+def _newer_opset_hint(model: onnx.ModelProto) -> str:
+    """An opset newer than the installed onnx knows fails the checker on its new ops (Gelu at 20): say
+    that, since the model itself may be fine."""
+    opset, known = default_opset(model), onnx.defs.onnx_opset_version()
+    if opset <= known:
+        return ""
+    return (f". The model uses opset {opset}; the installed onnx {onnx.__version__} (the version DeepSparse 1.8 "
+            f"needs) knows opsets up to {known}: re-export it with an older opset, e.g. "
+            "torch.onnx.export(..., opset_version=17)")
 
 
 def default_opset(model: onnx.ModelProto) -> int:

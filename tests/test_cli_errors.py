@@ -177,6 +177,20 @@ def test_bad_input_shape_spec(tmp_path, capsys, mlp_path):
                  match="unknown input")
 
 
+def test_an_op_of_an_opset_newer_than_onnx_knows_is_blamed_on_the_opset(tmp_path, capsys):
+    """Gelu exists from opset 20: the checker of the pinned onnx rejects it, and the error says that the
+    opset is the cause and how to re-export, not only 'No Op registered'."""
+    g = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", onnx.defs.onnx_opset_version() + 1)])
+    m.ir_version = 8
+    p = tmp_path / "gelu.onnx"
+    p.write_bytes(m.SerializeToString())
+    err = expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="fails onnx.checker")
+    assert "re-export it with an older opset" in err
+
+
 @pytest.mark.parametrize("ir,opset,what", [(10, 13, "IR version 10"), (8, 19, "opset 19")])
 def test_ir_or_opset_too_new_for_deepsparse(tmp_path, capsys, ir, opset, what):
     m = tiny.mlp(width=64, depth=2, seq=4)
