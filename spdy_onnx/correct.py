@@ -23,7 +23,7 @@ import onnx
 
 from spdy_onnx import calibrate, shorten
 from spdy_onnx.errors import SpdyError
-from spdy_onnx.evaluate import TINY_PROBABILITY, compared_outputs
+from spdy_onnx.evaluate import TINY_PROBABILITY, class_axis_last, compared_outputs
 from spdy_onnx.ort_session import make_session
 from spdy_onnx.ort_session import run as ort_run
 
@@ -328,12 +328,14 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
 
 def torch_loss(kind: str, y, ref, mask=None):
     """The evaluator's loss (evaluate.LOSSES) on torch tensors, differentiable: KL over the last axis per
-    position (of logits, or of probabilities for 'kl-probs'), or normalised MSE; real tokens only when a padding mask of the
+    position (of logits, or of probabilities for 'kl-probs'; over axis 1 for a '-channels'
+    kind), or normalised MSE; real tokens only when a padding mask of the
     output's (batch, seq) shape is given."""
     import torch
     y = y.to(torch.float32)
     if mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
         y, ref = y[mask], ref[mask]
+    kind, ref, y = class_axis_last(kind, ref, y)
     if kind in ("kl", "kl-probs"):
         ref, y = ref.reshape(-1, ref.shape[-1]), y.reshape(-1, y.shape[-1])
         if kind == "kl":

@@ -80,6 +80,17 @@ EMBEDDING_WORDS = ("embed", "pool", "hidden", "feature", "vector", "encod")
 # the loss of each kind: KL of logits, KL of probabilities (an output that is already a distribution),
 # normalised MSE
 LOSSES = {"kl": kl_divergence, "kl-probs": kl_of_probabilities, "mse": normalised_mse}
+# a KL kind with this suffix takes its classes on axis 1, per pixel: (N, classes, H, W) segmentation scores
+CHANNELS = "-channels"
+
+
+def class_axis_last(kind: str, ref, out):
+    """(the kind without CHANNELS, ref, out) with the class axis moved last when the kind has it; works
+    on numpy arrays and torch tensors."""
+    if not kind.endswith(CHANNELS):
+        return kind, ref, out
+    move = (lambda a: a.movedim(1, -1)) if hasattr(ref, "movedim") else (lambda a: np.moveaxis(a, 1, -1))
+    return kind[: -len(CHANNELS)], move(ref), move(out)
 
 
 # ops whose output can be class scores: a linear layer, or its bias. A rank-2 output made by anything
@@ -105,10 +116,16 @@ def choose_loss(loss: str, output_shape, name: str = "", values: np.ndarray | No
     by a linear op when `producer` is given, and whose rows, in `values` when given, are neither unit
     vectors nor bounded to [0, 1] like a sigmoid's; or an output named like logits, e.g. a language
     model's (batch, tokens, vocabulary)), normalised MSE otherwise. KL is taken over the last axis, per
-    position. An output whose rows are distributions (a Softmax's) gets KL of the probabilities
-    themselves, with auto or kl."""
+    position, except for rank-4+ outputs (N, classes, H, W): over axis 1, per pixel. An output whose
+    rows are distributions (a Softmax's) gets KL of the probabilities themselves, with auto or kl."""
     if loss not in ("auto", "kl", "mse"):
         raise SpdyError(f"unknown loss '{loss}'; choose kl, mse or auto")
+    if len(output_shape) >= 4:   # (N, classes, H, W): classes on axis 1, as Conv lays them out
+        probs = values is not None and _distribution_rows(np.moveaxis(values, 1, -1))
+        if loss != "mse" and output_shape[1] > 1 and probs:
+            return "kl-probs" + CHANNELS
+        kl = loss == "kl" or (loss == "auto" and "logit" in name.lower())
+        return "kl" + CHANNELS if kl and output_shape[1] > 1 else "mse"
     if loss != "mse" and values is not None and len(output_shape) >= 2 and output_shape[-1] > 1 \
             and _distribution_rows(values):
         return "kl-probs"
@@ -158,7 +175,8 @@ def combined_loss(loss_names: list[str], refs: list[np.ndarray], outs: list[np.n
     """Mean over the compared outputs of each one's loss (KL or normalised MSE, see choose_loss)."""
     values = []
     for name, ref, out in zip(loss_names, refs, outs):
-        values.append(LOSSES[name](*_real_tokens(ref, out, mask)))
+        kind, ref, out = class_axis_last(name, *_real_tokens(ref, out, mask))
+        values.append(LOSSES[kind](ref, out))
     return float(np.mean(values))
 
 
@@ -234,6 +252,11 @@ class Evaluator:
     def loss_of_weights(self, weights: dict) -> float:
         """The loss of arbitrary weights {initializer: array} (not memoised). Initializers that are not
         site weights (biases a correction tuned) cost one extra session."""
+        return float(np.mean(list(self.output_losses(weights).values())))
+
+    def output_losses(self, weights: dict) -> dict[str, float]:
+        """{compared output: its loss} for arbitrary weights, as loss_of_weights: a model with several
+        heads can keep most of them and lose one, which the mean hides."""
         inputs = set(self.weight_names)
         extra = {k: v for k, v in weights.items() if k not in inputs}
         sessions = self.sessions
@@ -242,8 +265,14 @@ class Evaluator:
             used = {n for n, _ in self.feeds}
             sessions = {n: make_session(write_weights(self._graphs[n], extra), threads=self._threads) for n in used}
         fed = {k: v for k, v in weights.items() if k in inputs}
-        return float(np.mean([combined_loss(self.loss_names, ref, self._run(item, fed, sessions), mask)
-                              for item, ref, mask in zip(self.feeds, self.reference, self.masks)]))
+        per_feed = [[combined_loss([kind], [r], [o], mask) for kind, r, o in zip(self.loss_names, ref, outs)]
+                    for item, ref, mask in zip(self.feeds, self.reference, self.masks)
+                    for outs in [self._run(item, fed, sessions)]]
+        return dict(zip(self.outputs, (float(v) for v in np.mean(per_feed, axis=0))))
+
+    def weights_of(self, picks) -> dict:
+        """The database weights of a profile, {initializer: array}."""
+        return self._weights(tuple(int(j) for j in picks))
 
     def is_cached(self, picks) -> bool:
         """Whether loss(picks) is already known (this run or the journal of an earlier one)."""

@@ -88,9 +88,13 @@ class Chooser:
         if self.evaluator is not None:
             out["calibration_loss"] = float(self.evaluator.loss(self.picks_of(profile)))
             out["loss"] = self.evaluator.loss_name
+            final = self.evaluator.weights_of(self.picks_of(profile))
             if self.corrects and corrected:
                 out["calibration_loss_before_correction"] = out["calibration_loss"]
-                out["calibration_loss"] = float(self.evaluator.loss_of_weights(self.final_weights(profile)))
+                final = self.final_weights(profile)
+                out["calibration_loss"] = float(self.evaluator.loss_of_weights(final))
+            if len(self.evaluator.outputs) > 1:
+                out["calibration_loss_per_output"] = self.evaluator.output_losses(final)
             if self.correction_summary is not None and corrected:
                 out["global_correction"] = self.correction_summary
         return out

@@ -435,6 +435,10 @@ def test_every_float_output_counts_in_the_loss():
     by_hand = np.mean([0.5 * (0.0 + normalised_mse(sess.run(["b"], {"x": data["x"][i:i + 1]})[0],
                                                    data["x"][i:i + 1] @ wb)) for i in range(8)])
     assert only_b == pytest.approx(by_hand, rel=1e-4)
+    # each head's own loss: the pruned one carries it all, and their mean is the search's loss
+    per_output = ev.output_losses(ev.weights_of([0, 2]))
+    assert per_output["a"] == pytest.approx(0.0, abs=1e-12) and per_output["b"] == pytest.approx(2 * only_b)
+    assert ev.loss_of_weights(ev.weights_of([0, 2])) == pytest.approx(only_b)
 
 
 def test_the_correction_tunes_for_every_float_output():
@@ -471,9 +475,9 @@ def test_auto_loss_reads_the_output_shape_and_name():
     assert choose_loss("mse", (4, 1000)) == "mse" and choose_loss("kl", (1, 8, 3), "x") == "kl"
 
 
-def _softmax(z):
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def _softmax(z, axis=-1):
+    e = np.exp(z - z.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
 
 
 def test_auto_loss_reads_probabilities_and_sigmoids():
@@ -524,6 +528,25 @@ def test_auto_loss_reads_what_made_the_output():
     assert choose_loss("kl", rows.shape, "out", rows, "Tanh") == "kl"         # as asked
 
 
+def test_segmentation_scores_are_compared_per_pixel_over_their_classes():
+    """(N, classes, H, W) logits: KL over axis 1, per pixel. Over the last axis (the width) a change that
+    flips most pixels' classes, the same along each row, was invisible."""
+    from spdy_onnx.evaluate import choose_loss, combined_loss, kl_divergence
+    rng = np.random.default_rng(2)
+    ref = 3 * rng.standard_normal((2, 5, 4, 1)).repeat(6, axis=3)       # constant along the width
+    out = np.roll(ref, 1, axis=1)                                        # every pixel's classes permuted
+    kind = choose_loss("auto", ref.shape, "logits", ref)
+    assert kind == "kl-channels"
+    per_pixel = kl_divergence(np.moveaxis(ref, 1, -1), np.moveaxis(out, 1, -1))
+    assert combined_loss([kind], [ref], [out], None) == pytest.approx(per_pixel) and per_pixel > 1
+    assert kl_divergence(ref, out) < 1e-9                                # what the width axis saw
+    probs = _softmax(ref, axis=1)
+    assert choose_loss("auto", probs.shape, "out", probs) == "kl-probs-channels"
+    assert choose_loss("kl", ref.shape, "out", ref) == "kl-channels"
+    assert choose_loss("auto", ref.shape, "out", ref) == "mse"          # a feature map
+    assert choose_loss("mse", probs.shape, "out", probs) == "mse"
+
+
 def test_kl_of_probabilities_is_the_kl_of_the_logits_they_came_from():
     """Brute force: the distributions' KL equals the logits' KL; the softmax of probabilities hides it."""
     from spdy_onnx.evaluate import kl_divergence, kl_of_probabilities
@@ -541,7 +564,8 @@ def test_kl_of_probabilities_is_the_kl_of_the_logits_they_came_from():
 @pytest.mark.parametrize("kind,shape,masked", [("kl", (3, 10), False), ("kl", (2, 5, 7), True),
                                                ("kl", (2, 5, 7), False), ("mse", (2, 5, 7), True),
                                                ("mse", (3, 10), False), ("kl-probs", (3, 10), False),
-                                               ("kl-probs", (2, 5, 7), True)])
+                                               ("kl-probs", (2, 5, 7), True), ("kl-channels", (2, 5, 3, 4), False),
+                                               ("kl-probs-channels", (2, 5, 3, 4), False)])
 def test_the_correction_minimises_the_loss_the_search_scores(kind, shape, masked):
     """The torch loss of the global correction equals the evaluator's numpy loss on the same outputs."""
     torch = pytest.importorskip("torch")
@@ -549,8 +573,9 @@ def test_the_correction_minimises_the_loss_the_search_scores(kind, shape, masked
     from spdy_onnx.evaluate import combined_loss
     rng = np.random.default_rng(0)
     ref, out = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
-    if kind == "kl-probs":
-        ref, out = _softmax(ref).astype(np.float32), _softmax(out).astype(np.float32)
+    if kind.startswith("kl-probs"):
+        axis = 1 if kind.endswith("-channels") else -1
+        ref, out = _softmax(ref, axis).astype(np.float32), _softmax(out, axis).astype(np.float32)
     mask = (rng.random(shape[:2]) < 0.6) if masked else None
     if mask is not None:
         mask[:, 0] = True

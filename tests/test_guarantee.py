@@ -443,6 +443,18 @@ def test_a_file_whose_outputs_are_mostly_gone_is_called_out():
     (text,) = _quality_warnings({"calibration_loss": 0.73, "loss": "mse"})
     assert "mse 0.73" in text and "less speed" in text
     assert _quality_warnings({"calibration_loss": 1.3, "loss": "mse+kl"})
+    assert _quality_warnings({"calibration_loss": 2.0, "loss": "kl-channels"})
+
+
+def test_one_lost_head_among_kept_ones_is_called_out_by_name():
+    """Three heads, one of them gone: their mean (0.3) is under every limit; the lost head is named."""
+    from spdy_onnx.api import _quality_warnings
+    quality = {"calibration_loss": 0.3, "loss": "kl+mse+mse",
+               "calibration_loss_per_output": {"logits": 0.05, "score": 0.05, "box": 0.8}}
+    (text,) = _quality_warnings(quality)
+    assert "output 'box' is far" in text and "mse 0.8" in text
+    quality["calibration_loss_per_output"]["box"] = 0.1
+    assert _quality_warnings(quality) == []
 
 
 def test_a_refusal_says_how_little_of_the_time_can_be_pruned():
