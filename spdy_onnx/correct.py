@@ -87,7 +87,8 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
                       loss: str, batch_size: int, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
                       max_samples: int = MAX_TRAIN_SAMPLES, max_seconds: float | None = DEFAULT_SECONDS,
                       seed: int = 0, schedule: str = "cosine", progress: bool = False,
-                      validation: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
+                      validation: dict | None = None, loss_scales: list | None = None
+                      ) -> tuple[dict[str, np.ndarray], dict]:
     """Tuned copies of `weights` ({initializer: array}, pruned) and of the sites' biases; and a summary.
 
     The result is the epoch with the lowest loss on held-back samples, or no change: a random slice of
@@ -97,7 +98,8 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
 
     `model` is the dense model, `data` the calibration samples, `loss` 'mse' (masked to real tokens
     when the feed has an attention mask), 'kl' or 'kl-probs', or one of them per compared output joined by '+'
-    (the evaluator's `loss_name`: every floating-point output counts). Returns the weights to write (site weights and bias
+    (the evaluator's `loss_name`: every floating-point output counts); `loss_scales` the evaluator's
+    per-output MSE normalisers (`scales`), so that both minimise the same loss. Returns the weights to write (site weights and bias
     initializers) and {'loss_before', 'loss_after', 'epochs_run', 'best_epoch', 'seconds', ...}.
     """
     import torch
@@ -121,6 +123,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
         loss_names *= len(dense_outputs)
     if len(loss_names) != len(dense_outputs):
         raise SpdyError(f"loss '{loss}' names {len(loss_names)} outputs; the model has {len(dense_outputs)} to compare")
+    scales = list(loss_scales) if loss_scales is not None else [None] * len(loss_names)
     buckets = shorten.LengthBuckets(model, train[0])
     dense_sessions = {None: dense_session}   # length -> session of the dense model's short copy
 
@@ -220,7 +223,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
 
     def loss_of(ys, refs, mask):
         """The mean over the compared outputs, as the search's evaluator scores them."""
-        values = [torch_loss(kind, y, ref, mask) for kind, y, ref in zip(loss_names, ys, refs)]
+        values = [torch_loss(kind, y, ref, mask, scale) for kind, y, ref, scale in zip(loss_names, ys, refs, scales)]
         return values[0] if len(values) == 1 else torch.stack(values).mean()
 
     def train_step(opt, feed, ref, mask):
@@ -326,7 +329,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     return result, summary
 
 
-def torch_loss(kind: str, y, ref, mask=None):
+def torch_loss(kind: str, y, ref, mask=None, scale: float | None = None):
     """The evaluator's loss (evaluate.LOSSES) on torch tensors, differentiable: KL over the last axis per
     position (of logits, or of probabilities for 'kl-probs'; over axis 1 for a '-channels'
     kind), or normalised MSE; real tokens only when a padding mask of the
@@ -343,6 +346,8 @@ def torch_loss(kind: str, y, ref, mask=None):
         else:
             logp, logq = ref.clamp_min(TINY_PROBABILITY).log(), y.clamp_min(TINY_PROBABILITY).log()
         return (logp.exp() * (logp - logq)).sum(-1).mean()
+    if scale is not None:   # the evaluator's per-sample spread (evaluate.centred_scale)
+        return ((y - ref) ** 2).sum() / (scale * len(ref))
     return ((y - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-12)
 
 

@@ -66,11 +66,26 @@ def kl_of_probabilities(ref_probs: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
 
 
-def normalised_mse(ref: np.ndarray, out: np.ndarray) -> float:
+def normalised_mse(ref: np.ndarray, out: np.ndarray, scale: float | None = None) -> float:
+    """Squared error over the reference's energy, or over `scale` per sample (first axis) when given:
+    see centred_scale."""
     ref = ref.astype(np.float64)
-    den = float(np.sum(ref ** 2))
+    den = float(np.sum(ref ** 2)) if scale is None else scale * len(ref)
     num = float(np.sum((out.astype(np.float64) - ref) ** 2))
     return num / den if den > 0 else num
+
+
+def centred_scale(refs: list[np.ndarray]) -> float | None:
+    """The per-sample energy of a (batch,) or (batch, k) output around its mean over the calibration
+    samples, or None when it does not vary. Normalised by this, an output with an offset (a sigmoid's
+    boxes near 0.5, a regression around 3) that loses what each sample says scores about 1; over its
+    raw energy, mostly the offset, it scored 0.01-0.15 and looked fine."""
+    rows = np.concatenate([np.asarray(r, dtype=np.float64).reshape(len(r), -1) for r in refs])
+    if len(rows) < 2:
+        return None
+    centred = float(np.sum((rows - rows.mean(axis=0)) ** 2)) / len(rows)
+    raw = float(np.sum(rows ** 2)) / len(rows)
+    return centred if centred > 1e-9 * raw and centred > 0 else None
 
 
 # a rank-2 output named with one of these is a vector to keep, not class scores (sentence_embedding,
@@ -171,12 +186,15 @@ def compared_outputs(session) -> list[str]:
     return names or [outs[0].name]
 
 
-def combined_loss(loss_names: list[str], refs: list[np.ndarray], outs: list[np.ndarray], mask) -> float:
-    """Mean over the compared outputs of each one's loss (KL or normalised MSE, see choose_loss)."""
+def combined_loss(loss_names: list[str], refs: list[np.ndarray], outs: list[np.ndarray], mask,
+                  scales: list | None = None) -> float:
+    """Mean over the compared outputs of each one's loss (KL or normalised MSE, see choose_loss);
+    `scales`: per output, the per-sample energy an MSE is normalised by (centred_scale), or None."""
     values = []
-    for name, ref, out in zip(loss_names, refs, outs):
+    for i, (name, ref, out) in enumerate(zip(loss_names, refs, outs)):
         kind, ref, out = class_axis_last(name, *_real_tokens(ref, out, mask))
-        values.append(LOSSES[kind](ref, out))
+        scale = scales[i] if scales else None
+        values.append(normalised_mse(ref, out, scale) if kind == "mse" else LOSSES[kind](ref, out))
     return float(np.mean(values))
 
 
@@ -213,6 +231,10 @@ class Evaluator:
         self.loss_names = [choose_loss(loss, ref.shape, name, ref, producer_op(model, name))
                            for ref, name in zip(self.reference[0], self.outputs)]
         self.loss_name = "+".join(self.loss_names)   # one name per compared output, e.g. kl+kl
+        # an MSE on per-sample values (batch,) or (batch, k) is normalised by their spread around the
+        # mean, not by their energy: an offset must not hide a head that lost every sample's value
+        self.scales = [centred_scale([r[i] for r in self.reference]) if kind == "mse" and ref.ndim <= 2 else None
+                       for i, (kind, ref) in enumerate(zip(self.loss_names, self.reference[0]))]
         self._memo: dict[tuple, float] = {}
         # evaluations of earlier (possibly killed) runs on the same model, data and database
         self.journal = Journal(journal)
@@ -265,7 +287,8 @@ class Evaluator:
             used = {n for n, _ in self.feeds}
             sessions = {n: make_session(write_weights(self._graphs[n], extra), threads=self._threads) for n in used}
         fed = {k: v for k, v in weights.items() if k in inputs}
-        per_feed = [[combined_loss([kind], [r], [o], mask) for kind, r, o in zip(self.loss_names, ref, outs)]
+        per_feed = [[combined_loss([kind], [r], [o], mask, [scale])
+                     for kind, r, o, scale in zip(self.loss_names, ref, outs, self.scales)]
                     for item, ref, mask in zip(self.feeds, self.reference, self.masks)
                     for outs in [self._run(item, fed, sessions)]]
         return dict(zip(self.outputs, (float(v) for v in np.mean(per_feed, axis=0))))
@@ -283,7 +306,7 @@ class Evaluator:
         if key in self._memo:
             return self._memo[key]
         weights = self._weights(key)
-        values = [combined_loss(self.loss_names, ref, self._run(item, weights), mask)
+        values = [combined_loss(self.loss_names, ref, self._run(item, weights), mask, self.scales)
                   for item, ref, mask in zip(self.feeds, self.reference, self.masks)]
         value = float(np.mean(values))
         self._memo[key] = value

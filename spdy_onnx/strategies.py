@@ -187,11 +187,12 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
                         "accuracy will be lower (pip install 'spdy-onnx[torch]', or --correct-epochs 0 to "
                         "silence this)")
         else:
-            calib, loss_name = chooser.evaluator.data, chooser.evaluator.loss_name
+            evaluator = chooser.evaluator
             chooser.correction = lambda weights: correct.global_correction(
-                prep.calibration_model, sites, weights, calib, loss=loss_name, batch_size=prep.batch_size,
-                epochs=correct_epochs, max_seconds=correct_seconds or correct.DEFAULT_SECONDS, seed=seed,
-                progress=progress, validation=validation)
+                prep.calibration_model, sites, weights, evaluator.data, loss=evaluator.loss_name,
+                batch_size=prep.batch_size, epochs=correct_epochs,
+                max_seconds=correct_seconds or correct.DEFAULT_SECONDS, seed=seed, progress=progress,
+                validation=validation, loss_scales=evaluator.scales)
     return chooser
 
 
@@ -241,7 +242,7 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
     memo = cache.cache_key(model=prep.digest, sites=[s.name for s in sites], levels=levels, loss=loss,
                            database=getattr(database, "folder", type(database).__name__), pattern=table.pattern,
                            data=calibrate.data_digest(calib), samples=eval_samples,
-                           version=5)   # 5: auto reads Softmax, Sigmoid and non-linear outputs
+                           version=6)   # 6: per-sample MSE outputs normalised by their spread
     journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
     t0 = time.perf_counter()
     evaluator = evaluate.Evaluator(prep.calibration_model, sites, database, calib, loss=loss, specs=prep.specs,

@@ -528,6 +528,36 @@ def test_auto_loss_reads_what_made_the_output():
     assert choose_loss("kl", rows.shape, "out", rows, "Tanh") == "kl"         # as asked
 
 
+def test_a_head_with_an_offset_that_lost_every_sample_scores_about_one():
+    """A regression head around 3 (spread 0.3) collapsed to its mean: over its raw energy the loss was
+    0.01 and looked fine; over its spread around the mean it is about 1, all of it lost."""
+    from spdy_onnx.evaluate import centred_scale, combined_loss
+    rng = np.random.default_rng(4)
+    feeds = [3 + 0.3 * rng.standard_normal((4, 1)) for _ in range(8)]
+    collapsed = [np.full_like(r, 3.0) for r in feeds]
+    scale = centred_scale(feeds)
+    assert scale == pytest.approx(np.var(np.concatenate(feeds)), rel=1e-9)
+    raw = np.mean([combined_loss(["mse"], [r], [c], None) for r, c in zip(feeds, collapsed)])
+    centred = np.mean([combined_loss(["mse"], [r], [c], None, [scale]) for r, c in zip(feeds, collapsed)])
+    assert raw < 0.02 and 0.8 < centred < 1.2
+    assert centred_scale([np.ones((4, 3))] * 3) is None                  # a constant output: raw energy
+
+
+def test_the_evaluator_centres_per_sample_outputs_only():
+    """(batch, k) MSE outputs get a spread to normalise by; token states (batch, seq, width) and KL
+    outputs keep theirs, so MiniLM-like models score as before."""
+    model = _two_head_model()
+    data = {"x": np.random.default_rng(0).standard_normal((8, 4, 32)).astype(np.float32)}
+    specs = {"x": ((1, 4, 32), np.dtype(np.float32))}
+    sites, _ = graph.find_sites(model)
+    db = MagnitudeDatabase(sites, graph.read_weights(model, sites), [0.0, 0.5, 0.9])
+    ev = Evaluator(model, sites, db, data, specs=specs, eval_samples=8)
+    assert ev.scales == [None, None]                                    # rank-3 outputs
+    from spdy_onnx.evaluate import centred_scale
+    pooled = [np.asarray(r[0]).mean(axis=1) for r in ev.reference]       # what a (batch, k) head would give
+    assert centred_scale(pooled) > 0
+
+
 def test_segmentation_scores_are_compared_per_pixel_over_their_classes():
     """(N, classes, H, W) logits: KL over axis 1, per pixel. Over the last axis (the width) a change that
     flips most pixels' classes, the same along each row, was invisible."""
@@ -559,6 +589,17 @@ def test_kl_of_probabilities_is_the_kl_of_the_logits_they_came_from():
     zero = _softmax(b)
     zero[:, 0] = 0.0                                                           # an underflowed probability
     assert np.isfinite(kl_of_probabilities(_softmax(a), zero))
+
+
+def test_the_correction_minimises_the_centred_loss_the_search_scores():
+    torch = pytest.importorskip("torch")
+    from spdy_onnx.correct import torch_loss
+    from spdy_onnx.evaluate import combined_loss
+    rng = np.random.default_rng(0)
+    ref, out = 2 + rng.standard_normal((5, 3)), 2 + rng.standard_normal((5, 3))
+    expected = combined_loss(["mse"], [ref], [out], None, [0.7])
+    got = torch_loss("mse", torch.from_numpy(out), torch.from_numpy(ref), None, 0.7)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("kind,shape,masked", [("kl", (3, 10), False), ("kl", (2, 5, 7), True),
