@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_IR_VERSION = 9
 MAX_OPSET = 18
+MAX_ML_OPSET = 3      # ai.onnx.ml
 BUSY_WARNING_CORES = 0.5
 
 
@@ -156,12 +157,22 @@ class DeepSparseRuntime:
         custom = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx", "ai.onnx.ml")})
         if custom:
             raise SpdyError(f"the model uses custom operator domain(s) {', '.join(custom)} that DeepSparse cannot run")
+        from spdy_onnx.passes.opsets import used_domains
+        ml = [e.version for e in model.opset_import if e.domain == "ai.onnx.ml"]
+        if ml and ml[0] > MAX_ML_OPSET and "ai.onnx.ml" in used_domains(model):
+            raise SpdyError(f"the model uses ai.onnx.ml opset {ml[0]}; DeepSparse {deepsparse.__version__} runs it "
+                            f"up to opset {MAX_ML_OPSET}")
 
     def native_graph(self, model):
         """LayerNormalization (opset 17+) written as primitive ops: DeepSparse hands that op to
-        onnxruntime, which splits the engine's graph at every normalisation (passes/decompose.py)."""
+        onnxruntime, which splits the engine's graph at every normalisation (passes/decompose.py).
+        Opset imports that no node uses are dropped: DeepSparse refuses some (passes/opsets.py)."""
         from spdy_onnx.passes.decompose import decompose_layernorm
+        from spdy_onnx.passes.opsets import drop_unused_opset_imports
         model, count = decompose_layernorm(model)
+        model, dropped = drop_unused_opset_imports(model)
+        if dropped:
+            log.info("opset imports no node uses dropped: %s", ", ".join(dropped))
         return model, ({"LayerNormalization": count} if count else {})
 
     def fingerprint(self) -> dict:

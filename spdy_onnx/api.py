@@ -659,8 +659,11 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                     continue
                 missed_aim = max(missed_aim, aim)
                 # by the shortfall, and by at least the aims' resolution: a smaller step after a near
-                # miss lands on a profile that measures the same, within the noise, and misses again
-                higher = min(max(aim * required / comparison.speedup * 1.01, aim * (1 + AIM_RESOLUTION)),
+                # miss lands on a profile that measures the same, within the noise, and misses again.
+                # From the profile's own prediction when it was above the aim (a coarse grid, tied
+                # groups): any aim below that returns the same profile, already measured
+                basis = max(aim, predicted)
+                higher = min(max(basis * required / comparison.speedup * 1.01, aim * (1 + AIM_RESOLUTION)),
                              max_speedup * 0.9999)
                 if hit is not None:
                     higher = min(higher, (aim + hit[0]) / 2)
@@ -777,7 +780,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         if fastest_seen is not None and fastest_seen[1] >= required:
             fastest_seen = None   # the engine can go faster than required: the search, not the engine, missed
         raise TargetMissed(target, measured, len(standing), best=max((v for _, v in standing), default=measured),
-                           fastest=fastest_seen, batch_size=prep.batch_size)
+                           fastest=fastest_seen, batch_size=prep.batch_size,
+                           required=required_speedup(target, margin, compiles_in(comparison)) if comparison else required)
     return rep
 
 

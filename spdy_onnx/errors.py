@@ -51,13 +51,20 @@ NEAR_TARGET = 0.03
 
 class TargetMissed(SpdyError):
     def __init__(self, target: float, measured: float, attempts: int, *, best: float | None = None,
-                 fastest: tuple[float, float] | None = None, batch_size: int | None = None):
+                 fastest: tuple[float, float] | None = None, batch_size: int | None = None,
+                 required: float | None = None):
         """`best`: the highest speedup measured; `fastest`: (predicted, measured) of the fastest profile the
-        latency table allows, when it was tried: then the engine, not the search, is the limit."""
+        latency table allows, when it was tried: then the engine, not the search, is the limit;
+        `required`: what a measurement had to clear (the target plus the noise margin)."""
         self.target = target
         self.measured = measured
         self.best = measured if best is None else best
-        text = f"measured speedup {measured:.3f}x missed the target {target:g}x after {attempts} attempt(s)"
+        if required is not None and measured >= target:   # "1.306x missed 1.3x" reads as a contradiction
+            text = (f"measured speedup {measured:.3f}x is over the target {target:g}x but under the {required:.3f}x "
+                    f"a measurement must clear (the target plus the margin for timing noise, --margin) after "
+                    f"{attempts} attempt(s)")
+        else:
+            text = f"measured speedup {measured:.3f}x missed the target {target:g}x after {attempts} attempt(s)"
         if best is not None and best > measured + 5e-4:
             text += f" (best {best:.3f}x)"
         if fastest is not None:

@@ -622,3 +622,28 @@ def test_a_file_the_engine_computes_wrongly_is_reported(mlp_path, tmp_path, cach
     wrong = [w for w in rep["warnings"] if "written file" in w]
     assert len(wrong) == 1 and "those of the dense model agree" in wrong[0]
     json.loads((tmp_path / "out.report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+
+def test_opset_imports_no_node_uses_do_not_stop_the_engine(tmp_path):
+    """onnxruntime's quantization pre-processing declares ai.onnx.ml at opset 5 (and other domains) that no
+    node uses; DeepSparse refuses such a file. The engine's view of the graph drops them, so the same
+    computation compiles, and the written file (built from that view) deploys."""
+    from deepsparse import compile_model
+
+    from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime
+    model = tiny.mlp(width=64, depth=2, seq=4)
+    model.opset_import.extend([onnx.helper.make_opsetid("ai.onnx.ml", 5), onnx.helper.make_opsetid("com.microsoft", 1)])
+    raw = tmp_path / "raw.onnx"
+    onnx.save(model, raw)
+    with pytest.raises(Exception, match="ai.onnx.ml"):
+        compile_model(str(raw), batch_size=1, num_cores=1)
+    engine = DeepSparseRuntime(cores=1)
+    engine.check_model(model)
+    native, _ = engine.native_graph(model)
+    assert {e.domain for e in native.opset_import} == {""}
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(native, fixed)
+    x = np.random.default_rng(0).standard_normal((1, 4, 64)).astype(np.float32)
+    out = compile_model(str(fixed), batch_size=1, num_cores=1).run([x])[0]
+    ref = ort.InferenceSession(str(raw), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
