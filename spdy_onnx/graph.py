@@ -20,6 +20,8 @@ from spdy_onnx.modelio import printable
 log = logging.getLogger(__name__)
 
 PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
+# ops with a constant weight that are listed as left dense, so that none is silently absent
+UNPRUNED_WEIGHT_OPS = ("ConvTranspose", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
 PASS_THROUGH_OPS = ("Transpose", "Cast", "Identity")
 DEFAULT_MIN_WEIGHTS = 4096
 
@@ -194,11 +196,14 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
     sites: list[Site] = []
     unprunable: dict[str, str] = {}
     for node, name in zip(model.graph.node, names):
+        if node.op_type in UNPRUNED_WEIGHT_OPS and len(node.input) >= 2 and node.input[1] in inits:
+            unprunable[name] = f"{node.op_type} is not pruned (only Conv, Gemm and MatMul are): left dense"
+            continue
         if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         chain = []
         tensor = node.input[1]
-        quantized = False
+        stopped_at = None   # the op the weight comes through that is not followed
         seen = set()
         while tensor not in inits and tensor in producers and tensor not in seen:
             seen.add(tensor)
@@ -211,11 +216,15 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
                     chain.append((prod.op_type, None))
                 tensor = prod.input[0]
             else:
-                quantized = prod.op_type == "DequantizeLinear"
+                stopped_at = prod
                 break
         if tensor not in inits:
-            if quantized:
-                unprunable[name] = "quantized weight (DequantizeLinear): left as is"
+            if stopped_at is not None and stopped_at.op_type == "DequantizeLinear":
+                if stopped_at.input and stopped_at.input[0] in inits:
+                    unprunable[name] = "quantized weight (DequantizeLinear): left as is"
+            elif stopped_at is not None and stopped_at.input and stopped_at.input[0] in inits:
+                unprunable[name] = (f"the weight comes through a {stopped_at.op_type} of initializer "
+                                    f"'{printable(stopped_at.input[0], 60)}', which is not followed: left dense")
             elif node.op_type == "MatMul" and node.input[0] in inits:
                 unprunable[name] = "the constant is the first input (W @ x): only x @ W is pruned; left dense"
             continue

@@ -82,6 +82,33 @@ def test_a_matmul_with_its_constant_first_is_listed_as_left_dense():
     assert sites == [] and "W @ x" in unprunable["wx"]
 
 
+def test_no_constant_weight_is_silently_absent():
+    """A ConvTranspose, and a MatMul whose weight is a Reshape of an initializer (tf2onnx writes these),
+    are listed as left dense with the reason; a MatMul of two activations behind DequantizeLinear (a
+    QDQ model's attention) is no weight and is not listed."""
+    from onnx import TensorProto, helper, numpy_helper
+    inits = [numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "up_w"),
+             numpy_helper.from_array(np.ones(64, np.float32), "flat"),
+             numpy_helper.from_array(np.array([8, 8], np.int64), "shape"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
+    nodes = [helper.make_node("ConvTranspose", ["img", "up_w"], ["up"], name="upsample"),
+             helper.make_node("Reshape", ["flat", "shape"], ["w8"]),
+             helper.make_node("MatMul", ["x", "w8"], ["h"], name="dense2"),
+             helper.make_node("QuantizeLinear", ["h", "s", "z"], ["hq"]),
+             helper.make_node("DequantizeLinear", ["hq", "s", "z"], ["hd"]),
+             helper.make_node("MatMul", ["x", "hd"], ["y"], name="scores")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 4, 5, 5]),
+                                       helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 8])],
+                          [helper.make_tensor_value_info("up", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    sites, unprunable = graph.find_sites(helper.make_model(g))
+    assert sites == []
+    assert "ConvTranspose is not pruned" in unprunable["upsample"]
+    assert "comes through a Reshape of initializer 'flat'" in unprunable["dense2"]
+    assert "scores" not in unprunable
+
+
 def test_shared_weight_is_left_dense_with_reason():
     model = tiny.mlp(width=32, depth=3, seq=2, weight_form="shared")
     sites, unprunable = graph.find_sites(model)
