@@ -29,7 +29,8 @@ def _read_npz(path: Path, what: str = "calibration") -> dict[str, np.ndarray]:
         raise SpdyError(f"cannot read {what} file {path}: {type(exc).__name__}: {exc}") from None
 
 
-def load_data(path, specs: dict, *, samples: int | None = None, what: str = "calibration") -> dict[str, np.ndarray]:
+def load_data(path, specs: dict, *, samples: int | None = None, what: str = "calibration",
+              defaults: set | None = None) -> dict[str, np.ndarray]:
     """Arrays keyed by model input, first axis = samples, checked against the model's inputs.
 
     `what` names the data in errors (calibration, validation)."""
@@ -64,18 +65,26 @@ def load_data(path, specs: dict, *, samples: int | None = None, what: str = "cal
         data = _read_npz(path, what)
     else:
         raise SpdyError(f"no such {what} data: {path}")
-    return check_data(data, specs, samples=samples, source=str(path), what=what)
+    return check_data(data, specs, samples=samples, source=str(path), what=what, defaults=defaults)
 
 
 def check_data(data: dict, specs: dict, *, samples: int | None = None, source: str = "data",
-               what: str = "calibration") -> dict:
+               what: str = "calibration", defaults: set | None = None) -> dict:
+    """The arrays for `specs`, checked and cast; `defaults`: graph inputs that have a default value
+    (an initializer), which are not fed: arrays for them are ignored with a warning."""
     missing = [n for n in specs if n not in data]
     if missing:
         raise SpdyError(f"{what} data {source} lacks model input(s) {', '.join(missing)}; it has "
                         f"{', '.join(sorted(data)) or 'no arrays'} (arrays must be keyed by the model's input names)")
     extra = sorted(set(data) - set(specs))
-    if extra:
-        log.info("%s data: ignoring arrays that are not model inputs: %s", what, ", ".join(extra))
+    given_defaults = [n for n in extra if n in (defaults or ())]
+    others = [n for n in extra if n not in given_defaults]
+    if others:
+        log.info("%s data: ignoring arrays that are not model inputs: %s", what, ", ".join(others))
+    if given_defaults:   # the user meant them to be used: say that they are not
+        log.warning("%s data: %s %s graph input(s) with a default value in the model (an initializer of the "
+                    "same name); the default is used, not these arrays", what, ", ".join(given_defaults),
+                    "is a" if len(given_defaults) == 1 else "are")
     out, count = {}, None
     for name, (shape, dtype) in specs.items():
         a = np.asarray(data[name])
@@ -100,9 +109,12 @@ def check_data(data: dict, specs: dict, *, samples: int | None = None, source: s
             raise SpdyError(f"{what} inputs have different sample counts ({count} and {a.shape[0]} for '{name}')")
         count = a.shape[0]
         out[name] = a.astype(dtype, copy=False)
+    batch = next(iter(specs.values()))[0][0] if specs else 1
     if samples:
         out = {k: v[:samples] for k, v in out.items()}
-    batch = next(iter(specs.values()))[0][0] if specs else 1
+        if min(samples, count) < batch:   # the cap, not the file, leaves too few
+            raise SpdyError(f"--samples {samples} is fewer than the batch size {batch}: every feed is one whole "
+                            f"batch; use at least --samples {batch}")
     if count < batch:
         raise SpdyError(f"{what} data has {count} sample(s), fewer than the batch size {batch}")
     return out

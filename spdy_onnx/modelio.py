@@ -422,6 +422,12 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def inputs_with_defaults(model: onnx.ModelProto) -> set[str]:
+    """Graph inputs backed by an initializer of the same name: optional inputs with a default value."""
+    inits = {t.name for t in model.graph.initializer}
+    return {i.name for i in model.graph.input if i.name in inits}
+
+
 def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     """Parse ['name:1x3x224x224', ...] into {name: (1, 3, 224, 224)}."""
     shapes: dict[str, tuple[int, ...]] = {}

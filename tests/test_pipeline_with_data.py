@@ -89,6 +89,42 @@ def test_bad_calibration_data_writes_nothing(setup, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "x.report.json").exists()
 
 
+def test_samples_under_the_batch_size_is_an_error_not_a_traceback(tmp_path, capsys):
+    """The file has enough samples for -b 4; --samples 2 leaves fewer than one batch."""
+    model = tiny.mlp(width=64, depth=2, seq=8, batch="batch")
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 8, 64)).astype(np.float32))
+    sites, _ = graph.find_sites(model)
+    table = LatencyTable(levels=LEVELS, times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
+                         dense_total_ms=2.5, runtime="table", meta={"cores": 1})
+    table_path = table.save(tmp_path / "table.json")
+    out = tmp_path / "x.onnx"
+    code = main(["optimize", str(path), "--target", "1.5x", "--runtime", "table", "--latency-table", str(table_path),
+                 "--data", str(data), "--samples", "2", "-b", "4", "-o", str(out), "-q"])
+    assert code == 2
+    assert "--samples 2 is fewer than the batch size 4" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_data_for_an_input_with_a_default_is_named_as_unused(caplog):
+    """An optional input (a graph input with an initializer default, like token_type_ids) is not fed:
+    arrays the user gave for it are ignored with a warning, not called 'not model inputs'."""
+    from spdy_onnx import calibrate, modelio
+    model = tiny.mlp(width=16, depth=1, seq=2)
+    extra = onnx.numpy_helper.from_array(np.zeros((1, 2), np.int64), "segment")
+    model.graph.initializer.append(extra)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("segment", onnx.TensorProto.INT64, [1, 2]))
+    specs = modelio.input_specs(model, 1)
+    assert list(specs) == ["x"]
+    data = {"x": np.zeros((3, 2, 16), np.float32), "segment": np.ones((3, 2), np.int64)}
+    with caplog.at_level("INFO", logger="spdy_onnx"):
+        calibrate.check_data(data, specs, defaults=modelio.inputs_with_defaults(model))
+    assert "segment is a graph input(s) with a default value" in caplog.text
+    assert "not model inputs" not in caplog.text
+
+
 def test_without_data_warns_loudly(setup, tmp_path, caplog):
     path, _, table_path = setup
     with caplog.at_level("WARNING", logger="spdy_onnx"):
