@@ -213,6 +213,20 @@ class Prepared:
         self.workdir.cleanup()
 
 
+def _check_table_shapes(prep: Prepared, table: LatencyTable, path) -> None:
+    """Layer times depend on the batch and the input shapes: a table measured at others predicts
+    nothing about this run."""
+    batch, shapes = table.meta.get("batch_size"), table.meta.get("input_shapes")
+    if batch is not None and int(batch) != prep.batch_size:
+        raise SpdyError(f"the latency table {path} was measured at batch {batch}, this run is at batch "
+                        f"{prep.batch_size}: use -b {batch}, or profile at this batch (spdy-onnx profile MODEL "
+                        f"-b {prep.batch_size})")
+    ours = {k: list(v[0]) for k, v in prep.specs.items()}
+    if isinstance(shapes, dict) and {k: list(v) for k, v in shapes.items()} != ours:
+        raise SpdyError(f"the latency table {path} was measured with input shapes {shapes}, this run has {ours}: "
+                        "profile with the same --input-shape as this run")
+
+
 def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=None,
                   use_cache: bool = True, feeds=None, level_context: bool = False) -> LatencyTable:
     """The table from --latency-table, else from the cache, else measured on the engine and cached.
@@ -220,6 +234,7 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     `level_context` also times the low levels among pruned neighbours (spdy_onnx.context)."""
     if latency_table:
         table = LatencyTable.load(latency_table)
+        _check_table_shapes(prep, table, latency_table)
         log.info("using latency table %s (%s, %d sites)", latency_table, table.runtime, len(table.times))
         return table
     level_list = parse_levels(levels) if levels is not None else prep.runtime.default_levels()

@@ -108,6 +108,26 @@ def test_samples_under_the_batch_size_is_an_error_not_a_traceback(tmp_path, caps
     assert not out.exists()
 
 
+def test_a_latency_table_of_another_batch_or_shape_is_refused(tmp_path, capsys):
+    """A table profiled at batch 1 says nothing about batch 4: it was used silently, and the report
+    showed batch-1 times as this run's."""
+    model = tiny.mlp(width=64, depth=2, seq="seq", batch="batch")
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    sites, _ = graph.find_sites(model)
+    table = LatencyTable(levels=LEVELS, times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
+                         dense_total_ms=2.5, runtime="table",
+                         meta={"cores": 1, "batch_size": 1, "input_shapes": {"x": [1, 8, 64]}})
+    table_path = table.save(tmp_path / "table.json")
+    base = ["optimize", str(path), "--target", "1.5x", "--runtime", "table", "--latency-table", str(table_path),
+            "-o", str(tmp_path / "x.onnx"), "-q"]
+    assert main(base + ["-b", "4", "--input-shape", "x:1x8x64"]) == 2
+    assert "measured at batch 1, this run is at batch 4" in capsys.readouterr().err
+    assert main(base + ["--input-shape", "x:1x16x64"]) == 2
+    assert "input shapes" in capsys.readouterr().err
+    assert main(base + ["--input-shape", "x:1x8x64"]) == 0
+
+
 def test_data_for_an_input_with_a_default_is_named_as_unused(caplog):
     """An optional input (a graph input with an initializer default, like token_type_ids) is not fed:
     arrays the user gave for it are ignored with a warning, not called 'not model inputs'."""
