@@ -82,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconstruct", default="obs", choices=["obs", "magnitude"],
                    help="how pruned weights are computed with calibration data (default: %(default)s)")
     p.add_argument("--loss", default="auto", choices=["auto", "kl", "mse"],
-                   help="label-free calibration loss against the dense model: auto picks KL for class "
-                        "scores (rank-2 outputs made by a linear op that are not an embedding by name or unit rows, nor all in [0, 1], "
-                        "or outputs named like logits, per position), KL of the probabilities themselves for "
-                        "outputs whose rows sum to 1 (a Softmax), and normalised MSE otherwise (default: auto)")
+                   help="label-free calibration loss against the dense model: auto picks KL over the class "
+                        "axis for class scores (rank-2 outputs made by a linear op that are not an embedding by "
+                        "name or unit rows, nor all in [0, 1]; outputs named like logits; log-probabilities), "
+                        "KL of the probabilities themselves for outputs whose rows sum to 1 (a Softmax), and "
+                        "normalised MSE otherwise; README, How it works (default: auto)")
     p.add_argument("--search-budget", default=None,
                    help="SPDY search budget: a number of evaluations (600) or a time (5m, 90s); "
                         "default: 40 s (the paper's schedule, then restarts from the best while they find new "

@@ -108,53 +108,91 @@ def class_axis_last(kind: str, ref, out):
     return kind[: -len(CHANNELS)], move(ref), move(out)
 
 
-# ops whose output can be class scores: a linear layer, or its bias. A rank-2 output made by anything
-# else (LayerNorm, Tanh, pooling, an activation) is a vector to keep
-SCORE_OPS = ("Gemm", "MatMul", "Add", "Conv", "Einsum", "Sub")
+# ops whose output can be class scores: a linear layer, or its bias, or log-probabilities. A rank-2
+# output made by anything else (LayerNorm, Tanh, pooling, an activation) is a vector to keep
+SCORE_OPS = ("Gemm", "MatMul", "Add", "Conv", "Einsum", "Sub", "LogSoftmax")
 # ops that only reshape, skipped when looking for what made an output
 SHAPE_OPS = ("Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Dropout")
+# ops whose outputs hold channels on axis 1 (N, C, ...): a conv net's class scores per pixel or frame
+CHANNEL_OPS = ("Conv", "ConvTranspose", "Resize", "Upsample", "BatchNormalization", "InstanceNormalization")
 
 
-def producer_op(model: onnx.ModelProto, output: str) -> str | None:
-    """The op type that computes graph output `output`, looking through reshapes; None for an input or
-    an initializer."""
+def producer_node(model: onnx.ModelProto, output: str):
+    """The node that computes graph output `output`, looking through reshapes; None for an input or an
+    initializer."""
     made = {o: n for n in model.graph.node for o in n.output}
     node = made.get(output)
     while node is not None and node.op_type in SHAPE_OPS and node.input:
         node = made.get(node.input[0])
+    return node
+
+
+def producer_op(model: onnx.ModelProto, output: str) -> str | None:
+    node = producer_node(model, output)
     return None if node is None else node.op_type
 
 
+def class_axis(model: onnx.ModelProto, output: str, rank: int) -> int:
+    """Where a rank-3+ output keeps its classes: 1 after a conv (N, classes, H, W) or (N, classes, T);
+    last after a matmul (batch, tokens, vocabulary) or a Transpose to channels-last (NHWC, as tf2onnx
+    writes); otherwise 1 for rank 4 and up, last for rank 3."""
+    node = producer_node(model, output)
+    if node is not None and node.op_type in CHANNEL_OPS:
+        return 1
+    if node is not None and node.op_type in ("MatMul", "Gemm", "Einsum"):
+        return -1
+    if node is not None and node.op_type == "Transpose":
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        if perm and len(perm) == rank:
+            return -1 if perm[-1] == 1 else 1 if perm[1] == 1 else (1 if rank >= 4 else -1)
+    return 1 if rank >= 4 else -1
+
+
 def choose_loss(loss: str, output_shape, name: str = "", values: np.ndarray | None = None,
-                producer: str | None = None) -> str:
+                producer: str | None = None, axis: int | None = None) -> str:
     """auto: KL for class scores (rank-2 outputs with several columns not named like an embedding, made
     by a linear op when `producer` is given, and whose rows, in `values` when given, are neither unit
-    vectors nor bounded to [0, 1] like a sigmoid's; or an output named like logits, e.g. a language
-    model's (batch, tokens, vocabulary)), normalised MSE otherwise. KL is taken over the last axis, per
-    position, except for rank-4+ outputs (N, classes, H, W): over axis 1, per pixel. An output whose
-    rows are distributions (a Softmax's) gets KL of the probabilities themselves, with auto or kl."""
+    vectors nor bounded to [0, 1] like a sigmoid's; rank-3+ outputs named like logits, e.g. a language
+    model's (batch, tokens, vocabulary); outputs that are log-probabilities), normalised MSE otherwise.
+    KL is taken per position over the class axis: `axis` (see class_axis), by default the last one for
+    rank 2 and 3 and axis 1 for rank 4 and up ((N, classes, H, W), kinds ending in CHANNELS). An output
+    whose rows are distributions (a Softmax's) gets KL of the probabilities themselves, with auto or kl.
+    An output with no class axis (rank 1, or one column) gets MSE even with kl: KL over one column is 0."""
     if loss not in ("auto", "kl", "mse"):
         raise SpdyError(f"unknown loss '{loss}'; choose kl, mse or auto")
-    if len(output_shape) >= 4:   # (N, classes, H, W): classes on axis 1, as Conv lays them out
-        probs = values is not None and _distribution_rows(np.moveaxis(values, 1, -1))
-        if loss != "mse" and output_shape[1] > 1 and probs:
-            return "kl-probs" + CHANNELS
-        kl = loss == "kl" or (loss == "auto" and "logit" in name.lower())
-        return "kl" + CHANNELS if kl and output_shape[1] > 1 else "mse"
-    if loss != "mse" and values is not None and len(output_shape) >= 2 and output_shape[-1] > 1 \
-            and _distribution_rows(values):
-        return "kl-probs"
-    if loss != "auto":
-        return loss
-    if len(output_shape) == 2 and output_shape[-1] > 1:
-        lowered = name.lower()
-        if "logit" in lowered:
-            return "kl"
+    rank = len(output_shape)
+    if axis is None:
+        axis = 1 if rank >= 4 else -1
+    axis = axis if rank >= 3 else -1
+    suffix = CHANNELS if axis == 1 else ""
+    classes = output_shape[axis] if rank >= 2 else 1
+    along = np.moveaxis(values, axis, -1) if values is not None and rank >= 2 else None
+    if loss == "mse":
+        return "mse"
+    if classes <= 1:
+        if loss == "kl":
+            log.warning("--loss kl: output '%s' of shape %s has no class axis (KL over one value is 0); it is "
+                        "compared by normalised MSE", name, tuple(output_shape))
+        return "mse"
+    if along is not None and _distribution_rows(along):
+        return "kl-probs" + suffix
+    if loss == "kl" or (along is not None and _log_distribution_rows(along)):
+        return "kl" + suffix
+    lowered = name.lower()
+    if rank == 2 and "logit" not in lowered:
         named = any(w in lowered for w in EMBEDDING_WORDS)
         vector = values is not None and (_unit_rows(values) or _unit_interval(values))
         made_as_vector = producer is not None and producer not in SCORE_OPS
         return "mse" if named or vector or made_as_vector else "kl"
-    return "kl" if len(output_shape) >= 3 and output_shape[-1] > 1 and "logit" in name.lower() else "mse"
+    return "kl" + suffix if "logit" in lowered else "mse"
+
+
+def _log_distribution_rows(values: np.ndarray) -> bool:
+    """Non-positive rows whose exponentials sum to 1: a LogSoftmax's log-probabilities."""
+    v = np.asarray(values, dtype=np.float64)
+    if not v.size or np.any(v > 1e-6):
+        return False
+    return bool(np.all(np.abs(np.exp(v).sum(axis=-1) - 1.0) < 1e-3))
 
 
 def _unit_rows(values: np.ndarray) -> bool:
@@ -228,7 +266,8 @@ class Evaluator:
         self.feeds = [self._cut(f, dense) for f in feeds]
         self.reference = [self._run(f, dense) for f in self.feeds]
         self.masks = [calibrate.token_mask(f) for _, f in self.feeds]
-        self.loss_names = [choose_loss(loss, ref.shape, name, ref, producer_op(model, name))
+        self.loss_names = [choose_loss(loss, ref.shape, name, ref, producer_op(model, name),
+                                       class_axis(model, name, ref.ndim))
                            for ref, name in zip(self.reference[0], self.outputs)]
         self.loss_name = "+".join(self.loss_names)   # one name per compared output, e.g. kl+kl
         # an MSE on per-sample values (batch,) or (batch, k) is normalised by their spread around the

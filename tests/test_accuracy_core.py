@@ -577,6 +577,48 @@ def test_segmentation_scores_are_compared_per_pixel_over_their_classes():
     assert choose_loss("mse", probs.shape, "out", probs) == "mse"
 
 
+def _graph_ending_in(*nodes, inits=()):
+    from onnx import TensorProto, helper
+    g = helper.make_graph(list(nodes), "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], list(inits))
+    return helper.make_model(g)
+
+
+def test_the_class_axis_follows_what_made_the_output():
+    """Classes on axis 1 after a conv ((N, C, H, W), and (N, C, T) from a Conv1d); last after a matmul
+    or a Transpose to channels-last (an NHWC export). KL over the wrong axis was blind to class flips."""
+    from onnx import helper, numpy_helper
+
+    from spdy_onnx.evaluate import choose_loss, class_axis
+    w = numpy_helper.from_array(np.ones((4, 4, 1), np.float32), "w")
+    conv1d = _graph_ending_in(helper.make_node("Conv", ["x", "w"], ["logits"]), inits=[w])
+    nhwc = _graph_ending_in(helper.make_node("Conv", ["x", "w"], ["c"]),
+                            helper.make_node("Transpose", ["c"], ["logits"], perm=[0, 2, 3, 1]), inits=[w])
+    tokens = _graph_ending_in(helper.make_node("MatMul", ["x", "w"], ["logits"]), inits=[w])
+    other = _graph_ending_in(helper.make_node("Relu", ["x"], ["logits"]))
+    assert class_axis(conv1d, "logits", 3) == 1 and class_axis(nhwc, "logits", 4) == -1
+    assert class_axis(tokens, "logits", 3) == -1
+    assert class_axis(other, "logits", 3) == -1 and class_axis(other, "logits", 4) == 1
+    rng = np.random.default_rng(3)
+    frames = rng.standard_normal((2, 5, 30))                           # (N, classes, T)
+    assert choose_loss("auto", frames.shape, "logits", frames, "Conv", 1) == "kl-channels"
+    pixels = rng.standard_normal((2, 6, 6, 5))                         # (N, H, W, classes)
+    assert choose_loss("auto", pixels.shape, "logits", pixels, "Transpose", -1) == "kl"
+    assert choose_loss("auto", pixels.shape, "out", _softmax(pixels), "Transpose", -1) == "kl-probs"
+
+
+def test_log_probabilities_get_kl_and_kl_needs_a_class_axis(caplog):
+    from spdy_onnx.evaluate import choose_loss
+    rng = np.random.default_rng(5)
+    logp = np.log(_softmax(rng.standard_normal((4, 1, 10))))
+    assert choose_loss("auto", logp.shape, "out", logp, "LogSoftmax") == "kl"   # any name, any rank
+    assert choose_loss("auto", logp[:, 0].shape, "log_probs", logp[:, 0], "LogSoftmax") == "kl"
+    with caplog.at_level("WARNING", logger="spdy_onnx"):
+        assert choose_loss("kl", (4, 1), "score", np.ones((4, 1))) == "mse"      # KL of one column is 0
+        assert choose_loss("kl", (4,), "score", np.ones(4)) == "mse"             # not a softmax over the batch
+    assert "has no class axis" in caplog.text
+
+
 def test_kl_of_probabilities_is_the_kl_of_the_logits_they_came_from():
     """Brute force: the distributions' KL equals the logits' KL; the softmax of probabilities hides it."""
     from spdy_onnx.evaluate import kl_divergence, kl_of_probabilities
