@@ -139,7 +139,7 @@ class Prepared:
     """Everything the stages share: the model, its inputs, its sites, and the runtime."""
 
     def __init__(self, model_path, *, runtime, batch_size, cores, input_shapes, exclude, include,
-                 min_weights, progress, runtime_options=None):
+                 min_weights, progress, runtime_options=None, data=None):
         self.path = Path(model_path)
         self.model = graph.constants_to_initializers(modelio.load_model(self.path))
         if batch_size < 1:
@@ -150,7 +150,11 @@ class Prepared:
         self.rewrites: dict[str, int] = {}
         if hasattr(self.runtime, "native_graph"):
             self.model, self.rewrites = self.runtime.native_graph(self.model)
-        self.specs = modelio.input_specs(self.model, self.batch_size, modelio.parse_input_shapes(input_shapes))
+        # dynamic dimensions not given with --input-shape come from the calibration data's shapes
+        from spdy_onnx.calibrate import sample_shapes
+        stored = sample_shapes(data) if data is not None else None
+        self.specs = modelio.input_specs(self.model, self.batch_size, modelio.parse_input_shapes(input_shapes),
+                                         stored)
         self.all_sites, self.unprunable = graph.find_sites(self.model)
         if not self.all_sites:
             raise SpdyError(graph.no_sites_message(self.path.name, self.model, self.unprunable))
@@ -468,7 +472,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
 
     prep = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
                     exclude=exclude, include=include, min_weights=min_weights, progress=progress,
-                    runtime_options=runtime_options)
+                    runtime_options=runtime_options, data=data)
     try:
         return _optimize(prep, target=target, output=output, report_path=report_path, levels=levels,
                          latency_table_path=latency_table, cache_dir=cache_dir, use_cache=use_cache,

@@ -29,6 +29,32 @@ def _read_npz(path: Path, what: str = "calibration") -> dict[str, np.ndarray]:
         raise SpdyError(f"cannot read {what} file {path}: {type(exc).__name__}: {exc}") from None
 
 
+def sample_shapes(path) -> dict[str, tuple[int, ...]]:
+    """{array name: shape} as stored, read from the .npy headers without loading the arrays (of the
+    first file, for a folder); {} when the path cannot be read: load_data gives the error later."""
+    import zipfile
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            return {}
+        path = files[0]
+    try:
+        with zipfile.ZipFile(path) as z:
+            out = {}
+            for member in z.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with z.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    out[member[:-4]] = tuple(int(d) for d in read(f)[0])
+            return out
+    except Exception:   # damaged or not a zip: load_data says so with the file's name
+        return {}
+
+
 def load_data(path, specs: dict, *, samples: int | None = None, what: str = "calibration",
               defaults: set | None = None) -> dict[str, np.ndarray]:
     """Arrays keyed by model input, first axis = samples, checked against the model's inputs.

@@ -422,6 +422,18 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def _stored_sample_shape(stored, dims: list) -> tuple[int, ...] | None:
+    """One sample's shape from a stored array's (samples first; a folder's files may hold one sample with
+    or without that axis) when it fits the input's rank and fixed dimensions, else None."""
+    if stored is None:
+        return None
+    for sample in (tuple(stored[1:]), tuple(stored)):
+        if len(sample) == len(dims) - 1 and all(d is None or d == g for d, g in zip(dims[1:], sample)) \
+                and all(g > 0 for g in sample):
+            return sample
+    return None
+
+
 def inputs_with_defaults(model: onnx.ModelProto) -> set[str]:
     """Graph inputs backed by an initializer of the same name: optional inputs with a default value."""
     inits = {t.name for t in model.graph.initializer}
@@ -456,11 +468,13 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 
 
 def input_specs(model: onnx.ModelProto, batch_size: int,
-                overrides: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+                overrides: dict[str, tuple[int, ...]] | None = None,
+                stored: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Concrete shape and dtype of every model input.
 
     The first dimension is the batch: it takes `batch_size`. Any other dynamic dimension must be given
-    with --input-shape, because timing and calibration need real shapes.
+    with --input-shape, because timing and calibration need real shapes, or comes from `stored`: the
+    shapes of the calibration arrays (calibrate.sample_shapes), samples on the first axis.
     """
     overrides = dict(overrides or {})
     names = [v.name for v in graph_inputs(model)]
@@ -496,6 +510,12 @@ def input_specs(model: onnx.ModelProto, batch_size: int,
             shape = (batch_size,) + tuple(shape[1:]) if shape else shape
         else:
             missing = [i for i, d in enumerate(dims) if d is None and i > 0]
+            sample = _stored_sample_shape((stored or {}).get(value.name), dims)
+            if missing and sample is not None:
+                dims = [dims[0]] + list(sample)
+                log.info("input '%s': dynamic dimensions taken from the calibration data: %s", shown,
+                         "x".join(map(str, sample)))
+                missing = []
             if missing:
                 pretty = "x".join(str(d) if d else "?" for d in dims)
                 flag = f"--input-shape {shown}:" + "x".join(str(d or 1) if i == 0 else str(d or 'N')
@@ -513,7 +533,8 @@ def input_specs(model: onnx.ModelProto, batch_size: int,
     if dynamic:
         which = ", ".join(f"'{n}' ({pretty})" for n, pretty, _ in dynamic)
         raise SpdyError(f"input(s) {which} have dynamic dimensions; give them with "
-                        + " ".join(flag for _, _, flag in dynamic) + " (N: the length to optimise for)")
+                        + " ".join(flag for _, _, flag in dynamic) + " (N: the length to optimise for), or give "
+                        "calibration data (--data), whose arrays' shapes are then used")
     return specs
 
 

@@ -108,6 +108,24 @@ def test_samples_under_the_batch_size_is_an_error_not_a_traceback(tmp_path, caps
     assert not out.exists()
 
 
+def test_dynamic_dimensions_come_from_the_calibration_data(tmp_path):
+    """A model with a dynamic sequence axis and --data but no --input-shape: the data's shapes are the
+    shapes to optimise for, instead of an error asking for what the data already says."""
+    model = tiny.mlp(width=64, depth=2, seq="seq", batch="batch")
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 8, 64)).astype(np.float32))
+    sites, _ = graph.find_sites(model)
+    table = LatencyTable(levels=LEVELS, times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
+                         dense_total_ms=2.5, runtime="table", meta={"cores": 1})
+    table_path = table.save(tmp_path / "table.json")
+    rep = run(path, data, table_path, tmp_path / "o.onnx", target=1.5, batch_size=2)
+    assert rep["input_shapes"] == {"x": [2, 8, 64]}
+    with pytest.raises(api.SpdyError, match=r"--input-shape x:1xNx64 .*or give calibration data"):
+        run(path, None, table_path, tmp_path / "p.onnx", target=1.5)
+
+
 def test_a_latency_table_of_another_batch_or_shape_is_refused(tmp_path, capsys):
     """A table profiled at batch 1 says nothing about batch 4: it was used silently, and the report
     showed batch-1 times as this run's."""
