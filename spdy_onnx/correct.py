@@ -228,6 +228,8 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
 
     def train_step(opt, feed, ref, mask):
         value = loss_of(run(feed, True), ref, mask)
+        if not value.requires_grad:   # every compared output passes an ArgMax, a Round, a comparison
+            raise CorrectionUnsupported("the compared outputs do not depend differentiably on the weights")
         opt.zero_grad(set_to_none=True)
         value.backward()
         for p, m in zip(params, masks):

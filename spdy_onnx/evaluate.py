@@ -127,6 +127,44 @@ def producer_node(model: onnx.ModelProto, output: str):
     return node
 
 
+# ops that turn scores into labels: nothing in the label says how far the scores moved
+LABEL_OPS = ("ArgMax", "ArgMin")
+
+
+def scores_behind_labels(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy whose graph outputs that are labels (an ArgMax of the class scores, also cast to float)
+    are replaced by the scores they were taken from, and {label output: scores tensor}. A label is
+    piecewise constant in the weights: the search sees no difference between most profiles and the
+    correction has no gradient."""
+    replaced = {}
+    for out in model.graph.output:
+        node = producer_node(model, out.name)
+        if node is not None and node.op_type in LABEL_OPS and node.input:
+            replaced[out.name] = node.input[0]
+    if not replaced:
+        return model, {}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    try:
+        inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model, strict_mode=False).graph.value_info}
+    except Exception:   # a graph shape inference cannot read: the scores' type is taken to be float
+        inferred = {}
+    names = {o.name for o in m.graph.output}
+    kept = [o for o in m.graph.output if o.name not in replaced]
+    for scores in dict.fromkeys(replaced.values()):
+        if scores in names and scores not in replaced:
+            continue
+        info = onnx.ValueInfoProto()
+        if scores in inferred:
+            info.CopyFrom(inferred[scores])
+        else:
+            info.CopyFrom(onnx.helper.make_tensor_value_info(scores, onnx.TensorProto.FLOAT, None))
+        kept.append(info)
+    del m.graph.output[:]
+    m.graph.output.extend(kept)
+    return m, replaced
+
+
 def producer_op(model: onnx.ModelProto, output: str) -> str | None:
     node = producer_node(model, output)
     return None if node is None else node.op_type

@@ -497,6 +497,10 @@ def input_specs(model: onnx.ModelProto, batch_size: int,
             raise SpdyError(f"input '{shown}' has element type {ttype.elem_type}, which cannot be fed "
                             "(numeric and bool tensor inputs only)")
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim]
+        if ttype.HasField("shape") and not dims and batch_size > 1:
+            raise SpdyError(f"input '{shown}' is a scalar (rank 0): it has no batch axis, so the model runs one "
+                            f"sample per call and cannot be run at --batch-size {batch_size}; use -b 1, or export "
+                            "the model with a batch axis on every input")
         if value.name in overrides:
             shape = overrides.pop(value.name)
             if len(shape) != len(dims):

@@ -160,6 +160,20 @@ def test_every_dynamic_input_is_named_in_one_error():
     assert {n: s for n, (s, _) in specs.items()} == {"ids": (4, 32), "mask": (4, 32)}
 
 
+def test_a_scalar_input_cannot_run_at_a_larger_batch():
+    """A diffusion-style timestep declared rank 0 has no batch axis: -b 8 failed inside the engine."""
+    from spdy_onnx import modelio
+    from spdy_onnx.errors import SpdyError
+    g = helper.make_graph([helper.make_node("Mul", ["x", "t"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+                           helper.make_tensor_value_info("t", TensorProto.FLOAT, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    m = helper.make_model(g)
+    assert modelio.input_specs(m, 1)["t"][0] == ()
+    with pytest.raises(SpdyError, match="'t' is a scalar .* use -b 1"):
+        modelio.input_specs(m, 8)
+
+
 def test_a_batch_in_input_shape_that_is_not_the_batch_size_is_refused():
     """input_ids:4x64 without -b 4 used to run at batch 1 without a word."""
     from spdy_onnx import modelio

@@ -145,6 +145,37 @@ def test_a_softmax_output_is_scored_and_corrected_by_the_kl_of_its_probabilities
     assert runs["probs"]["calibration_loss"] < runs["probs"]["calibration_loss_before_correction"]
 
 
+def _ending_in_labels(model, as_float):
+    """The same model with only the ArgMax of its scores as output (int64 labels, or cast to float)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    out = m.graph.output[0]
+    m.graph.node.append(onnx.helper.make_node("ArgMax", [out.name], ["label"], axis=-1, keepdims=0))
+    name, elem = "label", onnx.TensorProto.INT64
+    if as_float:
+        m.graph.node.append(onnx.helper.make_node("Cast", ["label"], ["label_f"], to=onnx.TensorProto.FLOAT))
+        name, elem = "label_f", onnx.TensorProto.FLOAT
+    del m.graph.output[:]
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, [1]))
+    return m
+
+
+@pytest.mark.parametrize("as_float", [False, True])
+def test_a_model_that_outputs_labels_is_scored_on_the_scores_behind_them(tmp_path, as_float):
+    """A classifier exported with ArgMax as its output: the labels are piecewise constant in the
+    weights, so the search saw no difference between profiles and the correction crashed with no
+    gradient. The calibration loss compares the scores the labels are taken from."""
+    rng = np.random.default_rng(1)
+    x = {"x": rng.standard_normal((24, 3, 8, 8)).astype(np.float32)}
+    path, data, table_path = _setup(tmp_path, _ending_in_labels(tiny.cnn(channels=16, size=8, classes=10), as_float), x)
+    rep = _optimize(path, data, table_path, tmp_path / "o.onnx", correct_epochs=2, target=1.5, min_weights=0)
+    quality = rep["quality"]
+    assert quality["loss"] == "kl" and quality["calibration_loss"] > 0
+    assert quality["global_correction"]["tuned_sites"] >= 2
+    written = onnx.load(tmp_path / "o.onnx")
+    assert [o.name for o in written.graph.output] == [o.name for o in onnx.load(path).graph.output]
+
+
 def test_without_torch_the_correction_is_skipped_with_a_warning(mlp_setup, tmp_path, monkeypatch, caplog):
     path, data, table_path = mlp_setup
     monkeypatch.setattr(correct, "available", lambda: False)
