@@ -765,6 +765,10 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     profile, predicted, pruned, comparison = final
     if pruned is None:
         pruned = write_weights(prep.model, chooser.weights(profile))
+    loaded_warning = []
+    if comparison is not None and meets(comparison) and comparison.foreign_load_cores > NOISY_CORES:
+        comparison, loaded_warning = _quiet_check(comparison, lambda: measure(
+            attempt, hit[0] if hit is not None else aim, predicted, pruned, "quiet check"))
     measured = comparison.speedup if comparison else None
     met = comparison is not None and meets(comparison)
     status = "met" if met else ("not_measured" if measured is None else "missed")
@@ -785,7 +789,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         rep["fused_groups_from_drafts"] = tied_in_run
     if fastest is not None:
         rep["fastest_profile_measured_speedup"] = fastest
-    rep["warnings"] = _noise_warnings(table, comparison) + _quality_warnings(quality)
+    rep["warnings"] = _noise_warnings(table, comparison) + loaded_warning + _quality_warnings(quality)
     if status != "missed" and comparison is not None:
         t0 = time.perf_counter()
         rep["engine_outputs"], wrong = engine_check.check(prep.dense_static(), prep.static_copy(pruned, "written"),
@@ -823,6 +827,27 @@ def standing_measurements(attempts: list[dict]) -> list[tuple[dict, float]]:
 
 NOISY_CORES = 0.5
 NOISY_SPREAD = 1.10
+QUIET_TRIES = 2     # measurements of the final file taken again when the deciding one was under load
+
+
+def _quiet_check(comparison, measure_again):
+    """The deciding measurement ran while other processes used the CPU. Under contention the dense model,
+    which streams more weights, slows more than the sparse one, so the speedup comes out high (a file
+    measured at 1.40x under load ran at 1.27x on a quiet machine). Measure again, up to QUIET_TRIES
+    times: the first quiet measurement decides, met or not; if none is quiet, the loaded one stands
+    with a warning. Returns (the deciding comparison, warnings)."""
+    for _ in range(QUIET_TRIES):
+        again = measure_again()
+        if again is None:
+            break
+        if again.foreign_load_cores <= NOISY_CORES:
+            log.info("measured again on a quieter machine: %.3fx (under load: %.3fx)", again.speedup,
+                     comparison.speedup)
+            return again, []
+    return comparison, [f"every measurement of the written file ran while other processes used the CPU "
+                        f"({comparison.foreign_load_cores:.1f} cores): under contention the dense model slows "
+                        "more than the sparse one, so the speedup may be overstated; check it with "
+                        "`spdy-onnx benchmark` on a quiet machine"]
 
 
 # a written file whose calibration loss is past these has lost most of what its outputs say: normalised
