@@ -513,3 +513,30 @@ def test_a_measurement_under_load_is_checked_again_on_a_quieter_machine(scripted
     loaded_warning = any("overstated" in w for w in rep["warnings"])
     assert loaded_warning == (len(loads) == 3)
     assert [a["measurement"]["foreign_load_cores"] for a in rep["attempts"]] == loads[:3 if loaded_warning else 2]
+
+
+def test_a_refusal_on_a_noisy_table_says_the_table_may_be_off():
+    """A refusal that rests on the table alone: when the table was profiled under load or its dense time
+    moved, the message says so and how to check (a noisy dense time once refused a model that ran 1.88x)."""
+    from spdy_onnx.errors import InfeasibleTarget
+    quiet = LatencyTable(levels=LEVELS, times={"a": [1.0, 0.5]}, dense_total_ms=2.0, runtime="t",
+                         meta={"foreign_load_cores": 0.1, "dense_total_spread": 0.02})
+    noisy = LatencyTable(levels=LEVELS, times={"a": [1.0, 0.5]}, dense_total_ms=2.0, runtime="t",
+                         meta={"foreign_load_cores": 1.3, "dense_total_spread": 0.3})
+    assert api._table_doubts(quiet) == ""
+    text = str(InfeasibleTarget(1.3, 1.2, margin=0.02, table_note=api._table_doubts(noisy)))
+    assert "1.3 cores while it was profiled and its dense time varied by 30%" in text and "--no-cache" in text
+    # a refusal that measured the fastest profile end to end rests on the engine, not on the table
+    assert "--no-cache" not in str(InfeasibleTarget(1.3, 1.2, measured=1.1, table_note=api._table_doubts(noisy)))
+
+
+def test_the_aim_is_never_lowered_to_an_all_dense_profile(scripted, model_path, tmp_path):
+    """The engine runs 80% faster than the table: lowering the aim by that much went under 1.0, where the
+    solver's profile is all dense and measuring it is a wasted attempt."""
+    scripted.efficiency = 1.8
+    rep = api.optimize(model_path, target=1.1, runtime="scripted", output=tmp_path / "o.onnx",
+                       cache_dir=tmp_path / "c", progress=False, max_attempts=6)
+    floor = 1 + (1.1 * 1.02 - 1) * api.AIM_FLOOR
+    assert all(a["aimed_speedup"] >= floor * (1 - 1e-9) for a in rep["attempts"])
+    assert all(a["predicted_speedup"] > 1.0 for a in rep["attempts"])
+    assert rep["status"] == "met"
