@@ -205,12 +205,28 @@ def _pooled(rep) -> str:
     return f" (pooled over {k} compiles, needs {rep['required_speedup_applied']:.3f}x)" if k > 1 else ""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, `kill`, a container stopping), unwound like Ctrl-C so that temporary
+    folders are removed and nothing half-written is left; the exit status is 143, as a shell reports it."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handler = _setup_logging(args)
+    import signal
+    import threading
+    previous = None
+    if threading.current_thread() is threading.main_thread():   # handlers can only be set there
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         logging.getLogger("spdy_onnx").removeHandler(handler)
 
 
@@ -294,10 +310,10 @@ def _run(args) -> int:
         print(f"spdy-onnx: error: {printable(exc, limit=2000)}", file=sys.stderr)
         from spdy_onnx.errors import TargetMissed
         return EXIT_MISSED if isinstance(exc, TargetMissed) else EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("spdy-onnx: interrupted (outputs are only ever renamed into place complete; caches keep "
               "finished work for the next run)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except BrokenPipeError:
         # the reader went away (`spdy-onnx sites m.onnx | head`): stop quietly, and keep Python's own
         # flush of stdout at exit from raising the same error again

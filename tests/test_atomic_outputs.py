@@ -258,3 +258,36 @@ def test_a_report_that_cannot_be_written_is_one_error_not_a_traceback(tmp_path):
     with pytest.raises(SpdyError, match="cannot write"):
         write_json_atomic(tmp_path / "taken", {"a": 1})
     assert listing(tmp_path) == ["taken"]
+
+
+@pytest.mark.deepsparse
+def test_sigterm_unwinds_like_ctrl_c(tmp_path):
+    """A job scheduler or `kill` sends SIGTERM: the run stops with status 143, removes its temporary
+    folder and writes nothing (SIGTERM used to kill it where it stood, leaving its copies in /tmp)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import onnx
+    import tiny
+    pytest.importorskip("deepsparse")
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny.mlp(width=256, depth=4, seq=16), model)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "NM_DISABLE_ANALYTICS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "spdy_onnx", "optimize", str(model), "--target", "1.5x",
+                             "--cores", "1", "-o", str(tmp_path / "out.onnx"), "--cache-dir", str(tmp_path / "c")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(scratch.glob("spdy-onnx-*")) and proc.poll() is None:
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("the run ended before it could be stopped")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()[-2000:]
+    assert "interrupted" in err.decode() and "Traceback" not in err.decode()
+    assert not list(scratch.glob("spdy-onnx-*"))
+    assert not (tmp_path / "out.onnx").exists()
