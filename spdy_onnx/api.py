@@ -242,6 +242,9 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
 
     `level_context` also times the low levels among pruned neighbours (spdy_onnx.context)."""
     if latency_table:
+        if levels is not None:
+            log.warning("--levels does not apply with --latency-table: the table's own levels are used (%s)",
+                        latency_table)
         table = LatencyTable.load(latency_table)
         _check_table_shapes(prep, table, latency_table)
         log.info("using latency table %s (%s, %d sites)", latency_table, table.runtime, len(table.times))

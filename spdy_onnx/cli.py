@@ -214,6 +214,13 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _at_least_one(value: int, flag: str) -> int:
+    if value < 1:
+        from spdy_onnx.errors import SpdyError
+        raise SpdyError(f"{flag} must be >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handler = _setup_logging(args)
@@ -275,7 +282,7 @@ def _run(args) -> int:
             from spdy_onnx.api import benchmark
             c = benchmark(args.model, baseline=args.baseline, runtime=args.runtime, batch_size=args.batch_size,
                           cores=args.cores, input_shapes=args.input_shape, progress=progress,
-                          runtime_options={"rounds": args.rounds})
+                          runtime_options={"rounds": _at_least_one(args.rounds, "--rounds")})
             print(f"{'model':50s} {'median ms':>10s}")
             if args.baseline:
                 print(f"{args.baseline[-50:]:50s} {c.baseline_ms:10.3f}")

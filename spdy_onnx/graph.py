@@ -347,10 +347,15 @@ def select_sites(sites: list[Site], *, exclude: list[str] | None = None, include
     def matches(site, pats):
         return any(site.name == p.pattern or p.fullmatch(site.name) or p.fullmatch(site.output) for p in pats)
 
+    if min_weights < 0:
+        raise SpdyError(f"--min-weights must be >= 0, got {min_weights}")
     chosen, excluded = [], {}
+    both = []
     for site in sites:
         if matches(site, excl):
             excluded[site.name] = "excluded by --exclude"
+            if matches(site, incl):
+                both.append(site.name)
         elif matches(site, incl):
             chosen.append(site)
         elif site.op_type == "Conv" and site.group > 1:
@@ -359,6 +364,9 @@ def select_sites(sites: list[Site], *, exclude: list[str] | None = None, include
             excluded[site.name] = f"tiny ({site.n_weights} weights < {min_weights}): left dense by default"
         else:
             chosen.append(site)
+    if both:
+        log.warning("%d site(s) match both --include and --exclude, and --exclude wins: %s", len(both),
+                    ", ".join(printable(n, 60) for n in both[:5]) + (" ..." if len(both) > 5 else ""))
     for pats, flag in ((excl, "--exclude"), (incl, "--include")):
         for p in pats:
             if not any(s.name == p.pattern or p.fullmatch(s.name) or p.fullmatch(s.output) for s in sites):

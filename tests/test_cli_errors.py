@@ -280,3 +280,18 @@ def test_a_batch_size_the_graph_has_baked_in_is_named(tmp_path, capsys):
     # at its own batch it runs
     assert main(["optimize", str(path), "--target", "1.2x", "--runtime", "table", "--latency-table", str(table),
                  "--min-weights", "0", "-q", "-o", str(tmp_path / "out" / "o.onnx")]) == 0
+
+
+def test_option_values_that_were_silently_replaced_are_errors(tmp_path, capsys, mlp_path):
+    expect_error(capsys, tmp_path, "benchmark", str(mlp_path), "--rounds", "0", match="--rounds must be >= 1")
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--min-weights", "-5",
+                 match="--min-weights must be >= 0")
+
+
+def test_an_include_that_an_exclude_overrides_is_warned_about(caplog):
+    from spdy_onnx import graph
+    sites, _ = graph.find_sites(tiny.mlp(width=64, depth=2, seq=4))
+    name = sites[0].name
+    with caplog.at_level("WARNING", logger="spdy_onnx"):
+        chosen, excluded = graph.select_sites(sites, exclude=[name], include=[name])
+    assert name in excluded and "match both --include and --exclude, and --exclude wins" in caplog.text
