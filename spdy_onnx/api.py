@@ -457,6 +457,12 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     if _same_file(output, report_path):
         raise SpdyError("the report path is the output model's path; the report would replace the model "
                         "(choose another --report)")
+    # the other files the user gave are inputs too: none may be replaced by what this run writes
+    for given, flag in ((data, "--data"), (validation_data, "--validation-data"), (latency_table, "--latency-table")):
+        for path, what in ((output, "output"), (report_path, "report")):
+            if given is not None and _same_file(Path(given), path):
+                raise SpdyError(f"the {what} path is the {flag} file; refusing to overwrite it (choose another "
+                                f"{'-o' if what == 'output' else '--report'})")
     for path, what in ((output, "output"), (report_path, "report")):
         _check_writable(path, what)
     if strategy not in STRATEGIES:
@@ -478,6 +484,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     if search_prior not in PRIORS:
         raise SpdyError(f"unknown --search-prior '{search_prior}'; choose one of: {', '.join(PRIORS)}")
 
+    cache_dir = cache.usable_dir(cache_dir)
     prep = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
                     exclude=exclude, include=include, min_weights=min_weights, progress=progress,
                     runtime_options=runtime_options, data=data)
@@ -968,6 +975,7 @@ def profile(model_path, *, runtime="deepsparse", output=None, batch_size=1, core
     output = Path(output) if output else model_path.with_name(model_path.stem + ".latency.json")
     if _same_file(model_path, output):
         raise SpdyError("the output path is the input file; refusing to overwrite the input")
+    cache_dir = cache.usable_dir(cache_dir)
     prep = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
                     exclude=None, include=None, min_weights=graph.DEFAULT_MIN_WEIGHTS, progress=progress,
                     runtime_options=runtime_options)

@@ -23,6 +23,29 @@ def default_cache_dir() -> Path:
     return Path(base) / "spdy-onnx"
 
 
+def usable_dir(cache_dir) -> Path:
+    """`cache_dir` (or the default) when files can be written there; else a temporary folder, removed at
+    exit, with a warning: a read-only cache (a shared one, a read-only mount) must not stop a run
+    halfway with a traceback, and every stage writes its cache as it goes."""
+    import atexit
+    import shutil
+    import tempfile
+    folder = Path(cache_dir or default_cache_dir())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+        return folder
+    except OSError as exc:
+        temporary = Path(tempfile.mkdtemp(prefix="spdy-onnx-cache-"))
+        atexit.register(shutil.rmtree, temporary, ignore_errors=True)
+        log.warning("the cache folder %s cannot be written (%s): this run caches in %s, which is removed at "
+                    "exit, so the next run measures again; give a writable --cache-dir to keep the work", folder,
+                    exc.strerror or exc, temporary)
+        return temporary
+
+
 def cache_key(**parts) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:32]

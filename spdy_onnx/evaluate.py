@@ -6,6 +6,7 @@ candidate is evaluated by feeding its weights, never by building a new session.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import onnx
@@ -317,7 +318,9 @@ class Evaluator:
         self.journal = Journal(journal)
         for entry in self.journal.read():
             picks, value = entry.get("picks"), entry.get("loss")
-            if isinstance(picks, list) and len(picks) == len(sites) and isinstance(value, (int, float)):
+            # a loss is a finite number >= 0: one NaN line made every level look free (max(0, NaN - x))
+            if isinstance(picks, list) and len(picks) == len(sites) and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
                 self._memo[tuple(int(j) for j in picks)] = float(value)
         self._cached: dict[str, tuple[int, np.ndarray]] = {}
         self.evaluations = 0
@@ -386,7 +389,10 @@ class Evaluator:
         values = [combined_loss(self.loss_names, ref, self._run(item, weights), mask, self.scales)
                   for item, ref, mask in zip(self.feeds, self.reference, self.masks)]
         value = float(np.mean(values))
+        if not math.isfinite(value):   # outputs that overflow: the worst candidate, never the best
+            value = math.inf
         self._memo[key] = value
-        self.journal.append({"picks": list(key), "loss": value})
+        if math.isfinite(value):
+            self.journal.append({"picks": list(key), "loss": value})
         self.evaluations += 1
         return value

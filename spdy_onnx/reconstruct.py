@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from spdy_onnx import cache, calibrate, obs
 from spdy_onnx.database import MagnitudeDatabase
+from spdy_onnx.tables import new_file_mode
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)
+        os.chmod(tmp, new_file_mode())   # readable by whoever shares the cache, like the tables
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -240,9 +240,10 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
     setup.update(built)
     from spdy_onnx import cache
     memo = cache.cache_key(model=prep.digest, sites=[s.name for s in sites], levels=levels, loss=loss,
-                           database=getattr(database, "folder", type(database).__name__), pattern=table.pattern,
+                           database=Path(database.folder).name if hasattr(database, "folder") else type(database).__name__,
+                           pattern=table.pattern,
                            data=calibrate.data_digest(calib), samples=eval_samples,
-                           version=6)   # 6: per-sample MSE outputs normalised by their spread
+                           version=6)   # 6: per-sample MSE outputs normalised by their spread; the database by its key
     journal = Path(cache_dir or cache.default_cache_dir()) / "evaluations" / f"{memo}.jsonl"
     t0 = time.perf_counter()
     evaluator = evaluate.Evaluator(prep.calibration_model, sites, database, calib, loss=loss, specs=prep.specs,

@@ -181,7 +181,7 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> dict:
         raise SpdyError(f"cannot read {what} {path}: {exc}") from None
 
 
-def _new_file_mode() -> int:
+def new_file_mode() -> int:
     """The mode open() gives a new file under this process's umask (mkstemp's own is 0600)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -198,7 +198,7 @@ def write_json_atomic(path: str | os.PathLike, data) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, sort_keys=False, default=_json_default)
             f.write("\n")
-        os.chmod(tmp, _new_file_mode())   # readable like the model written next to it
+        os.chmod(tmp, new_file_mode())   # readable like the model written next to it
         os.replace(tmp, path)
     except OSError as exc:
         raise SpdyError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -295,3 +295,15 @@ def test_an_include_that_an_exclude_overrides_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="spdy_onnx"):
         chosen, excluded = graph.select_sites(sites, exclude=[name], include=[name])
     assert name in excluded and "match both --include and --exclude, and --exclude wins" in caplog.text
+
+
+def test_the_output_never_replaces_another_input_file(tmp_path, capsys, mlp_path):
+    """-o pointed at the calibration data replaced it with the model and exited 0."""
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.zeros((4, 4, 64), np.float32))
+    before = data.read_bytes()
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--data", str(data),
+                 "-o", str(data), match="the output path is the --data file")
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--data", str(data),
+                 "--report", str(data), match="the report path is the --data file")
+    assert data.read_bytes() == before

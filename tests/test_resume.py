@@ -72,3 +72,55 @@ def test_search_resumes_and_gives_the_same_profile(tmp_path, monkeypatch):
     assert len(fresh_calls) > 8 + 4 * 8
     assert len(calls) == len(fresh_calls) - 4 * 8
     assert resumed["quality"]["calibration_loss"] == pytest.approx(fresh["quality"]["calibration_loss"])
+
+
+def _table_setup(tmp_path):
+    model = tiny.mlp(width=64, depth=4, seq=4)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((8, 4, 64)).astype(np.float32))
+    sites, _ = graph.find_sites(model)
+    table = LatencyTable(levels=[0.0, 0.5, 0.7, 0.9], times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
+                         dense_total_ms=4.5, runtime="table").save(tmp_path / "t.json")
+    return path, dict(target=1.5, runtime="table", latency_table=table, data=tmp_path / "d.npz", progress=False,
+                      search_budget="60", seed=1)
+
+
+def test_a_journal_line_that_is_not_a_loss_is_ignored(tmp_path):
+    """A NaN, negative or infinite loss in the evaluations journal (a damaged or foreign line) made the
+    dense profile's loss NaN, every level look free, and the run prune everything to 0.97."""
+    import json
+    path, kw = _table_setup(tmp_path)
+    clean = api.optimize(path, output=tmp_path / "a.onnx", cache_dir=tmp_path / "c", **kw)
+    (journal,) = (tmp_path / "c" / "evaluations").glob("*.jsonl")
+    n_sites = len(clean["sites"])
+    with open(journal, "a") as f:
+        for bad in ("NaN", "-1.0", "Infinity"):
+            f.write(f'{{"picks": {json.dumps([0] * n_sites)}, "loss": {bad}}}\n')
+    again = api.optimize(path, output=tmp_path / "b.onnx", cache_dir=tmp_path / "c", **kw)
+    assert [s["sparsity"] for s in again["sites"]] == [s["sparsity"] for s in clean["sites"]]
+    assert again["quality"]["calibration_loss"] == pytest.approx(clean["quality"]["calibration_loss"])
+
+
+def test_an_unwritable_cache_folder_runs_on_a_temporary_one(tmp_path, caplog):
+    """A read-only cache (a shared one, a read-only mount; here a file where the folder should be) gave
+    a traceback halfway through; the run now caches in a temporary folder, with a warning."""
+    path, kw = _table_setup(tmp_path)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    with caplog.at_level("WARNING", logger="spdy_onnx"):
+        rep = api.optimize(path, output=tmp_path / "o.onnx", cache_dir=blocked, **kw)
+    assert rep["status"] == "not_measured" and (tmp_path / "o.onnx").exists()
+    assert "cannot be written" in caplog.text and blocked.read_text() == ""
+
+
+def test_the_database_files_are_readable_by_whoever_shares_the_cache(tmp_path):
+    import os
+    path, kw = _table_setup(tmp_path)
+    old = os.umask(0o022)
+    try:
+        api.optimize(path, output=tmp_path / "o.onnx", cache_dir=tmp_path / "c", **kw)
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "c" / "databases").rglob("*.npy"))
+    assert files and all(f.stat().st_mode & 0o777 == 0o644 for f in files)
