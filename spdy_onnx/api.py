@@ -171,20 +171,22 @@ class Prepared:
         self._check_batch_size()
 
     def _check_batch_size(self) -> None:
-        """A model exported at a fixed batch often has that batch baked into its graph (a Reshape or
-        Concat to fixed shapes): at another --batch-size it fails deep inside an engine. Run it once in
-        onnxruntime at the new batch first, so the error names the cause."""
+        """A model exported at one batch often has that batch baked into its graph (a Reshape or Concat
+        to fixed shapes), even behind a dynamic batch axis: at another --batch-size it fails deep inside
+        an engine (DeepSparse's compiler can abort the process). Run it once in onnxruntime at the run's
+        batch first, so the error names the cause."""
         exported = modelio.fixed_batch(self.model)
-        if exported is None or exported == self.batch_size:
+        if exported == self.batch_size or (exported is None and self.batch_size == 1):
             return
         from spdy_onnx.ort_session import run_error
         why = run_error(self.dense_static(), modelio.example_inputs(self.specs))
         if why is not None:
             self.close()
-            raise SpdyError(f"{self.path.name} was exported at batch {exported}, and at --batch-size "
-                            f"{self.batch_size} onnxruntime cannot run it ({why}). Its graph may have the batch size baked in "
-                            f"(a Reshape or Concat to fixed shapes): export it with a dynamic batch axis, or use "
-                            f"--batch-size {exported}")
+            at = f"was exported at batch {exported}, and" if exported is not None else "has a dynamic batch axis, but"
+            back = exported if exported is not None else 1
+            raise SpdyError(f"{self.path.name} {at} at --batch-size {self.batch_size} onnxruntime cannot run it "
+                            f"({why}). Its graph may have the batch size baked in (a Reshape or Concat to fixed "
+                            f"shapes): export it with a batch axis the graph follows, or use --batch-size {back}")
 
     def static_copy(self, model, tag: str) -> Path:
         """Our own file with concrete input shapes: engines compile it (and may rewrite it)."""
@@ -864,8 +866,9 @@ def _quiet_check(comparison, measure_again):
     """The deciding measurement ran while other processes used the CPU. Under contention the dense model,
     which streams more weights, slows more than the sparse one, so the speedup comes out high (a file
     measured at 1.40x under load ran at 1.27x on a quiet machine). Measure again, up to QUIET_TRIES
-    times: the first quiet measurement decides, met or not; if none is quiet, the loaded one stands
-    with a warning. Returns (the deciding comparison, warnings)."""
+    times: the first quiet measurement decides, met or not; if none is quiet, all of them are pooled
+    and the pool decides, with a warning. Returns (the deciding comparison, warnings)."""
+    loaded = [comparison]
     for _ in range(QUIET_TRIES):
         again = measure_again()
         if again is None:
@@ -874,10 +877,15 @@ def _quiet_check(comparison, measure_again):
             log.info("measured again on a quieter machine: %.3fx (under load: %.3fx)", again.speedup,
                      comparison.speedup)
             return again, []
-    return comparison, [f"every measurement of the written file ran while other processes used the CPU "
-                        f"({comparison.foreign_load_cores:.1f} cores): under contention the dense model slows "
-                        "more than the sparse one, so the speedup may be overstated; check it with "
-                        "`spdy-onnx benchmark` on a quiet machine"]
+        loaded.append(again)
+    both = loaded[0]
+    for c in loaded[1:]:
+        both = pooled(both, c)
+    return both, [f"every measurement of the written file ran while other processes used the CPU (up to "
+                  f"{max(c.foreign_load_cores for c in loaded):.1f} cores; "
+                  f"{', '.join(f'{c.speedup:.3f}x' for c in loaded)}, pooled {both.speedup:.3f}x): under "
+                  "contention the dense model slows more than the sparse one, so the speedup may be overstated; "
+                  "check it with `spdy-onnx benchmark` on a quiet machine"]
 
 
 # a written file whose calibration loss is past these has lost most of what its outputs say: normalised

@@ -31,19 +31,18 @@ def usable_dir(cache_dir) -> Path:
     import shutil
     import tempfile
     folder = Path(cache_dir or default_cache_dir())
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+    nearest = folder   # nothing is created here: a run that caches nothing leaves no folder behind
+    while not nearest.exists() and nearest.parent != nearest:
+        nearest = nearest.parent
+    if nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK):   # access() sees read-only mounts
         return folder
-    except OSError as exc:
-        temporary = Path(tempfile.mkdtemp(prefix="spdy-onnx-cache-"))
-        atexit.register(shutil.rmtree, temporary, ignore_errors=True)
-        log.warning("the cache folder %s cannot be written (%s): this run caches in %s, which is removed at "
-                    "exit, so the next run measures again; give a writable --cache-dir to keep the work", folder,
-                    exc.strerror or exc, temporary)
-        return temporary
+    why = "not a folder" if nearest.exists() and not nearest.is_dir() else "not writable"
+    temporary = Path(tempfile.mkdtemp(prefix="spdy-onnx-cache-"))
+    atexit.register(shutil.rmtree, temporary, ignore_errors=True)
+    log.warning("the cache folder %s cannot be written (%s is %s): this run caches in %s, which is removed "
+                "at exit, so the next run measures again; give a writable --cache-dir to keep the work", folder,
+                nearest, why, temporary)
+    return temporary
 
 
 def cache_key(**parts) -> str:
