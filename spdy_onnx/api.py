@@ -482,6 +482,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     parse_budget(search_budget)   # a bad budget fails here, not after profiling
     if validation_data is not None and data is None:
         raise SpdyError("--validation-data judges the global correction of a calibrated run; it needs --data")
+    if strategy == "dp-loss" and data is None:   # here, not after minutes of profiling
+        raise SpdyError("--strategy dp-loss measures losses and needs calibration data (--data)")
     from spdy_onnx.search import PRIORS
     if search_prior not in PRIORS:
         raise SpdyError(f"unknown --search-prior '{search_prior}'; choose one of: {', '.join(PRIORS)}")
@@ -497,7 +499,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
                          search_budget=search_budget, eval_samples=eval_samples, seed=seed,
                          max_attempts=max_attempts, margin=margin, refit=refit, correct_epochs=correct_epochs,
                          correct_seconds=correct_seconds, progress=progress, search_prior=search_prior,
-                         level_context=level_context, t_start=t_start, validation_data=validation_data)
+                         level_context=level_context, t_start=t_start, validation_data=validation_data,
+                         missed_report_path=None if report else output.with_name(output.stem + ".missed.report.json"))
     finally:
         prep.close()
 
@@ -505,7 +508,9 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
 def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_table_path, cache_dir, use_cache,
               strategy, data, samples, reconstruct, loss, search_budget, eval_samples, seed, max_attempts, margin, refit,
               correct_epochs, correct_seconds, progress, t_start, search_prior="auto", level_context=False,
-              validation_data=None) -> dict:
+              validation_data=None, missed_report_path=None) -> dict:
+    """`missed_report_path`: where a missed run's report goes when a file from an earlier run is at the
+    output path, so that the model there keeps the report that describes it."""
     from spdy_onnx import strategies  # the accuracy side: calibration, database, search
 
     from spdy_onnx import calibrate
@@ -811,6 +816,10 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         rep["warnings"] += wrong
         phases["engine_output_check_s"] = time.perf_counter() - t0
     rep["seconds_total"] = time.perf_counter() - t_start
+    if status == "missed" and missed_report_path is not None and output.exists():
+        log.warning("%s is from an earlier run and stays with its report; this run's report is %s", output,
+                    missed_report_path)
+        report_path = missed_report_path
     write_json_atomic(report_path, rep)
     rep["report_path"] = str(report_path)
     if status == "missed":
@@ -824,7 +833,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             fastest_seen = None   # the engine can go faster than required: the search, not the engine, missed
         raise TargetMissed(target, measured, len(standing), best=max((v for _, v in standing), default=measured),
                            fastest=fastest_seen, batch_size=prep.batch_size,
-                           required=required_speedup(target, margin, compiles_in(comparison)) if comparison else required)
+                           required=required_speedup(target, margin, compiles_in(comparison)) if comparison else required,
+                           report_path=report_path)
     return rep
 
 
@@ -983,6 +993,7 @@ def profile(model_path, *, runtime="deepsparse", output=None, batch_size=1, core
     output = Path(output) if output else model_path.with_name(model_path.stem + ".latency.json")
     if _same_file(model_path, output):
         raise SpdyError("the output path is the input file; refusing to overwrite the input")
+    _check_writable(output, "output")   # before minutes of profiling
     cache_dir = cache.usable_dir(cache_dir)
     prep = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
                     exclude=None, include=None, min_weights=graph.DEFAULT_MIN_WEIGHTS, progress=progress,

@@ -55,7 +55,7 @@ NEAR_TARGET = 0.03
 class TargetMissed(SpdyError):
     def __init__(self, target: float, measured: float, attempts: int, *, best: float | None = None,
                  fastest: tuple[float, float] | None = None, batch_size: int | None = None,
-                 required: float | None = None):
+                 required: float | None = None, report_path=None):
         """`best`: the highest speedup measured; `fastest`: (predicted, measured) of the fastest profile the
         latency table allows, when it was tried: then the engine, not the search, is the limit;
         `required`: what a measurement had to clear (the target plus the noise margin)."""
@@ -84,4 +84,5 @@ class TargetMissed(SpdyError):
                          "measure on a quieter machine")
             if batch_size == 1:
                 text += ", or try a larger --batch-size if you deploy one (sparse kernels pay more there)"
-        super().__init__(text + "; no model was written (see the report for every attempt)")
+        where = f": {report_path}" if report_path is not None else ""
+        super().__init__(text + f"; no model was written (see the report for every attempt{where})")

@@ -314,3 +314,17 @@ def test_the_output_never_replaces_another_input_file(tmp_path, capsys, mlp_path
     expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--data", str(data),
                  "--report", str(data), match="the report path is the --data file")
     assert data.read_bytes() == before
+
+
+def test_checks_that_used_to_wait_for_profiling(tmp_path, capsys, mlp_path):
+    """Each of these was found out only after the latency table was measured (minutes on a real model),
+    or never: a level count that would profile for hours, a grid with no sparse level, a profile -o that
+    cannot be written, dp-loss without data."""
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--levels", "100000",
+                 match="at most 48 levels")
+    expect_error(capsys, tmp_path, "profile", str(mlp_path), "--levels", "0.0", match="at least one sparsity above 0")
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    expect_error(capsys, tmp_path, "profile", str(mlp_path), "-o", str(folder), match="is a folder")
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--strategy", "dp-loss",
+                 match="needs calibration data")

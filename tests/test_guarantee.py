@@ -540,3 +540,18 @@ def test_the_aim_is_never_lowered_to_an_all_dense_profile(scripted, model_path, 
     assert all(a["aimed_speedup"] >= floor * (1 - 1e-9) for a in rep["attempts"])
     assert all(a["predicted_speedup"] > 1.0 for a in rep["attempts"])
     assert rep["status"] == "met"
+
+
+def test_a_missed_run_leaves_an_earlier_model_with_its_own_report(scripted, model_path, tmp_path):
+    """A 2x run wrote o.onnx and its report; a later 3x run at the same -o misses: the 2x model stays, and
+    its report must still describe it, so the miss is reported beside it."""
+    import json
+    kw = dict(runtime="scripted", output=tmp_path / "o.onnx", cache_dir=tmp_path / "c", progress=False)
+    scripted.efficiency = 1.0
+    api.optimize(model_path, target=2.0, **kw)
+    scripted.efficiency = 0.5
+    with pytest.raises(TargetMissed) as missed:
+        api.optimize(model_path, target=3.0, max_attempts=2, **kw)
+    assert json.loads((tmp_path / "o.report.json").read_text())["target"] == 2.0
+    assert json.loads((tmp_path / "o.missed.report.json").read_text())["status"] == "missed"
+    assert "o.missed.report.json" in str(missed.value)
