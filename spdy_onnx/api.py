@@ -139,7 +139,7 @@ class Prepared:
     """Everything the stages share: the model, its inputs, its sites, and the runtime."""
 
     def __init__(self, model_path, *, runtime, batch_size, cores, input_shapes, exclude, include,
-                 min_weights, progress, runtime_options=None, data=None):
+                 min_weights, progress, runtime_options=None, data=None, writes_model: bool = False):
         self.path = Path(model_path)
         self.model = graph.constants_to_initializers(modelio.load_model(self.path))
         if batch_size < 1:
@@ -159,8 +159,8 @@ class Prepared:
         if not self.all_sites:
             raise SpdyError(graph.no_sites_message(self.path.name, self.model, self.unprunable))
         for op, count in self.rewrites.items():
-            log.warning("%s: %d %s node(s) rewritten into ops %s runs natively; the file written "
-                        "keeps the rewrite", self.path.name, count, op, self.runtime.name)
+            log.warning("%s: %d %s node(s) rewritten into ops %s runs natively%s", self.path.name, count, op,
+                        self.runtime.name, "; the file written keeps the rewrite" if writes_model else "")
         self.sites, self.excluded = graph.select_sites(self.all_sites, exclude=exclude, include=include,
                                                        min_weights=min_weights)
         self.excluded.update(self.unprunable)
@@ -491,7 +491,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     cache_dir = cache.usable_dir(cache_dir)
     prep = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
                     exclude=exclude, include=include, min_weights=min_weights, progress=progress,
-                    runtime_options=runtime_options, data=data)
+                    runtime_options=runtime_options, data=data, writes_model=True)
     try:
         return _optimize(prep, target=target, output=output, report_path=report_path, levels=levels,
                          latency_table_path=latency_table, cache_dir=cache_dir, use_cache=use_cache,

@@ -20,7 +20,7 @@ def _common(p: argparse.ArgumentParser, *, runtime_default="deepsparse"):
     p.add_argument("--cores", type=int, default=None, help="CPU cores the engine may use (default: all)")
     p.add_argument("--input-shape", action="append", metavar="NAME:D0xD1x...",
                    help="concrete shape for an input with dynamic dimensions (repeatable, one per "
-                        "input; with --data they default to its arrays' shapes); the first dimension is the "
+                        "input; in optimize, with --data, they default to its arrays' shapes); the first dimension is the "
                         "batch: write 1 or the --batch-size")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
