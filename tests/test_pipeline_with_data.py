@@ -89,9 +89,10 @@ def test_bad_calibration_data_writes_nothing(setup, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "x.report.json").exists()
 
 
-def test_samples_under_the_batch_size_is_an_error_not_a_traceback(tmp_path, capsys):
-    """The file has enough samples for -b 4; --samples 2 leaves fewer than one batch."""
-    model = tiny.mlp(width=64, depth=2, seq=8, batch="batch")
+def _dynamic_batch_setup(tmp_path, seq):
+    """A two-layer MLP with a dynamic batch axis (and `seq` tokens, a number or a dynamic name), 16
+    calibration samples of 8 tokens, and a replayed table."""
+    model = tiny.mlp(width=64, depth=2, seq=seq, batch="batch")
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     data = tmp_path / "calib.npz"
@@ -99,7 +100,12 @@ def test_samples_under_the_batch_size_is_an_error_not_a_traceback(tmp_path, caps
     sites, _ = graph.find_sites(model)
     table = LatencyTable(levels=LEVELS, times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
                          dense_total_ms=2.5, runtime="table", meta={"cores": 1})
-    table_path = table.save(tmp_path / "table.json")
+    return path, data, table.save(tmp_path / "table.json")
+
+
+def test_samples_under_the_batch_size_is_an_error_not_a_traceback(tmp_path, capsys):
+    """The file has enough samples for -b 4; --samples 2 leaves fewer than one batch."""
+    path, data, table_path = _dynamic_batch_setup(tmp_path, seq=8)
     out = tmp_path / "x.onnx"
     code = main(["optimize", str(path), "--target", "1.5x", "--runtime", "table", "--latency-table", str(table_path),
                  "--data", str(data), "--samples", "2", "-b", "4", "-o", str(out), "-q"])
@@ -111,15 +117,7 @@ def test_samples_under_the_batch_size_is_an_error_not_a_traceback(tmp_path, caps
 def test_dynamic_dimensions_come_from_the_calibration_data(tmp_path):
     """A model with a dynamic sequence axis and --data but no --input-shape: the data's shapes are the
     shapes to optimise for, instead of an error asking for what the data already says."""
-    model = tiny.mlp(width=64, depth=2, seq="seq", batch="batch")
-    path = tmp_path / "m.onnx"
-    onnx.save(model, path)
-    data = tmp_path / "calib.npz"
-    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 8, 64)).astype(np.float32))
-    sites, _ = graph.find_sites(model)
-    table = LatencyTable(levels=LEVELS, times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
-                         dense_total_ms=2.5, runtime="table", meta={"cores": 1})
-    table_path = table.save(tmp_path / "table.json")
+    path, data, table_path = _dynamic_batch_setup(tmp_path, seq="seq")
     rep = run(path, data, table_path, tmp_path / "o.onnx", target=1.5, batch_size=2)
     assert rep["input_shapes"] == {"x": [2, 8, 64]}
     with pytest.raises(api.SpdyError, match=r"--input-shape x:1xNx64 .*or give calibration data"):

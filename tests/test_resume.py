@@ -45,16 +45,23 @@ def test_profiling_resumes_from_journal(tmp_path, monkeypatch):
     assert not list((tmp_path / "c" / "tables").glob("*.partial.jsonl"))
 
 
-def test_search_resumes_and_gives_the_same_profile(tmp_path, monkeypatch):
-    model = tiny.mlp(width=64, depth=5, seq=4)
+def _table_setup(tmp_path, depth=4):
+    """A small MLP, 8 calibration samples, a replayed table, and optimize's arguments for them."""
+    model = tiny.mlp(width=64, depth=depth, seq=4)
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((8, 4, 64)).astype(np.float32))
     sites, _ = graph.find_sites(model)
     table = LatencyTable(levels=[0.0, 0.5, 0.7, 0.9], times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
-                         dense_total_ms=5.5, runtime="table").save(tmp_path / "t.json")
-    kw = dict(target=2.0, runtime="table", latency_table=table, data=tmp_path / "d.npz", progress=False,
-              search_budget="160", seed=1)
+                         dense_total_ms=depth + 0.5, runtime="table").save(tmp_path / "t.json")
+    return path, dict(target=1.5, runtime="table", latency_table=table, data=tmp_path / "d.npz", progress=False,
+                      search_budget="60", seed=1)
+
+
+
+def test_search_resumes_and_gives_the_same_profile(tmp_path, monkeypatch):
+    path, kw = _table_setup(tmp_path, depth=5)
+    kw.update(target=2.0, search_budget="160")
     fresh_calls = _kill_after(monkeypatch, evaluate.Evaluator, "_run", 10**6)
     fresh = api.optimize(path, output=tmp_path / "fresh.onnx", cache_dir=tmp_path / "c1", **kw)
     monkeypatch.undo()
@@ -72,18 +79,6 @@ def test_search_resumes_and_gives_the_same_profile(tmp_path, monkeypatch):
     assert len(fresh_calls) > 8 + 4 * 8
     assert len(calls) == len(fresh_calls) - 4 * 8
     assert resumed["quality"]["calibration_loss"] == pytest.approx(fresh["quality"]["calibration_loss"])
-
-
-def _table_setup(tmp_path):
-    model = tiny.mlp(width=64, depth=4, seq=4)
-    path = tmp_path / "m.onnx"
-    onnx.save(model, path)
-    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((8, 4, 64)).astype(np.float32))
-    sites, _ = graph.find_sites(model)
-    table = LatencyTable(levels=[0.0, 0.5, 0.7, 0.9], times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
-                         dense_total_ms=4.5, runtime="table").save(tmp_path / "t.json")
-    return path, dict(target=1.5, runtime="table", latency_table=table, data=tmp_path / "d.npz", progress=False,
-                      search_budget="60", seed=1)
 
 
 def test_a_journal_line_that_is_not_a_loss_is_ignored(tmp_path):
