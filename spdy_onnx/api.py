@@ -492,6 +492,10 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     prep = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
                     exclude=exclude, include=include, min_weights=min_weights, progress=progress,
                     runtime_options=runtime_options, data=data, writes_model=True)
+    if not prep.sites:   # before the table is profiled: --exclude/--include alone decide this
+        prep.close()
+        raise SpdyError("every prunable site is excluded; nothing to prune "
+                        f"({len(prep.excluded)} excluded, see --include/--exclude)")
     try:
         return _optimize(prep, target=target, output=output, report_path=report_path, levels=levels,
                          latency_table_path=latency_table, cache_dir=cache_dir, use_cache=use_cache,

@@ -328,3 +328,14 @@ def test_checks_that_used_to_wait_for_profiling(tmp_path, capsys, mlp_path):
     expect_error(capsys, tmp_path, "profile", str(mlp_path), "-o", str(folder), match="is a folder")
     expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--strategy", "dp-loss",
                  match="needs calibration data")
+
+
+def test_everything_excluded_is_refused_before_profiling(tmp_path, capsys, mlp_path, monkeypatch):
+    """It used to be found out after the latency table was measured, and a table left in the cache."""
+    from spdy_onnx import api
+
+    def no_profiling(*a, **k):
+        raise AssertionError("profiled")
+    monkeypatch.setattr(api, "latency_table", no_profiling)
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--exclude", ".*",
+                 "--cache-dir", str(tmp_path / "c"), match="every prunable site is excluded")
