@@ -197,17 +197,17 @@ class Prepared:
     @property
     def calibration_model(self) -> "onnx.ModelProto":
         """The model at the batch size of the run, for onnxruntime and PyTorch on calibration batches,
-        with label outputs replaced by the scores they are taken from (evaluate.scores_behind_labels).
+        with label and cache outputs replaced by what they are made from (evaluate.compared_tensors).
 
         Inputs take the run's concrete shapes and the outputs' batch axes become symbolic, so a model
         exported at batch 1 runs on calibration batches of --batch-size samples.
         """
         if self._calibration_model is None:
-            from spdy_onnx.evaluate import scores_behind_labels
-            m, replaced = scores_behind_labels(modelio.with_static_inputs(self.model, self.specs))
-            for label, scores in replaced.items():
-                log.info("output '%s' is a label (ArgMax): the calibration loss compares the scores it is taken "
-                         "from, '%s'", printable(label, 60), printable(scores, 60))
+            from spdy_onnx.evaluate import compared_tensors
+            m, replaced = compared_tensors(modelio.with_static_inputs(self.model, self.specs))
+            for output, (tensor, why) in replaced.items():
+                log.info("output '%s' is %s, '%s', is what the calibration loss compares",
+                         printable(output, 60), why, printable(tensor, 60))
             for value in m.graph.output:
                 dims = value.type.tensor_type.shape.dim
                 if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value != self.batch_size:

@@ -132,38 +132,64 @@ def producer_node(model: onnx.ModelProto, output: str):
 LABEL_OPS = ("ArgMax", "ArgMin")
 
 
-def scores_behind_labels(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """A copy whose graph outputs that are labels (an ArgMax of the class scores, also cast to float)
-    are replaced by the scores they were taken from, and {label output: scores tensor}. A label is
-    piecewise constant in the weights: the search sees no difference between most profiles and the
-    correction has no gradient."""
+def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+    """A copy whose graph outputs that say little about the weights are replaced by the tensors that do,
+    and {output: (tensor compared instead, why)}:
+    - a label (an ArgMax of the class scores, also cast to float) by the scores: a label is piecewise
+      constant in the weights, so the search sees no difference between most profiles and the
+      correction has no gradient;
+    - a cache output (a KV cache's `present`: Concat of a graph input, the past, and what this step
+      computed) by what this step computed: the past is copied through, and on a 31-token past it was
+      31/32 of the output's energy, hiding the new token's error."""
+    inputs = {i.name for i in model.graph.input}
     replaced = {}
     for out in model.graph.output:
         node = producer_node(model, out.name)
-        if node is not None and node.op_type in LABEL_OPS and node.input:
-            replaced[out.name] = node.input[0]
+        if node is None:
+            continue
+        if node.op_type in LABEL_OPS and node.input:
+            replaced[out.name] = (node.input[0], "a label (ArgMax): the scores it is taken from")
+        elif node.op_type == "Concat":
+            passed = [t for t in node.input if _traced_to_input(model, t, inputs)]
+            computed = [t for t in node.input if t not in passed]
+            if len(passed) == 1 and len(computed) == 1:
+                replaced[out.name] = (computed[0], "the input it copies through plus what this step computed: "
+                                                   "that step's part")
     if not replaced:
         return model, {}
     m = onnx.ModelProto()
     m.CopyFrom(model)
     try:
         inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model, strict_mode=False).graph.value_info}
-    except Exception:   # a graph shape inference cannot read: the scores' type is taken to be float
+    except Exception:   # a graph shape inference cannot read: the tensor's type is taken to be float
         inferred = {}
     names = {o.name for o in m.graph.output}
     kept = [o for o in m.graph.output if o.name not in replaced]
-    for scores in dict.fromkeys(replaced.values()):
-        if scores in names and scores not in replaced:
+    for tensor in dict.fromkeys(t for t, _ in replaced.values()):
+        if tensor in names and tensor not in replaced:
             continue
         info = onnx.ValueInfoProto()
-        if scores in inferred:
-            info.CopyFrom(inferred[scores])
+        if tensor in inferred:
+            info.CopyFrom(inferred[tensor])
         else:
-            info.CopyFrom(onnx.helper.make_tensor_value_info(scores, onnx.TensorProto.FLOAT, None))
+            info.CopyFrom(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
         kept.append(info)
     del m.graph.output[:]
     m.graph.output.extend(kept)
     return m, replaced
+
+
+def _traced_to_input(model: onnx.ModelProto, tensor: str, inputs: set) -> bool:
+    """Whether `tensor` is a graph input, directly or through ops that only reshape or cast it."""
+    made = {o: n for n in model.graph.node for o in n.output}
+    seen = set()
+    while tensor not in inputs and tensor in made and tensor not in seen:
+        seen.add(tensor)
+        node = made[tensor]
+        if node.op_type not in SHAPE_OPS or not node.input:
+            return False
+        tensor = node.input[0]
+    return tensor in inputs
 
 
 def producer_op(model: onnx.ModelProto, output: str) -> str | None:

@@ -522,3 +522,40 @@ def test_bad_validation_data_is_refused_before_anything_is_written(mlp_setup, tm
     assert main(base + ["-o", str(tmp_path / "d.onnx"), "--validation-data", str(zeros)]) == 0
     out = capsys.readouterr().out
     assert "the global correction kept no epoch" in out and "no epoch beat the draft: not applied" in out
+
+
+def _cache_model():
+    """x (1, 4, 64), past (1, 28, 64) -> new = x @ w; present = Concat(past, new); logits = new @ head."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(2)
+    w = numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), "w")
+    head = numpy_helper.from_array((rng.standard_normal((64, 10)) / 8).astype(np.float32), "head")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["new"], name="proj"),
+             helper.make_node("Concat", ["past", "new"], ["present"], axis=1),
+             helper.make_node("MatMul", ["new", "head"], ["logits"], name="lm_head")]
+    g = helper.make_graph(nodes, "kv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64]),
+                                        helper.make_tensor_value_info("past", TensorProto.FLOAT, [1, 28, 64])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 10]),
+                           helper.make_tensor_value_info("present", TensorProto.FLOAT, [1, 32, 64])], [w, head])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_cache_output_is_compared_on_what_this_step_computed(tmp_path):
+    """A KV cache's present = Concat(past, new): the past is copied through (28 of 32 positions here), so
+    the whole output's MSE hid the new positions' error. The loss compares the new part."""
+    from spdy_onnx.evaluate import compared_tensors
+    model = _cache_model()
+    m, replaced = compared_tensors(model)
+    assert {o: t for o, (t, _) in replaced.items()} == {"present": "new"}
+    assert [o.name for o in m.graph.output] == ["logits", "new"]
+    rng = np.random.default_rng(3)
+    x = {"x": rng.standard_normal((16, 4, 64)).astype(np.float32),
+         "past": rng.standard_normal((16, 28, 64)).astype(np.float32)}
+    path, data, table_path = _setup(tmp_path, model, x)
+    rep = _optimize(path, data, table_path, tmp_path / "o.onnx", correct_epochs=0, target=1.5, min_weights=0)
+    per_output = rep["quality"]["calibration_loss_per_output"]
+    assert set(per_output) == {"logits", "new"} and per_output["new"] > 0.01
+    written = onnx.load(tmp_path / "o.onnx")
+    assert [o.name for o in written.graph.output] == ["logits", "present"]     # the file itself is untouched
