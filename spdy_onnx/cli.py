@@ -183,7 +183,7 @@ def _print_optimize(rep: dict):
         per_output = q.get("calibration_loss_per_output") or {}
         if per_output:
             from spdy_onnx.modelio import printable
-            print("  per output: " + ", ".join(f"{printable(n, 40)} {v:.5f}" for n, v in per_output.items()))
+            print("  per output: " + ", ".join(f"{printable(n, 40)} {v:.3g}" for n, v in per_output.items()))
     corr = q.get("global_correction") or {}
     if corr.get("held_back") == "validation data":
         kept = f"epoch {corr['best_epoch']} kept" if corr.get("best_epoch") else "no epoch beat the draft: not applied"
