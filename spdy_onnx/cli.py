@@ -135,10 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("sites", help="list the prunable sites and what is excluded by default")
-    p.add_argument("model")
-    p.add_argument("--exclude", action="append", metavar="PATTERN")
-    p.add_argument("--include", action="append", metavar="PATTERN")
-    p.add_argument("--min-weights", type=int, default=4096)
+    p.add_argument("model", help="ONNX file (only read)")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="as optimize's: names or whole-name regular expressions to keep dense (repeatable)")
+    p.add_argument("--include", action="append", metavar="PATTERN",
+                   help="as optimize's: prune these even if excluded by default (repeatable)")
+    p.add_argument("--min-weights", type=int, default=4096,
+                   help="sites with fewer weights stay dense unless --include'd (default: %(default)s)")
     return parser
 
 
