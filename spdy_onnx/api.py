@@ -494,8 +494,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
                     runtime_options=runtime_options, data=data, writes_model=True)
     if not prep.sites:   # before the table is profiled: --exclude/--include alone decide this
         prep.close()
-        raise SpdyError("every prunable site is excluded; nothing to prune "
-                        f"({len(prep.excluded)} excluded, see --include/--exclude)")
+        raise SpdyError(_all_excluded(prep))
     try:
         return _optimize(prep, target=target, output=output, report_path=report_path, levels=levels,
                          latency_table_path=latency_table, cache_dir=cache_dir, use_cache=use_cache,
@@ -544,8 +543,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             raise SpdyError(f"{prep.runtime.name} times none of the {len(untimed)} prunable site(s) on its own: its "
                             "per-layer analysis maps no layer of this model to them, so no profile can be predicted; "
                             "nothing to prune on this engine")
-        raise SpdyError("every prunable site is excluded; nothing to prune "
-                        f"({len(prep.excluded)} excluded, see --include/--exclude)")
+        raise SpdyError(_all_excluded(prep))
     names = [s.name for s in sites]
     times = table.matrix(names)
     max_speedup = table.max_speedup(names)
@@ -842,6 +840,10 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     return rep
 
 
+def _all_excluded(prep: Prepared) -> str:
+    return f"every prunable site is excluded; nothing to prune ({len(prep.excluded)} excluded, see --include/--exclude)"
+
+
 def standing_measurements(attempts: list[dict]) -> list[tuple[dict, float]]:
     """(last record, speedup) per attempt: a re-measured file stands on its pooled figure, not on its
     luckiest compile; records of one attempt (draft, re-measure, corrected file) count once."""
@@ -912,11 +914,11 @@ def _quality_warnings(quality: dict) -> list[str]:
     value, kinds = quality.get("calibration_loss"), quality.get("loss")
     if value is None or not kinds:
         return []
-    kinds = kinds.split("+")
     # one head lost among several that are kept is hidden by the mean: each output is judged alone
-    per_output = quality.get("calibration_loss_per_output") or {"": value}
+    per_output = quality.get("calibration_loss_per_output")
+    judged = (zip(per_output.items(), kinds.split("+")) if per_output else [(("", value), kinds)])
     out = []
-    for (name, loss), kind in zip(per_output.items(), kinds if len(per_output) > 1 else ["+".join(kinds)]):
+    for (name, loss), kind in judged:
         limit = max(FAR_LOSS.get(k.removesuffix(CHANNELS), 0.5) for k in kind.split("+"))
         if loss >= limit:
             which = f"output '{printable(name, 60)}' is" if name else "outputs are"

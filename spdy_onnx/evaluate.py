@@ -118,14 +118,23 @@ SHAPE_OPS = ("Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast", "
 CHANNEL_OPS = ("Conv", "ConvTranspose", "Resize", "Upsample", "BatchNormalization", "InstanceNormalization")
 
 
+def _through_reshapes(model: onnx.ModelProto, tensor: str):
+    """(the node that computes `tensor`, looking through reshapes and casts, or None; the tensor reached:
+    where that node's output, or a graph input or initializer when there is no such node)."""
+    made = {o: n for n in model.graph.node for o in n.output}
+    seen = set()
+    node = made.get(tensor)
+    while node is not None and node.op_type in SHAPE_OPS and node.input and tensor not in seen:
+        seen.add(tensor)
+        tensor = node.input[0]
+        node = made.get(tensor)
+    return node, tensor
+
+
 def producer_node(model: onnx.ModelProto, output: str):
     """The node that computes graph output `output`, looking through reshapes; None for an input or an
     initializer."""
-    made = {o: n for n in model.graph.node for o in n.output}
-    node = made.get(output)
-    while node is not None and node.op_type in SHAPE_OPS and node.input:
-        node = made.get(node.input[0])
-    return node
+    return _through_reshapes(model, output)[0]
 
 
 # ops that turn scores into labels: nothing in the label says how far the scores moved
@@ -181,15 +190,8 @@ def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
 
 def _traced_to_input(model: onnx.ModelProto, tensor: str, inputs: set) -> bool:
     """Whether `tensor` is a graph input, directly or through ops that only reshape or cast it."""
-    made = {o: n for n in model.graph.node for o in n.output}
-    seen = set()
-    while tensor not in inputs and tensor in made and tensor not in seen:
-        seen.add(tensor)
-        node = made[tensor]
-        if node.op_type not in SHAPE_OPS or not node.input:
-            return False
-        tensor = node.input[0]
-    return tensor in inputs
+    node, reached = _through_reshapes(model, tensor)
+    return node is None and reached in inputs
 
 
 def producer_op(model: onnx.ModelProto, output: str) -> str | None:

@@ -86,15 +86,18 @@ class Chooser:
     def quality(self, profile: dict[str, int], corrected: bool = True) -> dict:
         out = dict(self.info)
         if self.evaluator is not None:
-            out["calibration_loss"] = float(self.evaluator.loss(self.picks_of(profile)))
+            picks = self.picks_of(profile)
+            out["calibration_loss"] = float(self.evaluator.loss(picks))   # memoised by the search
             out["loss"] = self.evaluator.loss_name
-            final = self.evaluator.weights_of(self.picks_of(profile))
-            if self.corrects and corrected:
-                out["calibration_loss_before_correction"] = out["calibration_loss"]
-                final = self.final_weights(profile)
-                out["calibration_loss"] = float(self.evaluator.loss_of_weights(final))
-            if len(self.evaluator.outputs) > 1:
-                out["calibration_loss_per_output"] = self.evaluator.output_losses(final)
+            tuned = self.corrects and corrected
+            if tuned or len(self.evaluator.outputs) > 1:   # one pass over the samples gives both figures
+                final = self.final_weights(profile) if tuned else self.evaluator.weights_of(picks)
+                per_output = self.evaluator.output_losses(final)
+                if tuned:
+                    out["calibration_loss_before_correction"] = out["calibration_loss"]
+                    out["calibration_loss"] = float(np.mean(list(per_output.values())))
+                if len(per_output) > 1:
+                    out["calibration_loss_per_output"] = per_output
             if self.correction_summary is not None and corrected:
                 out["global_correction"] = self.correction_summary
         return out
