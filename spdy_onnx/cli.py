@@ -209,12 +209,22 @@ def _pooled(rep) -> str:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a job scheduler, `kill`, a container stopping), unwound like Ctrl-C so that temporary
-    folders are removed and nothing half-written is left; the exit status is 143, as a shell reports it."""
+    """SIGTERM (a job scheduler, `kill`, a container stopping) or SIGHUP (the terminal or ssh session
+    closed), unwound like Ctrl-C so that temporary folders are removed and nothing half-written is left;
+    the exit status is 128 + the signal's number (143, 129), as a shell reports it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.status = 128 + int(signum)
 
 
 def _terminate(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
+
+
+def _stop_signals():
+    import signal
+    return [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
 
 
 def _at_least_one(value: int, flag: str) -> int:
@@ -229,14 +239,16 @@ def main(argv=None) -> int:
     handler = _setup_logging(args)
     import signal
     import threading
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():   # handlers can only be set there
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        for signum in _stop_signals():
+            if signal.getsignal(signum) is not signal.SIG_IGN:   # `nohup` asked for the run to go on
+                previous[signum] = signal.signal(signum, _terminate)
     try:
         return _run(args)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)
         logging.getLogger("spdy_onnx").removeHandler(handler)
 
 
@@ -323,7 +335,7 @@ def _run(args) -> int:
     except KeyboardInterrupt as exc:
         print("spdy-onnx: interrupted (outputs are only ever renamed into place complete; caches keep "
               "finished work for the next run)", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return exc.status if isinstance(exc, Terminated) else 130
     except BrokenPipeError:
         # the reader went away (`spdy-onnx sites m.onnx | head`): stop quietly, and keep Python's own
         # flush of stdout at exit from raising the same error again

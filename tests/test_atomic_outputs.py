@@ -261,9 +261,11 @@ def test_a_report_that_cannot_be_written_is_one_error_not_a_traceback(tmp_path):
 
 
 @pytest.mark.deepsparse
-def test_sigterm_unwinds_like_ctrl_c(tmp_path):
-    """A job scheduler or `kill` sends SIGTERM: the run stops with status 143, removes its temporary
-    folder and writes nothing (SIGTERM used to kill it where it stood, leaving its copies in /tmp)."""
+@pytest.mark.parametrize("signame,status", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_unwind_like_ctrl_c(tmp_path, signame, status):
+    """A job scheduler or `kill` sends SIGTERM, a closed terminal or ssh session SIGHUP: the run stops
+    with 128 + the signal's number, removes its temporary folder and writes nothing (both used to kill it
+    where it stood, leaving its copies in /tmp)."""
     import signal
     import subprocess
     import sys
@@ -285,9 +287,9 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path):
         time.sleep(0.05)
     if proc.poll() is not None:
         pytest.skip("the run ended before it could be stopped")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err.decode()[-2000:]
+    assert proc.returncode == status, err.decode()[-2000:]
     assert "interrupted" in err.decode() and "Traceback" not in err.decode()
     assert not list(scratch.glob("spdy-onnx-*"))
     assert not (tmp_path / "out.onnx").exists()
