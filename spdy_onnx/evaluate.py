@@ -147,8 +147,8 @@ def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
     - a label (an ArgMax of the class scores, also cast to float) by the scores: a label is piecewise
       constant in the weights, so the search sees no difference between most profiles and the
       correction has no gradient;
-    - a cache output (a KV cache's `present`: Concat of a graph input, the past, and what this step
-      computed) by what this step computed: the past is copied through, and on a 31-token past it was
+    - a cache output (a KV cache's `present`: Concat of the past, from a graph input through ops no
+      pruning changes, and what this step computed) by what this step computed: the past is copied through, and on a 31-token past it was
       31/32 of the output's energy, hiding the new token's error."""
     inputs = {i.name for i in model.graph.input}
     replaced = {}
@@ -159,7 +159,7 @@ def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
         if node.op_type in LABEL_OPS and node.input:
             replaced[out.name] = (node.input[0], "a label (ArgMax): the scores it is taken from")
         elif node.op_type == "Concat":
-            passed = [t for t in node.input if _traced_to_input(model, t, inputs)]
+            passed = [t for t in node.input if _weight_free(model, t, inputs)]
             computed = [t for t in node.input if t not in passed]
             if len(passed) == 1 and len(computed) == 1:
                 replaced[out.name] = (computed[0], "the input it copies through plus what this step computed: "
@@ -188,10 +188,29 @@ def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
     return m, replaced
 
 
-def _traced_to_input(model: onnx.ModelProto, tensor: str, inputs: set) -> bool:
-    """Whether `tensor` is a graph input, directly or through ops that only reshape or cast it."""
-    node, reached = _through_reshapes(model, tensor)
-    return node is None and reached in inputs
+# ops whose weights pruning changes: a tensor computed without any of them is the same in every profile
+WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulInteger", "ConvInteger", "QLinearMatMul",
+                "QLinearConv")
+
+
+def _weight_free(model: onnx.ModelProto, tensor: str, inputs: set) -> bool:
+    """Whether `tensor` comes from graph inputs through ops that no pruning changes (a past cache through
+    a reshape, a transpose, a slice or a repeat for grouped heads): at least one input, no weighted op."""
+    made = {o: n for n in model.graph.node for o in n.output}
+    stack, seen, reaches_input = [tensor], set(), False
+    while stack:
+        t = stack.pop()
+        if t in seen or not t:
+            continue
+        seen.add(t)
+        node = made.get(t)
+        if node is None:
+            reaches_input |= t in inputs
+        elif node.op_type in WEIGHTED_OPS or node.op_type in ("If", "Loop", "Scan"):
+            return False
+        else:
+            stack.extend(node.input)
+    return reaches_input
 
 
 def producer_op(model: onnx.ModelProto, output: str) -> str | None:

@@ -559,3 +559,21 @@ def test_a_cache_output_is_compared_on_what_this_step_computed(tmp_path):
     assert set(per_output) == {"logits", "new"} and per_output["new"] > 0.01
     written = onnx.load(tmp_path / "o.onnx")
     assert [o.name for o in written.graph.output] == ["logits", "present"]     # the file itself is untouched
+
+
+def test_a_cache_whose_past_passes_other_ops_is_compared_on_what_this_step_computed():
+    """The past may reach the Concat through ops other than reshapes (a transpose to heads-first, a
+    repeat of grouped heads, a scale): no pruning changes it, so it is still left out of the loss. A Concat
+    of two computed parts is compared whole."""
+    from onnx import helper, numpy_helper
+    from spdy_onnx.evaluate import compared_tensors
+    model = _cache_model()
+    g = model.graph
+    g.initializer.append(numpy_helper.from_array(np.float32(0.5).reshape(()), "half"))
+    g.node[1].input[0] = "past_scaled"
+    g.node.insert(1, helper.make_node("Transpose", ["past"], ["past_t"], perm=[0, 1, 2]))
+    g.node.insert(2, helper.make_node("Mul", ["past_t", "half"], ["past_scaled"]))
+    assert {o: t for o, (t, _) in compared_tensors(model)[1].items()} == {"present": "new"}
+    g.node.insert(1, helper.make_node("MatMul", ["past", "w"], ["past_w"], name="past_proj"))
+    g.node[2].input[0] = "past_w"      # the "past" now goes through a weight: both parts computed
+    assert compared_tensors(model)[1] == {}
