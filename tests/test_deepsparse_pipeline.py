@@ -311,6 +311,24 @@ def test_fused_groups_are_split_without_double_counting():
     assert sum(times.values()) == pytest.approx(4.5)
 
 
+def _lowest_level_saves(monkeypatch) -> list:
+    """Profiling really times the model, but every site's lowest level is made to save 30%, whatever the
+    machine's load timed (a loaded machine can time it no faster than dense, and then there is rightly no
+    check). Returns [the table profiling returns, a copy of it as it was]."""
+    from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime
+    real_measure = DeepSparseRuntime.measure
+    tables = []
+
+    def measure(self, *a, **k):
+        table = real_measure(self, *a, **k)
+        for row in table.times.values():
+            row[1] = min(row[1], 0.7 * row[0])
+        tables[:] = [table, LatencyTable.from_json(table.to_json())]
+        return table
+    monkeypatch.setattr(DeepSparseRuntime, "measure", measure)
+    return tables
+
+
 @pytest.mark.parametrize("measured_share,applied", [(0.0, True), (1.0, False)])
 def test_the_lowest_level_is_cut_to_what_a_uniform_file_measured(mlp_path, tmp_path, monkeypatch,
                                                                  measured_share, applied):
@@ -327,15 +345,8 @@ def test_the_lowest_level_is_cut_to_what_a_uniform_file_measured(mlp_path, tmp_p
         saving = measured_share * (1 - 1 / predicted)
         return Comparison(baseline_ms=10.0, candidate_ms=10.0 * (1 - saving), rounds=3, iterations_per_round=1)
 
-    seen_table = []
-    real_measure = DeepSparseRuntime.measure
-
-    def measure(self, *a, **k):
-        seen_table.append(real_measure(self, *a, **k))
-        seen_table.append(LatencyTable.from_json(seen_table[0].to_json()))   # the raw table, kept
-        return seen_table[0]
+    seen_table = _lowest_level_saves(monkeypatch)
     monkeypatch.setattr(DeepSparseRuntime, "compare", scripted)
-    monkeypatch.setattr(DeepSparseRuntime, "measure", measure)
     prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
                         include=None, min_weights=0, progress=False, runtime_options={"repeats": 1})
     try:
@@ -367,6 +378,7 @@ def test_the_lowest_level_check_prunes_only_the_sites_chosen_for(mlp_path, tmp_p
         files.append({n: sparsity_of(w) for n, w in graph.read_weights(model, sites).items()})
         return Comparison(baseline_ms=10.0, candidate_ms=9.0, rounds=3, iterations_per_round=1)
     monkeypatch.setattr(DeepSparseRuntime, "compare", scripted)
+    _lowest_level_saves(monkeypatch)
     prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None,
                         exclude=["matmul_0"], include=None, min_weights=0, progress=False,
                         runtime_options={"repeats": 1})
@@ -375,10 +387,6 @@ def test_the_lowest_level_check_prunes_only_the_sites_chosen_for(mlp_path, tmp_p
     finally:
         prep.close()
     assert "matmul_0" in table.times                          # the table still times every site
-    if table.meta["lowest_level_check"]["measured"] is None:
-        # a noisy profile can time the 50% level no faster than dense: then there is rightly no check
-        assert files == []
-        pytest.skip("the table predicted no saving at the lowest level on this machine just now")
     assert files
     for sparsity in files:
         assert sparsity["matmul_0"] == 0.0
