@@ -165,7 +165,8 @@ class Prepared:
                                                        min_weights=min_weights)
         self.excluded.update(self.unprunable)
         self.digest = modelio.model_digest(self.model)
-        self.workdir = tempfile.TemporaryDirectory(prefix="spdy-onnx-")
+        from spdy_onnx.workdir import make_workdir
+        self.workdir = make_workdir()
         self._static_paths: dict[str, Path] = {}
         self._calibration_model = None
         self._check_batch_size()

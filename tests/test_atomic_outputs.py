@@ -293,3 +293,64 @@ def test_sigterm_and_sighup_unwind_like_ctrl_c(tmp_path, signame, status):
     assert "interrupted" in err.decode() and "Traceback" not in err.decode()
     assert not list(scratch.glob("spdy-onnx-*"))
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_folders_of_killed_runs_are_removed_by_the_next_run_and_no_others(tmp_path, monkeypatch):
+    """SIGKILL (the out-of-memory killer, `kill -9`) cannot be caught, and each run's folder holds a copy of
+    the model. The next run removes the folders of this machine's dead processes, never a live one's, one
+    from another machine or anything not ours."""
+    import subprocess
+
+    from spdy_onnx import workdir
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = workdir._host_tag()
+        names = {"dead": f"spdy-onnx-{host}-{dead.pid}-abc", "live": f"spdy-onnx-{host}-{live.pid}-abc",
+                 "other machine": f"spdy-onnx-{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead.pid}-abc",
+                 "old style": "spdy-onnx-abc123", "user's": "notes"}
+        for name in names.values():
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "dense.onnx").write_bytes(b"x")
+        current = workdir.make_workdir()
+        try:
+            left = sorted(p.name for p in tmp_path.iterdir())
+            assert names["dead"] not in left
+            assert all(names[k] in left for k in ("live", "other machine", "old style", "user's"))
+            assert Path(current.name).parent == tmp_path and f"-{os.getpid()}-" in Path(current.name).name
+        finally:
+            current.cleanup()
+    finally:
+        live.kill()
+        live.wait()
+
+
+@pytest.mark.deepsparse
+def test_a_run_killed_with_sigkill_leaves_a_folder_the_next_run_removes(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import time
+
+    from spdy_onnx import workdir
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny.mlp(width=256, depth=4, seq=16), model)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "NM_DISABLE_ANALYTICS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "spdy_onnx", "optimize", str(model), "--target", "1.5x",
+                             "--cores", "1", "-o", str(tmp_path / "out.onnx"), "--cache-dir", str(tmp_path / "c")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(scratch.glob("spdy-onnx-*/*.onnx")) and proc.poll() is None:
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("the run ended before it could be killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(scratch.glob("spdy-onnx-*"))               # what SIGKILL leaves
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    workdir.make_workdir().cleanup()
+    assert not list(scratch.glob("spdy-onnx-*"))
+    assert not (tmp_path / "out.onnx").exists()
