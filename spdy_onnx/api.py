@@ -1035,12 +1035,27 @@ def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=1, 
             raise SpdyError(f"runtime '{runtime}' cannot run models on this machine; nothing was measured")
         check, wrong = engine_check.check(base_path, cand.dense_static(), feeds, comparison, engine=runtime,
                                           names=("the baseline", "the model"))
+        if base is not None:
+            wrong = _different_networks(base, cand) + list(wrong)
         comparison.extra.update(engine_outputs=check, warnings=wrong)
         return comparison
     finally:
         cand.close()
         if base:
             base.close()
+
+
+def _different_networks(base: Prepared, cand: Prepared) -> list[str]:
+    """A warning when the two files' prunable layers differ in shape: pruning keeps every shape, so then
+    the ratio compares two networks, not a pruned file against the model it came from."""
+    def shapes(prep):
+        return sorted(tuple(s.weight_shape) for s in prep.all_sites)
+    ours, theirs = shapes(cand), shapes(base)
+    if ours == theirs:
+        return []
+    return [f"the model and the baseline are different networks ({len(ours)} and {len(theirs)} prunable layers, "
+            "not all of the same shapes): the speedup compares two networks, not a pruned file against "
+            "the model it was pruned from"]
 
 
 def sparsity_summary(model) -> dict[str, float]:

@@ -426,7 +426,13 @@ def test_cli_profile_optimize_benchmark(mlp_path, tmp_path, cache_dir, capsys, m
     assert "measured" in text and "predicted" in text
     assert main(["benchmark", str(out), "--baseline", str(mlp_path), "--cores", "1", "--rounds", "3", "-q"]) == 0
     text = capsys.readouterr().out
-    assert "speedup" in text and "onnxruntime" not in text
+    assert "speedup" in text and "onnxruntime" not in text and "different networks" not in text
+    # a baseline that is another network with the same inputs is measured, and named as such
+    other = tmp_path / "other.onnx"
+    onnx.save(tiny.mlp(width=512, depth=3, seq=64), other)
+    assert main(["benchmark", str(out), "--baseline", str(other), "--cores", "1", "--rounds", "3", "-q"]) == 0
+    assert "warning: the model and the baseline are different networks (4 and 3 prunable layers" \
+        in capsys.readouterr().out
     # the engine's outputs are checked here too: a model it computes wrongly is named
     from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime
     real = DeepSparseRuntime.compare
