@@ -524,12 +524,14 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     if data is not None:
         t0 = time.perf_counter()
         data = calibrate.load_data(data, prep.specs, samples=samples,
-                                   defaults=modelio.inputs_with_defaults(prep.model))
+                                   defaults=modelio.inputs_with_defaults(prep.model),
+                                   index_rows=modelio.index_rows(prep.model))
         phases["load_data_s"] = time.perf_counter() - t0
     validation = None
     if validation_data is not None:
         validation = calibrate.load_data(validation_data, prep.specs, what="validation",
-                                         defaults=modelio.inputs_with_defaults(prep.model))
+                                         defaults=modelio.inputs_with_defaults(prep.model),
+                                         index_rows=modelio.index_rows(prep.model))
         if correct_epochs == 0:
             log.warning("--validation-data is only used by the global correction, which --correct-epochs 0 "
                         "turns off: it is ignored")

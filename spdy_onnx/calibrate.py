@@ -56,7 +56,7 @@ def sample_shapes(path) -> dict[str, tuple[int, ...]]:
 
 
 def load_data(path, specs: dict, *, samples: int | None = None, what: str = "calibration",
-              defaults: set | None = None) -> dict[str, np.ndarray]:
+              defaults: set | None = None, index_rows: dict | None = None) -> dict[str, np.ndarray]:
     """Arrays keyed by model input, first axis = samples, checked against the model's inputs.
 
     `what` names the data in errors (calibration, validation)."""
@@ -91,13 +91,15 @@ def load_data(path, specs: dict, *, samples: int | None = None, what: str = "cal
         data = _read_npz(path, what)
     else:
         raise SpdyError(f"no such {what} data: {path}")
-    return check_data(data, specs, samples=samples, source=str(path), what=what, defaults=defaults)
+    return check_data(data, specs, samples=samples, source=str(path), what=what, defaults=defaults,
+                      index_rows=index_rows)
 
 
 def check_data(data: dict, specs: dict, *, samples: int | None = None, source: str = "data",
-               what: str = "calibration", defaults: set | None = None) -> dict:
+               what: str = "calibration", defaults: set | None = None, index_rows: dict | None = None) -> dict:
     """The arrays for `specs`, checked and cast; `defaults`: graph inputs that have a default value
-    (an initializer), which are not fed: arrays for them are ignored with a warning."""
+    (an initializer), which are not fed: arrays for them are ignored with a warning; `index_rows`:
+    {input: (rows, node)} for ids into a table (modelio.index_rows), checked to lie inside it."""
     missing = [n for n in specs if n not in data]
     if missing:
         raise SpdyError(f"{what} data {source} lacks model input(s) {', '.join(missing)}; it has "
@@ -129,6 +131,13 @@ def check_data(data: dict, specs: dict, *, samples: int | None = None, source: s
         elif np.issubdtype(dtype, np.integer):
             if not np.issubdtype(a.dtype, np.integer):
                 raise SpdyError(f"{what} input '{name}' is {a.dtype}; the model expects {np.dtype(dtype)}")
+            if name in (index_rows or {}) and a.size:
+                rows, node = index_rows[name]
+                low, high = int(a.min()), int(a.max())
+                if low < -rows or high >= rows:
+                    raise SpdyError(f"{what} input '{name}' has values from {low} to {high}, but it indexes a "
+                                    f"table of {rows} rows (Gather '{node}'): ids must be 0 to {rows - 1}. Was "
+                                    "the data made with this model's tokenizer or vocabulary?")
         elif a.dtype != dtype:
             raise SpdyError(f"{what} input '{name}' is {a.dtype}; the model expects {np.dtype(dtype)}")
         if count is not None and a.shape[0] != count:

@@ -440,6 +440,31 @@ def inputs_with_defaults(model: onnx.ModelProto) -> set[str]:
     return {i.name for i in model.graph.input if i.name in inits}
 
 
+def index_rows(model: onnx.ModelProto) -> dict[str, tuple[int, str]]:
+    """{integer graph input: (rows, node)} for inputs used as the indices of a Gather from a constant
+    table (token ids into an embedding), directly or through a Cast: an id past the table is an error
+    onnxruntime only raises on the batch that holds it, after profiling."""
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    integer = {i.name for i in model.graph.input if i.type.tensor_type.elem_type in (
+        onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64)}
+    source = {name: name for name in integer}   # tensor -> the graph input it is a cast of
+    rows: dict[str, tuple[int, str]] = {}
+    for node in model.graph.node:   # nodes are in topological order
+        if node.op_type == "Cast" and node.input and node.input[0] in source:
+            source[node.output[0]] = source[node.input[0]]
+        elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in source \
+                and node.input[0] in inits:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = inits[node.input[0]]
+            if -len(dims) <= axis < len(dims):
+                name = source[node.input[1]]
+                n = int(dims[axis])
+                if name not in rows or n < rows[name][0]:
+                    rows[name] = (n, node.name or node.output[0])
+    return rows
+
+
 def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     """Parse ['name:1x3x224x224', ...] into {name: (1, 3, 224, 224)}."""
     shapes: dict[str, tuple[int, ...]] = {}

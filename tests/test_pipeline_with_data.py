@@ -89,6 +89,42 @@ def test_bad_calibration_data_writes_nothing(setup, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "x.report.json").exists()
 
 
+def test_ids_past_the_embedding_are_an_error_before_any_work(tmp_path, capsys):
+    """Token ids from another tokenizer: onnxruntime failed on them only when calibration began, after
+    profiling, and only on the batch that held one. Every id is checked against the table it indexes."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((50, 64)).astype(np.float32), "embedding"),
+             numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
+             helper.make_node("Gather", ["embedding", "ids64"], ["tok"], name="embed"),
+             helper.make_node("MatMul", ["tok", "w"], ["out"], name="proj")]
+    g = helper.make_graph(nodes, "ids", [helper.make_tensor_value_info("ids", TensorProto.INT32, [1, 8])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 64])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "ids.onnx"
+    onnx.save(model, path)
+    table = LatencyTable(levels=LEVELS, times={"proj": [1.0, 0.7, 0.45, 0.2]}, dense_total_ms=1.5,
+                         runtime="table", meta={"cores": 1})
+    table_path = table.save(tmp_path / "table.json")
+    ids = rng.integers(0, 50, (16, 8)).astype(np.int32)
+    base = ["optimize", str(path), "--target", "1.3x", "--runtime", "table", "--latency-table", str(table_path),
+            "-q", "--cache-dir", str(tmp_path / "c"), "--search-budget", "20", "--min-weights", "0"]
+    for bad_value in (50, -51):
+        bad_ids = ids.copy()
+        bad_ids[11, 3] = bad_value
+        np.savez(tmp_path / "bad.npz", ids=bad_ids)
+        out = tmp_path / "x.onnx"
+        assert main(base + ["--data", str(tmp_path / "bad.npz"), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "input 'ids' has values from" in err and "table of 50 rows (Gather 'embed')" in err
+        assert not out.exists() and not (tmp_path / "c").exists()
+    ids[0, 0] = -1                      # counts from the end, as onnxruntime allows
+    np.savez(tmp_path / "good.npz", ids=ids)
+    assert main(base + ["--data", str(tmp_path / "good.npz"), "-o", str(tmp_path / "y.onnx")]) == 0
+
+
 def _dynamic_batch_setup(tmp_path, seq):
     """A two-layer MLP with a dynamic batch axis (and `seq` tokens, a number or a dynamic name), 16
     calibration samples of 8 tokens, and a replayed table."""
