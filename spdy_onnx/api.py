@@ -790,8 +790,28 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         pruned = write_weights(prep.model, chooser.weights(profile))
     loaded_warning = []
     if comparison is not None and meets(comparison) and comparison.foreign_load_cores > NOISY_CORES:
+        kept_aim = hit[0] if hit is not None else aim
         comparison, loaded_warning = _quiet_check(comparison, lambda: measure(
-            attempt, hit[0] if hit is not None else aim, predicted, pruned, "quiet check"))
+            attempt, kept_aim, predicted, pruned, "quiet check"))
+        # the kept file missed on re-measuring: a profile that met at a higher aim has more speed to
+        # spare for the same load, and a run that found one should not end with nothing
+        kept = tuple(sorted(profile.items()))
+        spare = min((h for h in hits if h[0] > kept_aim and tuple(sorted(h[1].items())) != kept),
+                    key=lambda h: h[0], default=None)
+        if not meets(comparison) and spare is not None:
+            log.info("the kept profile missed when measured again under load; measuring the one that met at "
+                     "aim %.3fx (%.3fx as a draft)", spare[0], spare[4].speedup)
+            s_aim, s_profile, s_predicted = spare[:3]
+            s_pruned = write_weights(prep.model, chooser.final_weights(s_profile))
+            again = measure(attempt, s_aim, s_predicted, s_pruned, "corrected" if chooser.corrects else "draft")
+            warning = []
+            if again is not None and meets(again) and again.foreign_load_cores > NOISY_CORES:
+                again, warning = _quiet_check(again, lambda: measure(attempt, s_aim, s_predicted, s_pruned,
+                                                                     "quiet check"))
+            if again is not None and meets(again):
+                profile, predicted, pruned, comparison, loaded_warning = (s_profile, s_predicted, s_pruned,
+                                                                          again, warning)
+                hit = spare
     measured = comparison.speedup if comparison else None
     met = comparison is not None and meets(comparison)
     status = "met" if met else ("not_measured" if measured is None else "missed")
