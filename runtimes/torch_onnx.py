@@ -62,7 +62,7 @@ class Ctx:
         if onnx_type in FLOAT_TYPES and not self.static:
             return self.float_dtype
         if onnx_type not in ONNX_TO_TORCH:
-            raise Unsupported(f"the GPU executor has no tensor type {TensorProto.DataType.Name(onnx_type)}")
+            raise Unsupported(f"the PyTorch executor has no tensor type {TensorProto.DataType.Name(onnx_type)}")
         return ONNX_TO_TORCH[onnx_type]
 
 
@@ -97,7 +97,8 @@ def to_device_const(t: torch.Tensor, device, float_dtype) -> torch.Tensor:
 PARAMS = {
     "Reshape": {1}, "Slice": {1, 2, 3, 4}, "Unsqueeze": {1}, "Squeeze": {1}, "Expand": {1}, "Tile": {1},
     "ConstantOfShape": {0}, "ReduceMean": {1}, "ReduceSum": {1}, "ReduceMax": {1}, "ReduceMin": {1},
-    "ReduceProd": {1}, "Pad": {1, 2}, "Split": {1}, "Clip": {1, 2}, "Range": {0, 1, 2},
+    "ReduceProd": {1}, "ReduceL1": {1}, "ReduceL2": {1}, "ReduceSumSquare": {1}, "ReduceLogSumExp": {1},
+    "Pad": {1, 2}, "Split": {1}, "Clip": {1, 2}, "Range": {0, 1, 2},
     "CumSum": {1}, "Trilu": {1}, "Resize": {1, 2, 3},
 }
 
@@ -165,11 +166,47 @@ def _reduce(kind):
             return [x.amax(dim=axes, keepdim=keep)]
         if kind == "min":
             return [x.amin(dim=axes, keepdim=keep)]
+        if kind == "l1":
+            return [x.abs().sum(dim=axes, keepdim=keep)]
+        if kind == "l2":
+            return [torch.sqrt((x * x).sum(dim=axes, keepdim=keep))]
+        if kind == "sumsquare":
+            return [(x * x).sum(dim=axes, keepdim=keep)]
+        if kind == "logsumexp":
+            return [torch.logsumexp(x, dim=axes, keepdim=keep)]
         y = x
         for ax in reversed(axes):
             y = y.prod(dim=ax, keepdim=keep)
         return [y]
     return op
+
+
+def _is_inf(ctx, a, x):
+    neg, pos = int(a.get("detect_negative", 1)), int(a.get("detect_positive", 1))
+    return [(torch.isneginf(x) & bool(neg)) | (torch.isposinf(x) & bool(pos))]
+
+
+def _lp_normalization(ctx, a, x):
+    p, axis = int(a.get("p", 2)), int(a.get("axis", -1))
+    norm = x.abs().sum(dim=axis, keepdim=True) if p == 1 else torch.sqrt((x * x).sum(dim=axis, keepdim=True))
+    return [x / norm]
+
+
+def _depth_to_space(ctx, a, x):
+    b, mode = int(a["blocksize"]), a.get("mode", "DCR")
+    n, c, h, w = x.shape
+    if mode in ("DCR", b"DCR"):
+        y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+    else:
+        y = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+    return [y.reshape(n, c // (b * b), h * b, w * b)]
+
+
+def _space_to_depth(ctx, a, x):
+    b = int(a["blocksize"])
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+    return [y.reshape(n, c * b * b, h // b, w // b)]
 
 
 def _reshape(ctx, a, x, shape):
@@ -292,7 +329,7 @@ def _constant(ctx, a):
     elif "value_ints" in a:
         arr = np.array(a["value_ints"], np.int64)
     else:
-        raise Unsupported("Constant without a tensor value is not supported by the GPU executor")
+        raise Unsupported("Constant without a tensor value is not supported by the PyTorch executor")
     return [torch.from_numpy(np.array(arr))]
 
 
@@ -378,12 +415,12 @@ def _pool(kind):
     def op(ctx, a, x):
         nd = x.dim() - 2
         if nd != 2:
-            raise Unsupported(f"{kind} pooling over {nd} spatial dims is not supported by the GPU executor")
+            raise Unsupported(f"{kind} pooling over {nd} spatial dims is not supported by the PyTorch executor")
         k = list(a["kernel_shape"])
         strides = list(a.get("strides", [1] * nd))
         auto = _str(a, "auto_pad", "NOTSET")
         if auto not in ("NOTSET", "VALID"):
-            raise Unsupported(f"pooling with auto_pad={auto} is not supported by the GPU executor")
+            raise Unsupported(f"pooling with auto_pad={auto} is not supported by the PyTorch executor")
         begin, end = _pool_pads(a, nd) if auto == "NOTSET" else ([0] * nd, [0] * nd)
         ceil = bool(a.get("ceil_mode", 0))
         if begin == end:
@@ -440,7 +477,7 @@ def _conv(ctx, a, x, w, b=None):
         begin = [0] * nd
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}.get(nd)
     if fn is None:
-        raise Unsupported(f"Conv over {nd} spatial dims is not supported by the GPU executor")
+        raise Unsupported(f"Conv over {nd} spatial dims is not supported by the PyTorch executor")
     return [fn(x, w, b, strides, begin, dil, int(a.get("group", 1)))]
 
 
@@ -486,9 +523,9 @@ def _conv_transpose(ctx, a, x, w, b=None):
     nd = x.dim() - 2
     fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}.get(nd)
     if fn is None:
-        raise Unsupported(f"ConvTranspose over {nd} spatial dims is not supported by the GPU executor")
+        raise Unsupported(f"ConvTranspose over {nd} spatial dims is not supported by the PyTorch executor")
     if "output_shape" in a or _str(a, "auto_pad", "NOTSET") != "NOTSET":
-        raise Unsupported("ConvTranspose with output_shape or auto_pad is not supported by the GPU executor")
+        raise Unsupported("ConvTranspose with output_shape or auto_pad is not supported by the PyTorch executor")
     strides = list(a.get("strides", [1] * nd))
     dil = list(a.get("dilations", [1] * nd))
     out_pad = list(a.get("output_padding", [0] * nd))
@@ -502,7 +539,7 @@ def _conv_transpose(ctx, a, x, w, b=None):
 def _arg(fn):
     def op(ctx, a, x):
         if int(a.get("select_last_index", 0)):
-            raise Unsupported("ArgMax/ArgMin with select_last_index is not supported by the GPU executor")
+            raise Unsupported("ArgMax/ArgMin with select_last_index is not supported by the PyTorch executor")
         return [fn(x, dim=int(a.get("axis", 0)), keepdim=bool(a.get("keepdims", 1)))]
     return op
 
@@ -540,23 +577,23 @@ def _resize(ctx, a, x, roi=None, scales=None, sizes=None):
     if sizes is not None and sizes.numel():
         out = _ints(sizes)
         if out[:2] != list(x.shape[:2]):
-            raise Unsupported("Resize of the batch or channel axis is not supported by the GPU executor")
+            raise Unsupported("Resize of the batch or channel axis is not supported by the PyTorch executor")
         kw = {"size": out[2:]}
     elif scales is not None and scales.numel():
         sc = [float(v) for v in scales.reshape(-1).tolist()]
         if sc[:2] != [1.0, 1.0]:
-            raise Unsupported("Resize of the batch or channel axis is not supported by the GPU executor")
+            raise Unsupported("Resize of the batch or channel axis is not supported by the PyTorch executor")
         kw = {"size": [int(math.floor(n * f)) for n, f in zip(x.shape[2:], sc[2:])]}
     else:
-        raise Unsupported("Resize without scales or sizes is not supported by the GPU executor")
+        raise Unsupported("Resize without scales or sizes is not supported by the PyTorch executor")
     if mode == "nearest":
         if coord != "asymmetric" or _str(a, "nearest_mode", "round_prefer_floor") != "floor":
-            raise Unsupported(f"nearest Resize with {coord} coordinates is not supported by the GPU executor")
+            raise Unsupported(f"nearest Resize with {coord} coordinates is not supported by the PyTorch executor")
         return [F.interpolate(x, mode="nearest", **kw)]
     if mode == "linear" and coord in ("half_pixel", "pytorch_half_pixel", "align_corners") and nd in (1, 2, 3):
         tmode = {1: "linear", 2: "bilinear", 3: "trilinear"}[nd]
         return [F.interpolate(x, mode=tmode, align_corners=coord == "align_corners", **kw)]
-    raise Unsupported(f"Resize mode {mode} with {coord} coordinates is not supported by the GPU executor")
+    raise Unsupported(f"Resize mode {mode} with {coord} coordinates is not supported by the PyTorch executor")
 
 
 OPS = {
@@ -574,7 +611,18 @@ OPS = {
     "HardSwish": lambda ctx, a, x: [F.hardswish(x)], "Gelu": _gelu, "Clip": _clip,
     "Softmax": _softmax_like(torch.softmax), "LogSoftmax": _softmax_like(torch.log_softmax),
     "ReduceMean": _reduce("mean"), "ReduceSum": _reduce("sum"), "ReduceMax": _reduce("max"),
-    "ReduceMin": _reduce("min"), "ReduceProd": _reduce("prod"),
+    "ReduceMin": _reduce("min"), "ReduceProd": _reduce("prod"), "ReduceL1": _reduce("l1"),
+    "ReduceL2": _reduce("l2"), "ReduceSumSquare": _reduce("sumsquare"), "ReduceLogSumExp": _reduce("logsumexp"),
+    "IsNaN": lambda ctx, a, x: [torch.isnan(x)], "IsInf": _is_inf,
+    "Round": lambda ctx, a, x: [torch.round(x)], "Tan": lambda ctx, a, x: [torch.tan(x)],
+    "Asin": lambda ctx, a, x: [torch.asin(x)], "Acos": lambda ctx, a, x: [torch.acos(x)],
+    "Atan": lambda ctx, a, x: [torch.atan(x)], "Sinh": lambda ctx, a, x: [torch.sinh(x)],
+    "Cosh": lambda ctx, a, x: [torch.cosh(x)],
+    "Mean": lambda ctx, a, *xs: [_variadic(torch.add)(ctx, a, *xs)[0] / len(xs)],
+    "CastLike": lambda ctx, a, x, like: [x.to(like.dtype)],
+    "ThresholdedRelu": lambda ctx, a, x: [torch.where(x > float(a.get("alpha", 1.0)), x, torch.zeros_like(x))],
+    "Celu": lambda ctx, a, x: [F.celu(x, float(a.get("alpha", 1.0)))],
+    "LpNormalization": _lp_normalization, "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
     "MatMul": _matmul, "Gemm": _gemm, "Conv": _conv, "BatchNormalization": _batchnorm,
     "LayerNormalization": _layernorm,
     "MaxPool": _pool("max"), "AveragePool": _pool("avg"),
@@ -1077,7 +1125,7 @@ class GraphExecutor:
                 continue
             missing = [t for t in node.input if t and t not in static and t not in env]
             if missing:
-                raise SpdyError(f"the GPU executor found no value for '{missing[0]}' (node '{node.name}'): "
+                raise SpdyError(f"the PyTorch executor found no value for '{missing[0]}' (node '{node.name}'): "
                                 "is the graph topologically sorted?")
             bias = None
             if node.op_type == "MatMul" and name in self.site_names and node.input[1] in static:
@@ -1093,7 +1141,7 @@ class GraphExecutor:
                 self.shapes[o] = tuple(v.shape)
         for o in self.output_names:
             if o not in env and o not in static:
-                raise SpdyError(f"the GPU executor did not compute output '{o}'")
+                raise SpdyError(f"the PyTorch executor did not compute output '{o}'")
         self._graph = None
         self._out = None
 
@@ -1112,7 +1160,7 @@ class GraphExecutor:
     def _fold(self, node, static, ctx):
         fn = OPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if fn is None:
-            raise Unsupported(f"the GPU executor does not run op {node.domain + '.' if node.domain else ''}"
+            raise Unsupported(f"the PyTorch executor does not run op {node.domain + '.' if node.domain else ''}"
                               f"{node.op_type} (node '{node.name}')")
         args = [static[t] if t else None for t in node.input]
         outs = fn(ctx, _attrs(node), *args) if node.op_type != "Split" else \
@@ -1138,7 +1186,7 @@ class GraphExecutor:
             return self._site_step(node, name, static, env, bias_and_out)
         fn = OPS.get(node.op_type) if node.domain in ("", "ai.onnx") or node.op_type.startswith("spdy.") else None
         if fn is None:
-            raise Unsupported(f"the GPU executor does not run op {node.op_type} (node '{node.name}')")
+            raise Unsupported(f"the PyTorch executor does not run op {node.op_type} (node '{node.name}')")
         params = PARAMS.get(node.op_type, set())
         plan = []
         for k, t in enumerate(node.input):

@@ -192,7 +192,7 @@ def test_a_graph_the_executor_cannot_run_skips_the_correction_not_the_run(mlp_se
     path, data, table_path = mlp_setup
 
     def refuse(*a, **k):
-        raise torch_onnx.Unsupported("the GPU executor does not run op Frobnicate (node 'f')")
+        raise torch_onnx.Unsupported("the PyTorch executor does not run op Frobnicate (node 'f')")
     monkeypatch.setattr(torch_onnx, "GraphExecutor", refuse)
     with caplog.at_level("WARNING", logger="spdy_onnx"):
         rep = _optimize(path, data, table_path, tmp_path / "o.onnx")

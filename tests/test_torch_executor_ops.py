@@ -73,6 +73,29 @@ CASES = {
     "Resize-align-corners": ([n("Resize", ["x", "", "s"], ["y"], mode="linear",
                                 coordinate_transformation_mode="align_corners")], [3, 4, 5],
                              [_const("s", np.array([1, 1, 2, 2], np.float32))]),
+    # attention masks in transformers exports (IsNaN), sentence-embedding heads (ReduceL2), and the rest
+    # of the element-wise and reduction set
+    "IsNaN-IsInf": ([n("Div", ["x", "z"], ["q"]), n("IsNaN", ["q"], ["nan"]),
+                     n("IsInf", ["q"], ["pinf"], detect_negative=0), n("Or", ["nan", "pinf"], ["bad"]),
+                     n("Where", ["bad", "zero", "x"], ["y"])], [4, 5],
+                    [_const("z", np.array([0, 1, 0, 2, 1], np.float32)), _const("zero", np.float32(0))]),
+    "Reduce-L1-L2-SumSquare-LogSumExp": ([n("ReduceL1", ["x"], ["a"], axes=[-1]), n("ReduceL2", ["x"], ["b"], axes=[-1]),
+                                          n("ReduceSumSquare", ["x"], ["c"], axes=[1], keepdims=1),
+                                          n("ReduceLogSumExp", ["x"], ["d"], axes=[2]),
+                                          n("Sum", ["a", "b", "c", "d"], ["y"])], [3, 5], []),
+    "Round-trig": ([n("Round", ["x"], ["r"]), n("Tanh", ["x"], ["t"]), n("Asin", ["t"], ["as"]),
+                    n("Acos", ["t"], ["ac"]), n("Atan", ["x"], ["at"]), n("Tan", ["t"], ["ta"]),
+                    n("Sinh", ["t"], ["sh"]), n("Cosh", ["t"], ["ch"]),
+                    n("Mean", ["r", "as", "ac", "at", "ta", "sh", "ch"], ["y"])], [4, 4], []),
+    "CastLike-ThresholdedRelu-Celu": ([n("Cast", ["x"], ["d"], to=TensorProto.DOUBLE),
+                                       n("CastLike", ["d", "x"], ["f"]),
+                                       n("ThresholdedRelu", ["f"], ["t"], alpha=0.3),
+                                       n("Celu", ["t"], ["y"], alpha=0.7)], [4, 4], []),
+    "LpNormalization": ([n("LpNormalization", ["x"], ["a"], axis=-1, p=2), n("LpNormalization", ["a"], ["y"], axis=1, p=1)],
+                        [3, 5], []),
+    "DepthToSpace-SpaceToDepth": ([n("DepthToSpace", ["x"], ["a"], blocksize=2, mode="CRD"),
+                                   n("SpaceToDepth", ["a"], ["b"], blocksize=2),
+                                   n("DepthToSpace", ["b"], ["y"], blocksize=2)], [8, 3, 4], []),
 }
 
 
@@ -80,7 +103,7 @@ CASES = {
 def test_op_matches_onnxruntime(name):
     nodes, shape, inits = CASES[name]
     out_type = TensorProto.INT64 if name.startswith("Arg") else TensorProto.FLOAT
-    opset = 14 if name == "Trilu" else 13
+    opset = 14 if name == "Trilu" else 15 if name.startswith("CastLike") else 13
     _check(_model(nodes, shape, inits, out_type=out_type, opset=opset), rtol=1e-4 if "Resize" in name else 1e-5)
 
 
