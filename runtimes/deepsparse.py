@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 import deepsparse  # noqa: E402,F401  (ImportError here means the engine is not installed)
 from deepsparse.engine import DebugAnalysisEngine, Engine  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -157,6 +158,13 @@ class DeepSparseRuntime:
         custom = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx", "ai.onnx.ml")})
         if custom:
             raise SpdyError(f"the model uses custom operator domain(s) {', '.join(custom)} that DeepSparse cannot run")
+        from spdy_onnx.modelio import printable
+        half = [f"'{printable(v.name, 40)}'" for v in list(model.graph.input) + list(model.graph.output)
+                if v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)]
+        if half:
+            raise SpdyError(f"DeepSparse {deepsparse.__version__} runs float32 models: input/output {', '.join(half[:4])} "
+                            f"{'is' if len(half) == 1 else 'are'} float16. Export the model in float32 (weights "
+                            "stored as float16 behind a Cast are fine: they are pruned in place)")
         from spdy_onnx.passes.opsets import used_domains
         ml = [e.version for e in model.opset_import if e.domain == "ai.onnx.ml"]
         if ml and ml[0] > MAX_ML_OPSET and "ai.onnx.ml" in used_domains(model):

@@ -103,6 +103,23 @@ def test_a_quantized_model_is_named_as_such(tmp_path, capsys):
     assert "it is quantized (DequantizeLinear)" in capsys.readouterr().out
 
 
+def test_a_float16_model_is_refused_for_deepsparse_with_the_reason(tmp_path, capsys):
+    """DeepSparse 1.8 runs float32 graphs: a model exported in float16 failed with the engine's
+    "<unsupported ONNX type 10>"."""
+    from onnx import numpy_helper
+    w = numpy_helper.from_array(np.ones((16, 16), np.float16), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 16])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    p = tmp_path / "half.onnx"
+    onnx.save(m, p)
+    err = expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", "--min-weights", "0",
+                       match="runs float32 models: input/output 'x', 'y' are float16")
+    assert "Export the model in float32" in err
+
+
 def test_no_prunable_site_gives_the_reasons(tmp_path, capsys):
     """Every constant-weight node left dense: the error says why, not only that nothing is prunable."""
     from onnx import numpy_helper
