@@ -139,7 +139,8 @@ class Prepared:
     """Everything the stages share: the model, its inputs, its sites, and the runtime."""
 
     def __init__(self, model_path, *, runtime, batch_size, cores, input_shapes, exclude, include,
-                 min_weights, progress, runtime_options=None, data=None, writes_model: bool = False):
+                 min_weights, progress, runtime_options=None, data=None, writes_model: bool = False,
+                 shapes=None, shapes_from: str = ""):
         self.path = Path(model_path)
         self.model = graph.constants_to_initializers(modelio.load_model(self.path))
         if batch_size < 1:
@@ -150,11 +151,13 @@ class Prepared:
         self.rewrites: dict[str, int] = {}
         if hasattr(self.runtime, "native_graph"):
             self.model, self.rewrites = self.runtime.native_graph(self.model)
-        # dynamic dimensions not given with --input-shape come from the calibration data's shapes
+        # dynamic dimensions not given with --input-shape come from the calibration data's shapes, or
+        # `shapes` ({input: shape}, from `shapes_from`: a written file's record of what it was optimised for)
         from spdy_onnx.calibrate import sample_shapes
-        stored = sample_shapes(data) if data is not None else None
+        stored = sample_shapes(data) if data is not None else shapes
         self.specs = modelio.input_specs(self.model, self.batch_size, modelio.parse_input_shapes(input_shapes),
-                                         stored)
+                                         stored, stored_from=shapes_from if data is None else "the calibration data",
+                                         data_hint=writes_model)
         self.all_sites, self.unprunable = graph.find_sites(self.model)
         if not self.all_sites:
             raise SpdyError(graph.no_sites_message(self.path.name, self.model, self.unprunable))
@@ -162,7 +165,7 @@ class Prepared:
             log.warning("%s: %d %s node(s) rewritten into ops %s runs natively%s", self.path.name, count, op,
                         self.runtime.name, "; the file written keeps the rewrite" if writes_model else "")
         self.sites, self.excluded = graph.select_sites(self.all_sites, exclude=exclude, include=include,
-                                                       min_weights=min_weights)
+                                                       min_weights=min_weights, unprunable=self.unprunable)
         self.excluded.update(self.unprunable)
         self.digest = modelio.model_digest(self.model)
         from spdy_onnx.workdir import make_workdir
@@ -555,7 +558,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     pruned_share = float(times[:, 0].sum()) / table.dense_total_ms if table.dense_total_ms > 0 else None
     if max_speedup < required:
         raise InfeasibleTarget(target, max_speedup, margin=margin, pruned_share=pruned_share,
-                               table_note=_table_doubts(table))
+                               table_note=_table_doubts(table), left_dense=_left_dense_summary(prep))
     log.info("%d sites to choose for, %d left dense; largest achievable speedup %.3fx",
              len(sites), len(prep.excluded), max_speedup)
     fastest = None
@@ -565,7 +568,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                                           required=required / (1 + FASTEST_SLACK))
         phases["fastest_check_s"] = time.perf_counter() - t0
         if fastest is not None and fastest * (1 + FASTEST_SLACK) < required:
-            raise InfeasibleTarget(target, max_speedup, margin=margin, measured=fastest, pruned_share=pruned_share)
+            raise InfeasibleTarget(target, max_speedup, margin=margin, measured=fastest, pruned_share=pruned_share,
+                                   left_dense=_left_dense_summary(prep))
 
     t0 = time.perf_counter()
     chooser = strategies.make_chooser(
@@ -823,6 +827,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     if status != "missed":
         meta = {"target": target, "predicted_speedup": predicted, "measured_speedup": measured,
                 "runtime": prep.runtime.name, "batch_size": prep.batch_size, "status": status,
+                "input_shapes": {k: list(v[0]) for k, v in prep.specs.items()},
                 "strategy": strategy, "pattern": table.pattern,
                 "profile": {n: table.levels[j] for n, j in profile.items()}}
         if prep.rewrites:
@@ -899,6 +904,18 @@ def _table_doubts(table) -> str:
         return ""
     return ("The latency table may be off: " + " and ".join(why) + "; profile again on a quieter machine "
             "(--no-cache) before concluding")
+
+
+def _left_dense_summary(prep: Prepared) -> str:
+    """The reasons nodes are left dense, grouped ('12 x weight '...' is shared by several nodes'), for a
+    refusal where the prunable share of the time is the limit: often the cause is a reason, not a size."""
+    import re
+    groups: dict[str, list[str]] = {}
+    for why in prep.excluded.values():
+        key = re.sub(r"\d+", "#", re.sub(r"'[^']*'", "''", why))
+        groups.setdefault(key, []).append(why)
+    ranked = sorted(groups.values(), key=len, reverse=True)
+    return "; ".join(f"{len(whys)} x {whys[0]}" for whys in ranked[:3])
 
 
 def _quiet_check(comparison, measure_again):
@@ -1038,15 +1055,27 @@ def profile(model_path, *, runtime="deepsparse", output=None, batch_size=1, core
 
 def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=1, cores=None, input_shapes=None,
               progress=True, runtime_options=None):
-    """End-to-end interleaved timing of a model against a baseline on the same engine and settings."""
+    """End-to-end interleaved timing of a model against a baseline on the same engine and settings.
+
+    Dynamic dimensions not given with `input_shapes` are taken from the shapes a file written by
+    `optimize` records (for it and for its baseline): the shapes it was optimised and measured at."""
+    import onnx
+
+    from spdy_onnx.passes.metadata import get_metadata
+    try:
+        recorded = (get_metadata(onnx.load(str(model_path), load_external_data=False)) or {}).get("input_shapes")
+    except Exception:   # unreadable: Prepared gives the error
+        recorded = None
+    shaped = dict(shapes=recorded, shapes_from=f"the shapes {Path(model_path).name} was optimised for")
     cand = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
-                    exclude=None, include=None, min_weights=0, progress=progress, runtime_options=runtime_options)
+                    exclude=None, include=None, min_weights=0, progress=progress, runtime_options=runtime_options,
+                    **shaped)
     base = None
     try:
         if baseline:
             base = Prepared(baseline, runtime=runtime, batch_size=batch_size, cores=cores,
                             input_shapes=input_shapes, exclude=None, include=None, min_weights=0,
-                            progress=progress, runtime_options=runtime_options)
+                            progress=progress, runtime_options=runtime_options, **shaped)
             if {k: v for k, v in base.specs.items()} != {k: v for k, v in cand.specs.items()}:
                 raise SpdyError("the model and the baseline have different inputs; they cannot be compared")
         base_path = base.dense_static() if base else cand.dense_static()

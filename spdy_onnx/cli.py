@@ -16,7 +16,8 @@ EXIT_MISSED = 3
 def _common(p: argparse.ArgumentParser, *, runtime_default="deepsparse"):
     p.add_argument("--runtime", default=runtime_default,
                    help="engine to measure on: deepsparse | cuda-2:4 | table (default: %(default)s)")
-    p.add_argument("-b", "--batch-size", type=int, default=1, help="batch size to optimise for (default: 1)")
+    p.add_argument("-b", "--batch-size", type=int, default=1,
+                   help=f"batch size to {'measure at' if p.prog.endswith('benchmark') else 'optimise for'} (default: 1)")
     p.add_argument("--cores", type=int, default=None, help="CPU cores the engine may use (default: all)")
     p.add_argument("--input-shape", action="append", metavar="NAME:D0xD1x...",
                    help="concrete shape for an input with dynamic dimensions (repeatable, one per "
@@ -227,6 +228,15 @@ def _stop_signals():
     return [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
 
 
+def _fit(name: str, width: int) -> str:
+    """A node name cut to `width` in the middle: exporters' names share long prefixes
+    (/model/encoder/layer.0/...) and differ at both ends, so the start and the end are kept."""
+    if len(name) <= width:
+        return name
+    head = (width - 3) // 3
+    return name[:head] + "..." + name[len(name) - (width - 3 - head):]
+
+
 def _at_least_one(value: int, flag: str) -> int:
     if value < 1:
         from spdy_onnx.errors import SpdyError
@@ -282,7 +292,7 @@ def _run(args) -> int:
             for n in names:
                 row = table.times[n]
                 j = min(range(len(row)), key=row.__getitem__)
-                print(f"{n[:40]:40s} {row[0]:9.3f} {row[j]:10.3f} {table.levels[j]:6.3f}")
+                print(f"{_fit(n, 40):40s} {row[0]:9.3f} {row[j]:10.3f} {table.levels[j]:6.3f}")
             print(f"\ndense total {table.dense_total_ms:.3f} ms; sites {len(table.times)}; "
                   f"largest achievable speedup (all sites) {table.max_speedup(list(table.times)):.3f}x")
             if table.level_factors and max(table.level_factors) > 1.0:
@@ -316,14 +326,14 @@ def _run(args) -> int:
             model = graph.constants_to_initializers(modelio.load_model(args.model))
             sites, unprunable = graph.find_sites(model)
             chosen, excluded = graph.select_sites(sites, exclude=args.exclude, include=args.include,
-                                                  min_weights=args.min_weights)
+                                                  min_weights=args.min_weights, unprunable=unprunable)
             excluded.update(unprunable)
             for s in sites:
                 why = excluded.get(s.name, "")
-                print(f"{s.name[:48]:48s} {s.op_type:7s} {s.n_weights:10d}  {('dense: ' + why) if why else 'prunable'}")
+                print(f"{_fit(s.name, 48):48s} {s.op_type:7s} {s.n_weights:10d}  {('dense: ' + why) if why else 'prunable'}")
             for name, why in unprunable.items():
                 if name not in {s.name for s in sites}:
-                    print(f"{name[:48]:48s} {'':7s} {'':10s}  dense: {why}")
+                    print(f"{_fit(name, 48):48s} {'':7s} {'':10s}  dense: {why}")
             print(f"\n{len(chosen)} prunable, {len(excluded)} left dense")
             if not sites:
                 print(graph.no_sites_message(os.path.basename(args.model), model, unprunable))

@@ -10,10 +10,11 @@ PRUNED_SHARE_NOTE = 0.6   # an infeasible target says how little of the time can
 
 class InfeasibleTarget(SpdyError):
     def __init__(self, target: float, max_speedup: float, *, margin: float = 0.0, measured: float | None = None,
-                 pruned_share: float | None = None, table_note: str = ""):
+                 pruned_share: float | None = None, table_note: str = "", left_dense: str = ""):
         """`measured`: the end-to-end speedup of that fastest profile, when it was measured;
         `pruned_share`: the share of the dense model's time in the sites that can be pruned;
-        `table_note`: why the table itself may be wrong, when the refusal rests on it alone."""
+        `table_note`: why the table itself may be wrong, when the refusal rests on it alone;
+        `left_dense`: why nodes are left dense, named when the pruned share is the limit."""
         self.target = target
         self.max_speedup = max_speedup
         self.measured = measured
@@ -43,6 +44,8 @@ class InfeasibleTarget(SpdyError):
             text += (f". The prunable sites take {pruned_share:.0%} of the dense model's time on this engine: even "
                      f"with them removed entirely it could run at most {bound:.2f}x faster (the rest is ops that "
                      "are not pruned, such as recurrent layers, attention, normalisation, or sites left dense)")
+            if left_dense:
+                text += f". Left dense: {left_dense}"
         if measured is None and table_note:
             text += f". {table_note}"
         super().__init__(text)

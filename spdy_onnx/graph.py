@@ -326,8 +326,10 @@ def _chain_tensors(start: str, producers: dict, stop: str) -> list[str]:
 
 
 def select_sites(sites: list[Site], *, exclude: list[str] | None = None, include: list[str] | None = None,
-                 min_weights: int = DEFAULT_MIN_WEIGHTS) -> tuple[list[Site], dict[str, str]]:
-    """Apply default exclusions and the user's --exclude/--include patterns.
+                 min_weights: int = DEFAULT_MIN_WEIGHTS,
+                 unprunable: dict[str, str] | None = None) -> tuple[list[Site], dict[str, str]]:
+    """Apply default exclusions and the user's --exclude/--include patterns (`unprunable`: the nodes
+    find_sites left dense, named when a pattern matches only those).
 
     Defaults leave dense what rarely pays to prune: grouped/depthwise convs (tiny reductions, no sparse
     speedup, large accuracy loss) and sites with fewer than `min_weights` weights. --include overrides
@@ -369,7 +371,16 @@ def select_sites(sites: list[Site], *, exclude: list[str] | None = None, include
                     ", ".join(printable(n, 60) for n in both[:5]) + (" ..." if len(both) > 5 else ""))
     for pats, flag in ((excl, "--exclude"), (incl, "--include")):
         for p in pats:
-            if not any(s.name == p.pattern or p.fullmatch(s.name) or p.fullmatch(s.output) for s in sites):
+            if any(s.name == p.pattern or p.fullmatch(s.name) or p.fullmatch(s.output) for s in sites):
+                continue
+            dense = [(n, why) for n, why in (unprunable or {}).items() if n == p.pattern or p.fullmatch(n)]
+            if dense:
+                log.warning("%s pattern '%s' matches only node(s) that cannot be pruned: %d, such as '%s' (%s)",
+                            flag, p.pattern, len(dense), printable(dense[0][0], 80), dense[0][1])
+            elif p.pattern.startswith(".*") and p.pattern.endswith(".*"):
+                log.warning("%s pattern '%s' matches no site (Conv/Gemm/MatMul with a constant weight; "
+                            "`spdy-onnx sites MODEL` lists them)", flag, p.pattern)
+            else:
                 log.warning("%s pattern '%s' matches the whole name of no site (Conv/Gemm/MatMul with a "
                             "constant weight; `spdy-onnx sites MODEL` lists them); for a part of a name write "
                             "'.*%s.*'", flag, p.pattern, p.pattern)

@@ -494,7 +494,8 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 
 def input_specs(model: onnx.ModelProto, batch_size: int,
                 overrides: dict[str, tuple[int, ...]] | None = None,
-                stored: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+                stored: dict[str, tuple[int, ...]] | None = None, *, stored_from: str = "the calibration data",
+                data_hint: bool = True) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Concrete shape and dtype of every model input.
 
     The first dimension is the batch: it takes `batch_size`. Any other dynamic dimension must be given
@@ -542,7 +543,7 @@ def input_specs(model: onnx.ModelProto, batch_size: int,
             sample = _stored_sample_shape((stored or {}).get(value.name), dims)
             if missing and sample is not None:
                 dims = [dims[0]] + list(sample)
-                log.info("input '%s': dynamic dimensions taken from the calibration data: %s", shown,
+                log.info("input '%s': dynamic dimensions taken from %s: %s", shown, stored_from,
                          "x".join(map(str, sample)))
                 missing = []
             if missing:
@@ -562,8 +563,9 @@ def input_specs(model: onnx.ModelProto, batch_size: int,
     if dynamic:
         which = ", ".join(f"'{n}' ({pretty})" for n, pretty, _ in dynamic)
         raise SpdyError(f"input(s) {which} have dynamic dimensions; give them with "
-                        + " ".join(flag for _, _, flag in dynamic) + " (N: the length to optimise for), or give "
-                        "calibration data (--data), whose arrays' shapes are then used")
+                        + " ".join(flag for _, _, flag in dynamic) + " (N: the length to optimise for)"
+                        + (", or give calibration data (--data), whose arrays' shapes are then used"
+                           if data_hint else ""))
     return specs
 
 

@@ -356,3 +356,18 @@ def test_everything_excluded_is_refused_before_profiling(tmp_path, capsys, mlp_p
     monkeypatch.setattr(api, "latency_table", no_profiling)
     expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--exclude", ".*",
                  "--cache-dir", str(tmp_path / "c"), match="every prunable site is excluded")
+
+
+def test_sites_keeps_both_ends_of_long_node_names(tmp_path, capsys):
+    """Exporters' names share long prefixes: cut at 48 characters, every row of a layer read the same."""
+    from onnx import numpy_helper
+    prefix = "/m/albert/encoder/albert_layer_groups.0/albert_layers.0/attention"
+    inits = [numpy_helper.from_array(np.ones((16, 16), np.float32), w) for w in ("wq", "wk")]
+    p = _save(tmp_path, "long.onnx", [helper.make_node("MatMul", ["x", "wq"], ["h"], name=f"{prefix}/query/MatMul"),
+                                      helper.make_node("MatMul", ["h", "wk"], ["y"], name=f"{prefix}/key/MatMul")],
+              inits)
+    assert main(["sites", str(p), "--min-weights", "0"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "prunable" in line and "MatMul" in line]
+    assert len(rows) == 2 and rows[0] != rows[1]
+    assert all(row.startswith("/m/albert/") for row in rows)
+    assert "query/MatMul" in rows[0] and "key/MatMul" in rows[1]

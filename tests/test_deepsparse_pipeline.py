@@ -474,6 +474,14 @@ def test_dynamic_batch_model_with_input_shape(tmp_path, cache_dir):
     dims = out.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch" and dims[1].dim_param == "seq"
 
+    # benchmark takes the shapes the file was optimised for, for it and its baseline
+    c = api.benchmark(tmp_path / "o.onnx", baseline=path, cores=1, progress=False, runtime_options={"rounds": 3})
+    assert c.speedup > 0
+    # a dynamic model no file of ours describes: the error asks for --input-shape, not for --data,
+    # which benchmark does not take
+    with pytest.raises(api.SpdyError, match=r"--input-shape x:1xNx512 \(N: the length to optimise for\)$"):
+        api.benchmark(path, cores=1, progress=False, runtime_options={"rounds": 3})
+
 
 def test_sites_the_engine_fuses_are_recorded_and_tied(tmp_path, cache_dir):
     """DeepSparse runs a dense inverted-residual block as one kernel; the table records the block, and

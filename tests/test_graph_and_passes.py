@@ -70,6 +70,14 @@ def test_a_pattern_that_matches_only_part_of_a_name_is_named_with_the_fix(caplog
     with caplog.at_level("WARNING", logger="spdy_onnx"):
         chosen, _ = graph.select_sites(sites, include=[".*depth.*"])
     assert "depthwise" in {s.name for s in chosen} and caplog.text == ""
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spdy_onnx"):       # already a part-of-a-name pattern
+        graph.select_sites(sites, include=[".*nomatch.*"])
+    assert "matches no site" in caplog.text and ".*.*nomatch" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spdy_onnx"):       # only nodes left dense: say why they are
+        graph.select_sites(sites, include=[".*shared.*"], unprunable={"shared_mm": "weight 'w' is shared"})
+    assert "matches only node(s) that cannot be pruned: 1, such as 'shared_mm' (weight 'w' is shared)" in caplog.text
 
 
 def test_a_matmul_with_its_constant_first_is_listed_as_left_dense():

@@ -468,6 +468,21 @@ def test_a_refusal_says_how_little_of_the_time_can_be_pruned():
     assert "--batch-size" in str(InfeasibleTarget(1.3, 1.001, margin=0.02, pruned_share=0.9))
 
 
+def test_a_refusal_names_why_most_of_the_model_is_left_dense():
+    """ALBERT shares one layer's weights across all layers: every MatMul is left dense and the refusal
+    only said 'sites left dense' among generic causes. It now counts the reasons."""
+    from types import SimpleNamespace
+
+    from spdy_onnx.errors import InfeasibleTarget
+    excluded = {f"layer{i}/mm{j}": f"weight 'w{j}' is shared by several nodes: left dense"
+                for i in range(12) for j in range(6)}
+    excluded["head"] = "tiny (20 weights < 1000): left dense by default"
+    summary = api._left_dense_summary(SimpleNamespace(excluded=excluded))
+    assert summary.startswith("72 x weight 'w0' is shared by several nodes") and "1 x tiny (20 weights" in summary
+    text = str(InfeasibleTarget(1.5, 1.003, margin=0.02, pruned_share=0.01, left_dense=summary))
+    assert "take 1% of the dense model's time" in text and "Left dense: 72 x weight 'w0' is shared" in text
+
+
 def test_a_miss_on_a_coarse_grid_raises_the_aim_past_the_missed_profile(scripted, tmp_path):
     """Two sites: the profiles' predictions are far apart (1.61x, 1.67x, 2x ...). The first profile,
     predicted well above the aim, measures 12% under its prediction and misses. Raising the aim from the
