@@ -172,25 +172,40 @@ class Prepared:
         self.workdir = make_workdir()
         self._static_paths: dict[str, Path] = {}
         self._calibration_model = None
-        self._check_batch_size()
+        if not self._check_batch_size() and input_shapes:
+            self._check_input_shapes()
 
-    def _check_batch_size(self) -> None:
-        """A model exported at one batch often has that batch baked into its graph (a Reshape or Concat
-        to fixed shapes), even behind a dynamic batch axis: at another --batch-size it fails deep inside
-        an engine (DeepSparse's compiler can abort the process). Run it once in onnxruntime at the run's
-        batch first, so the error names the cause."""
-        exported = modelio.fixed_batch(self.model)
-        if exported == self.batch_size or (exported is None and self.batch_size == 1):
-            return
+    def _check_input_shapes(self) -> None:
+        """Shapes from --input-shape that disagree with each other (ids of 64 tokens, a mask of 48) made
+        the engine fail with a shape inference error deep in the graph: run the model once in
+        onnxruntime first, so the error names the flags."""
         from spdy_onnx.ort_session import run_error
         why = run_error(self.dense_static(), modelio.example_inputs(self.specs))
         if why is not None:
             self.close()
-            at = f"was exported at batch {exported}, and" if exported is not None else "has a dynamic batch axis, but"
-            back = exported if exported is not None else 1
-            raise SpdyError(f"{self.path.name} {at} at --batch-size {self.batch_size} onnxruntime cannot run it "
-                            f"({why}). Its graph may have the batch size baked in (a Reshape or Concat to fixed "
-                            f"shapes): export it with a batch axis the graph follows, or use --batch-size {back}")
+            shapes = " ".join(f"{k}:{'x'.join(map(str, v[0]))}" for k, v in self.specs.items())
+            raise SpdyError(f"{self.path.name} cannot run at the input shapes of this run ({shapes}; from "
+                            f"--input-shape and the model): onnxruntime says {why}. Check that the shapes "
+                            "agree with each other (the same length for every token input)")
+
+    def _check_batch_size(self) -> bool:
+        """A model exported at one batch often has that batch baked into its graph (a Reshape or Concat
+        to fixed shapes), even behind a dynamic batch axis: at another --batch-size it fails deep inside
+        an engine (DeepSparse's compiler can abort the process). Run it once in onnxruntime at the run's
+        batch first, so the error names the cause. Returns whether it ran the model."""
+        exported = modelio.fixed_batch(self.model)
+        if exported == self.batch_size or (exported is None and self.batch_size == 1):
+            return False
+        from spdy_onnx.ort_session import run_error
+        why = run_error(self.dense_static(), modelio.example_inputs(self.specs))
+        if why is None:
+            return True
+        self.close()
+        at = f"was exported at batch {exported}, and" if exported is not None else "has a dynamic batch axis, but"
+        back = exported if exported is not None else 1
+        raise SpdyError(f"{self.path.name} {at} at --batch-size {self.batch_size} onnxruntime cannot run it "
+                        f"({why}). Its graph may have the batch size baked in (a Reshape or Concat to fixed "
+                        f"shapes): export it with a batch axis the graph follows, or use --batch-size {back}")
 
     def static_copy(self, model, tag: str) -> Path:
         """Our own file with concrete input shapes: engines compile it (and may rewrite it)."""

@@ -371,3 +371,22 @@ def test_sites_keeps_both_ends_of_long_node_names(tmp_path, capsys):
     assert len(rows) == 2 and rows[0] != rows[1]
     assert all(row.startswith("/m/albert/") for row in rows)
     assert "query/MatMul" in rows[0] and "key/MatMul" in rows[1]
+
+
+def test_input_shapes_that_disagree_with_each_other_are_named(tmp_path, capsys):
+    """Ids of 8 tokens and a mask of 6: DeepSparse failed with a shape inference error deep in the graph."""
+    from onnx import numpy_helper
+    w = numpy_helper.from_array(np.ones((16, 16), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Add", ["x", "m"], ["h"]),
+                           helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", 16]),
+                           helper.make_tensor_value_info("m", TensorProto.FLOAT, [1, "n", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n", 16])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    p = tmp_path / "two.onnx"
+    onnx.save(m, p)
+    err = expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", "--min-weights", "0",
+                       "--input-shape", "x:1x8x16", "--input-shape", "m:1x6x16",
+                       match="cannot run at the input shapes of this run (x:1x8x16 m:1x6x16;")
+    assert "agree with each other" in err
