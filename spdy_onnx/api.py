@@ -853,6 +853,9 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     if fastest is not None:
         rep["fastest_profile_measured_speedup"] = fastest
     rep["warnings"] = _noise_warnings(table, comparison) + loaded_warning + _quality_warnings(quality)
+    if met and measured < target:
+        rep["warnings"].append(f"the measured speedup {measured:.3f}x is under the target {target:g}x: accepted "
+                               f"because --margin {margin:g} allows a shortfall")
     if status != "missed" and comparison is not None:
         t0 = time.perf_counter()
         rep["engine_outputs"], wrong = engine_check.check(prep.dense_static(), prep.static_copy(pruned, "written"),
@@ -965,10 +968,14 @@ FAR_LOSS = {"mse": 0.5, "kl": 1.0, "kl-probs": 1.0}
 
 
 def _quality_warnings(quality: dict) -> list[str]:
-    """Meeting the speed is not enough to be worth deploying: say when the outputs are mostly gone."""
+    """Meeting the speed is not enough to be worth deploying: say when the outputs are mostly gone, and
+    when the global correction, which protects them, could not run."""
     value, kinds = quality.get("calibration_loss"), quality.get("loss")
+    skipped = quality.get("global_correction_skipped")
+    skipped = [f"the global correction was skipped ({skipped}): the reconstructed weights were written as "
+               "they are, with less accuracy"] if skipped else []
     if value is None or not kinds:
-        return []
+        return skipped
     # one head lost among several that are kept is hidden by the mean: each output is judged alone
     per_output = quality.get("calibration_loss_per_output")
     judged = (zip(per_output.items(), kinds.split("+")) if per_output else [(("", value), kinds)])
@@ -980,7 +987,7 @@ def _quality_warnings(quality: dict) -> list[str]:
             out.append(f"the written file's {which} far from the dense model's on the calibration data "
                        f"({kind} {loss:.3g}, at or past {limit:g}): at this target the model may be unusable; "
                        "check its accuracy before deploying it, or ask for less speed")
-    return out
+    return skipped + out
 
 
 def _noise_warnings(table, comparison) -> list[str]:

@@ -171,7 +171,7 @@ def _print_optimize(rep: dict):
     print(f"{'site':40s} {'op':7s} {'sparsity':>8s} {'dense ms':>9s} {'chosen ms':>9s}")
     for s in rep["sites"]:
         note = "  (dense: " + s["excluded"] + ")" if s.get("excluded") else ""
-        print(f"{s['name'][:40]:40s} {s['op_type']:7s} {s['sparsity']:8.3f} {_fmt(s['dense_ms'], '9.3f'):>9s} "
+        print(f"{_fit(s['name'], 40):40s} {s['op_type']:7s} {s['sparsity']:8.3f} {_fmt(s['dense_ms'], '9.3f'):>9s} "
               f"{_fmt(s['ms_at_chosen'], '9.3f'):>9s}{note[:80]}")
     print()
     print(f"target {rep['target']:g}x | predicted {rep['predicted_speedup']:.3f}x | "
@@ -180,10 +180,12 @@ def _print_optimize(rep: dict):
     q = rep.get("quality") or {}
     if "calibration_loss" in q:
         before = q.get("calibration_loss_before_correction")
-        extra = f" (database weights {before:.5f}, before the correction)" if before is not None else ""
+        extra = f" (database weights {before:.4g}, before the correction)" if before is not None else ""
         if before is not None and (q.get("global_correction") or {}).get("best_epoch") == 0:
             extra = " (the database weights: the global correction kept no epoch)"
-        print(f"calibration {q.get('loss')} vs dense: {q['calibration_loss']:.5f}{extra}")
+        if q.get("global_correction_skipped"):
+            extra = " (the global correction was skipped: see the warning)"
+        print(f"calibration {q.get('loss')} vs dense: {q['calibration_loss']:.4g}{extra}")
         per_output = q.get("calibration_loss_per_output") or {}
         if per_output:
             from spdy_onnx.modelio import printable
@@ -197,7 +199,10 @@ def _print_optimize(rep: dict):
         print(f"tied {len(group)} sites from {group[0]}: the engine ran them as one kernel in a draft")
     for warning in rep.get("warnings", []):
         print(f"warning: {warning}")
-    if rep["status"] == "met":
+    if rep["status"] == "met" and rep["measured_speedup"] is not None and rep["measured_speedup"] < rep["target"]:
+        print(f"target NOT reached, accepted as --margin {rep['margin']:g} allows: measured "
+              f"{rep['measured_speedup']:.3f}x for {rep['target']:g}x; wrote {rep['output']} (report {rep['report_path']})")
+    elif rep["status"] == "met":
         print(f"target met: wrote {rep['output']} (report {rep['report_path']})")
     elif rep["status"] == "not_measured":
         print(f"wrote {rep['output']}, but the speedup was NOT measured on this machine ({rep['runtime']} "

@@ -199,6 +199,7 @@ def test_a_graph_the_executor_cannot_run_skips_the_correction_not_the_run(mlp_se
     assert rep["status"] == "not_measured" and (tmp_path / "o.onnx").exists()
     assert "global correction is skipped" in caplog.text and "Frobnicate" in caplog.text
     assert "Frobnicate" in rep["quality"]["global_correction_skipped"]
+    assert any("global correction was skipped" in w and "Frobnicate" in w for w in rep["warnings"])
     assert "global_correction" not in rep["quality"]
     plain = _optimize(path, data, table_path, tmp_path / "p.onnx", correct_epochs=0)
     a, b = _inits(tmp_path / "o.onnx"), _inits(tmp_path / "p.onnx")

@@ -184,11 +184,17 @@ def test_standing_measurements_take_the_pooled_figure_once_per_attempt():
     assert [(a["attempt"], v) for a, v in got] == [(1, 2.00), (3, 2.05)]
 
 
-def test_margin_is_honoured(scripted, model_path, tmp_path):
+def test_margin_is_honoured(scripted, model_path, tmp_path, capsys):
     scripted.efficiency = 0.97
     kw = dict(runtime="scripted", cache_dir=tmp_path / "c", progress=False, max_attempts=1)
     rep = api.optimize(model_path, target=2.0, output=tmp_path / "o.onnx", margin=-0.05, **kw)
     assert rep["status"] == "met" and 1.9 <= rep["measured_speedup"] < 2.0
+    assert any("is under the target 2x: accepted because --margin -0.05" in w for w in rep["warnings"])
+    # the console does not say "target met" for it
+    code = main(["optimize", str(model_path), "--target", "2x", "--runtime", "scripted", "--margin", "-0.05",
+                 "--max-attempts", "1", "-q", "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "q.onnx")])
+    out = capsys.readouterr().out
+    assert code == 0 and "target met" not in out and "target NOT reached, accepted as --margin -0.05 allows" in out
     with pytest.raises(TargetMissed) as missed:  # the same measurement without the margin is a miss
         api.optimize(model_path, target=2.0, output=tmp_path / "p.onnx", margin=0.0, **kw)
     # one attempt, far below the table's fastest profile: the engine's limit is not known, so not claimed
