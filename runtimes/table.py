@@ -21,6 +21,10 @@ class TableRuntime:
         return {"engine": "table"}
 
     def measure(self, model_path, sites, **_ignored) -> LatencyTable:
+        if self.table is None:
+            from spdy_onnx.errors import SpdyError
+            raise SpdyError("--runtime table replays a saved latency table and measures nothing: give the table "
+                            "with --latency-table TABLE.json (written by `spdy-onnx profile`)")
         return self.table
 
     def compare(self, baseline_path, candidate_path, **_ignored):

@@ -246,6 +246,12 @@ class Prepared:
 def _check_table_shapes(prep: Prepared, table: LatencyTable, path) -> None:
     """Layer times depend on the batch and the input shapes: a table measured at others predicts
     nothing about this run."""
+    name = prep.runtime.name
+    if name != "table" and table.runtime not in (name, "table") or table.pattern != getattr(prep.runtime, "pattern",
+                                                                                              table.pattern):
+        raise SpdyError(f"the latency table {path} was measured on {table.runtime} ({table.pattern} sparsity), this "
+                        f"run is on {name} ({getattr(prep.runtime, 'pattern', '?')}): its times predict nothing "
+                        f"here; use --runtime {table.runtime}, or profile on {name}")
     batch, shapes = table.meta.get("batch_size"), table.meta.get("input_shapes")
     if batch is not None and int(batch) != prep.batch_size:
         raise SpdyError(f"the latency table {path} was measured at batch {batch}, this run is at batch "

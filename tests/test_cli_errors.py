@@ -390,3 +390,20 @@ def test_input_shapes_that_disagree_with_each_other_are_named(tmp_path, capsys):
                        "--input-shape", "x:1x8x16", "--input-shape", "m:1x6x16",
                        match="cannot run at the input shapes of this run (x:1x8x16 m:1x6x16;")
     assert "agree with each other" in err
+
+
+def test_runtime_table_without_a_table_and_a_table_of_another_engine_are_errors(tmp_path, capsys, mlp_path):
+    """`--runtime table` alone crashed with a traceback; a DeepSparse table given to the 2:4 runtime was
+    used, and a file of unstructured zeros was written as if for 2:4 kernels."""
+    for command in ("optimize", "profile"):
+        extra = ["--target", "2x"] if command == "optimize" else []
+        expect_error(capsys, tmp_path, command, str(mlp_path), *extra, "--runtime", "table",
+                     match="--runtime table replays a saved latency table and measures nothing")
+    from spdy_onnx import graph
+    sites, _ = graph.find_sites(onnx.load(mlp_path))
+    table = LatencyTable(levels=[0.0, 0.5, 0.9], times={s.name: [1.0, 0.7, 0.3] for s in sites},
+                         dense_total_ms=2.5, runtime="deepsparse", meta={"cores": 1})
+    table_path = table.save(tmp_path / "t.json")
+    expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "1.3x", "--runtime", "cuda-2:4",
+                 "--latency-table", str(table_path), "--min-weights", "0",
+                 match="was measured on deepsparse (unstructured sparsity), this run is on cuda-2:4 (2:4)")
