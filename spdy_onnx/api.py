@@ -287,16 +287,21 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     key = cache.cache_key(**parts)
     path = Path(cache_dir or cache.default_cache_dir()) / "tables" / f"{key}.json"
     feeds = feeds if feeds is not None else modelio.example_inputs(prep.specs)
+    partial = path.with_suffix(".partial.jsonl")
+    fresh = not use_cache   # a killed profiling's journal is resumed only when the cache may be used
     if use_cache:
         table = cache.load_cached(path, LatencyTable.load)
         if table is not None and _still_current(prep, table, feeds):
             log.info("latency table from cache %s", path)
             table.cache_path = path
             return table
+        fresh = table is not None   # stale: the machine has changed since, and so have the journal's runs
+    if fresh and partial.exists():
+        log.info("discarding the journal of an interrupted profiling (%s): this run measures afresh", partial)
+        partial.unlink(missing_ok=True)
     aliases = graph.output_aliases(prep.model, prep.all_sites)
     log.info("profiling %d sites at %d levels on %s", len(prep.all_sites), len(level_list), prep.runtime.name)
     t0 = time.perf_counter()
-    partial = path.with_suffix(".partial.jsonl")
     table = prep.runtime.measure(str(prep.dense_static()), prep.all_sites, levels=level_list,
                                  batch_size=prep.batch_size, feeds=feeds, aliases=aliases, checkpoint=partial)
     total_ms = getattr(prep.runtime, "dense_check_ms", None)

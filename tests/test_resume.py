@@ -44,6 +44,16 @@ def test_profiling_resumes_from_journal(tmp_path, monkeypatch):
     assert set(table.times) == {"matmul_0", "matmul_1"}
     assert not list((tmp_path / "c" / "tables").glob("*.partial.jsonl"))
 
+    # --no-cache measures everything afresh, even where a killed profiling left a journal
+    monkeypatch.undo()
+    _kill_after(monkeypatch, DeepSparseRuntime, "_analyse_engine", 4)
+    with pytest.raises(Killed):
+        api.profile(path, output=tmp_path / "t2.json", use_cache=False, **kw)
+    monkeypatch.undo()
+    calls = _kill_after(monkeypatch, DeepSparseRuntime, "_analyse_engine", 100)
+    api.profile(path, output=tmp_path / "t2.json", use_cache=False, **kw)
+    assert len(calls) == 2 * 3              # every run again
+
 
 def _table_setup(tmp_path, depth=4):
     """A small MLP, 8 calibration samples, a replayed table, and optimize's arguments for them."""
