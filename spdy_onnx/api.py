@@ -143,6 +143,11 @@ class Prepared:
                  shapes=None, shapes_from: str = ""):
         self.path = Path(model_path)
         self.model = graph.constants_to_initializers(modelio.load_model(self.path))
+        if batch_size is None:   # not given: the batch the model's inputs fix, else 1
+            batch_size = modelio.fixed_batch(self.model) or 1
+            if batch_size > 1:
+                log.info("batch size %d: the batch %s's inputs fix (-b to choose another)", batch_size,
+                         self.path.name)
         if batch_size < 1:
             raise SpdyError(f"batch size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -467,7 +472,7 @@ def _restrict_to_table(prep: Prepared, table: LatencyTable) -> list:
     return kept
 
 
-def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, report=None, batch_size: int = 1,
+def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, report=None, batch_size: int | None = None,
              cores: int | None = None, input_shapes=None, levels=None, exclude=None, include=None,
              min_weights: int = graph.DEFAULT_MIN_WEIGHTS, latency_table=None, cache_dir=None,
              use_cache: bool = True, strategy: str = "spdy", data=None, samples: int | None = None,
@@ -1064,7 +1069,7 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
     }
 
 
-def profile(model_path, *, runtime="deepsparse", output=None, batch_size=1, cores=None, input_shapes=None,
+def profile(model_path, *, runtime="deepsparse", output=None, batch_size=None, cores=None, input_shapes=None,
             levels=None, cache_dir=None, use_cache=True, progress=True, runtime_options=None,
             level_context: bool = False) -> tuple[LatencyTable, Path]:
     """Measure (or fetch from cache) the latency table of every prunable site and save it as JSON."""
@@ -1086,7 +1091,7 @@ def profile(model_path, *, runtime="deepsparse", output=None, batch_size=1, core
         prep.close()
 
 
-def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=1, cores=None, input_shapes=None,
+def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=None, cores=None, input_shapes=None,
               progress=True, runtime_options=None):
     """End-to-end interleaved timing of a model against a baseline on the same engine and settings.
 
@@ -1106,7 +1111,7 @@ def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=1, 
     base = None
     try:
         if baseline:
-            base = Prepared(baseline, runtime=runtime, batch_size=batch_size, cores=cores,
+            base = Prepared(baseline, runtime=runtime, batch_size=cand.batch_size, cores=cores,
                             input_shapes=input_shapes, exclude=None, include=None, min_weights=0,
                             progress=progress, runtime_options=runtime_options, **shaped)
             if {k: v for k, v in base.specs.items()} != {k: v for k, v in cand.specs.items()}:
@@ -1121,7 +1126,7 @@ def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=1, 
                                           names=("the baseline", "the model"))
         if base is not None:
             wrong = _different_networks(base, cand) + list(wrong)
-        comparison.extra.update(engine_outputs=check, warnings=wrong)
+        comparison.extra.update(engine_outputs=check, warnings=wrong, batch_size=cand.batch_size)
         return comparison
     finally:
         cand.close()

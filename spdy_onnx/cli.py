@@ -16,8 +16,9 @@ EXIT_MISSED = 3
 def _common(p: argparse.ArgumentParser, *, runtime_default="deepsparse"):
     p.add_argument("--runtime", default=runtime_default,
                    help="engine to measure on: deepsparse | cuda-2:4 | table (default: %(default)s)")
-    p.add_argument("-b", "--batch-size", type=int, default=1,
-                   help=f"batch size to {'measure at' if p.prog.endswith('benchmark') else 'optimise for'} (default: 1)")
+    p.add_argument("-b", "--batch-size", type=int, default=None,
+                   help=f"batch size to {'measure at' if p.prog.endswith('benchmark') else 'optimise for'} "
+                        "(default: the batch the model's inputs fix, else 1)")
     p.add_argument("--cores", type=int, default=None, help="CPU cores the engine may use (default: all)")
     p.add_argument("--input-shape", action="append", metavar="NAME:D0xD1x...",
                    help="concrete shape for an input with dynamic dimensions (repeatable, one per "
@@ -321,7 +322,7 @@ def _run(args) -> int:
                 print(f"speedup {c.speedup:.3f}x (ratio of the median times; per-round ratios p25 "
                       f"{c.ratio_p25:.3f}, p75 {c.ratio_p75:.3f}); "
                       f"{c.rounds} interleaved rounds x {c.iterations_per_round} runs; "
-                      f"batch {args.batch_size}, cores {c.extra.get('cores')}")
+                      f"batch {c.extra.get('batch_size')}, cores {c.extra.get('cores')}")
             if c.foreign_load_cores > 0.5:
                 print(f"warning: other processes used {c.foreign_load_cores:.1f} cores meanwhile")
             for warning in c.extra.get("warnings", []):

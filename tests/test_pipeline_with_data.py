@@ -150,6 +150,21 @@ def test_samples_under_the_batch_size_is_an_error_not_a_traceback(tmp_path, caps
     assert not out.exists()
 
 
+def test_a_model_exported_at_a_fixed_batch_runs_at_it_unless_told_otherwise(tmp_path):
+    """Inputs fixed at batch 4 were profiled and calibrated at batch 1 without a word, and a model
+    exported at batch 64 was refused because sparsity did not pay at batch 1."""
+    model = tiny.mlp(width=64, depth=2, seq=8, batch=4)
+    path = tmp_path / "b4.onnx"
+    onnx.save(model, path)
+    sites, _ = graph.find_sites(model)
+    table = LatencyTable(levels=LEVELS, times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
+                         dense_total_ms=2.5, runtime="table", meta={"cores": 1})
+    table_path = table.save(tmp_path / "table.json")
+    kw = dict(target=1.5, runtime="table", latency_table=table_path, progress=False, cache_dir=tmp_path / "c")
+    assert api.optimize(path, output=tmp_path / "a.onnx", **kw)["batch_size"] == 4
+    assert api.optimize(path, output=tmp_path / "b.onnx", batch_size=1, **kw)["batch_size"] == 1
+
+
 def test_dynamic_dimensions_come_from_the_calibration_data(tmp_path):
     """A model with a dynamic sequence axis and --data but no --input-shape: the data's shapes are the
     shapes to optimise for, instead of an error asking for what the data already says."""
