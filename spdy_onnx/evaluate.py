@@ -77,7 +77,7 @@ def normalised_mse(ref: np.ndarray, out: np.ndarray, scale: float | None = None)
 
 
 def centred_scale(refs: list[np.ndarray]) -> float | None:
-    """The per-sample energy of a (batch,) or (batch, k) output around its mean over the calibration
+    """The per-sample energy of a (batch,) or (batch, k) output (or one bounded to [0, 1]) around its mean over the calibration
     samples, or None when it does not vary. Normalised by this, an output with an offset (a sigmoid's
     boxes near 0.5, a regression around 3) that loses what each sample says scores about 1; over its
     raw energy, mostly the offset, it scored 0.01-0.15 and looked fine."""
@@ -360,9 +360,11 @@ class Evaluator:
                                        class_axis(model, name, ref.ndim))
                            for ref, name in zip(self.reference[0], self.outputs)]
         self.loss_name = "+".join(self.loss_names)   # one name per compared output, e.g. kl+kl
-        # an MSE on per-sample values (batch,) or (batch, k) is normalised by their spread around the
+        # an MSE on per-sample values (batch,) or (batch, k), or on values bounded to [0, 1] like a
+        # sigmoid's (a detector's (batch, anchors, 4) boxes), is normalised by their spread around the
         # mean, not by their energy: an offset must not hide a head that lost every sample's value
-        self.scales = [centred_scale([r[i] for r in self.reference]) if kind == "mse" and ref.ndim <= 2 else None
+        self.scales = [centred_scale([r[i] for r in self.reference])
+                       if kind == "mse" and (ref.ndim <= 2 or _unit_interval(ref)) else None
                        for i, (kind, ref) in enumerate(zip(self.loss_names, self.reference[0]))]
         self._memo: dict[tuple, float] = {}
         # evaluations of earlier (possibly killed) runs on the same model, data and database

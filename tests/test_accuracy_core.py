@@ -558,6 +558,33 @@ def test_the_evaluator_centres_per_sample_outputs_only():
     assert centred_scale(pooled) > 0
 
 
+def test_bounded_outputs_of_any_rank_are_centred_too():
+    """A detector's (batch, anchors, 4) sigmoid boxes sit near 0.5: over their energy, boxes that lost
+    85% of what each sample says scored 2.6e-07 and looked untouched."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from spdy_onnx.evaluate import combined_loss
+    rng = np.random.default_rng(4)
+    w = numpy_helper.from_array((rng.standard_normal((32, 16)) / 60).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"], name="box_head"),
+             helper.make_node("Sigmoid", ["z"], ["boxes"])]
+    g = helper.make_graph(nodes, "det", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 32])],
+                          [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, 16])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    data = {"x": rng.standard_normal((8, 4, 32)).astype(np.float32)}
+    sites, _ = graph.find_sites(model)
+    db = MagnitudeDatabase(sites, graph.read_weights(model, sites), [0.0, 0.5, 0.9])
+    ev = Evaluator(model, sites, db, data, specs={"x": ((1, 4, 32), np.dtype(np.float32))}, eval_samples=8)
+    assert ev.loss_names == ["mse"] and ev.scales[0] is not None
+    # every sample's boxes collapsed to the offset: about 1 with the spread, nothing over the energy
+    refs = [r[0] for r in ev.reference]
+    flat = [np.full_like(r, 0.5) for r in refs]
+    centred = np.mean([combined_loss(["mse"], [r], [f], None, ev.scales) for r, f in zip(refs, flat)])
+    raw = np.mean([combined_loss(["mse"], [r], [f], None, [None]) for r, f in zip(refs, flat)])
+    assert raw < 0.01 and centred > 0.5
+
+
 def test_segmentation_scores_are_compared_per_pixel_over_their_classes():
     """(N, classes, H, W) logits: KL over axis 1, per pixel. Over the last axis (the width) a change that
     flips most pixels' classes, the same along each row, was invisible."""
