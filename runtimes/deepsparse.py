@@ -172,16 +172,19 @@ class DeepSparseRuntime:
                             f"up to opset {MAX_ML_OPSET}")
 
     def native_graph(self, model):
-        """LayerNormalization (opset 17+) written as primitive ops: DeepSparse hands that op to
-        onnxruntime, which splits the engine's graph at every normalisation (passes/decompose.py).
+        """LayerNormalization (opset 17+) and HardSwish (opset 14+) written as primitive ops: DeepSparse
+        hands LayerNormalization to onnxruntime, which splits the engine's graph at every normalisation,
+        and runs none of a graph with HardSwish itself (passes/decompose.py).
         Opset imports that no node uses are dropped: DeepSparse refuses some (passes/opsets.py)."""
-        from spdy_onnx.passes.decompose import decompose_layernorm
+        from spdy_onnx.passes.decompose import decompose_hardswish, decompose_layernorm
         from spdy_onnx.passes.opsets import drop_unused_opset_imports
-        model, count = decompose_layernorm(model)
+        model, layernorms = decompose_layernorm(model)
+        model, hardswishes = decompose_hardswish(model)
         model, dropped = drop_unused_opset_imports(model)
         if dropped:
             log.info("opset imports no node uses dropped: %s", ", ".join(dropped))
-        return model, ({"LayerNormalization": count} if count else {})
+        counts = {"LayerNormalization": layernorms, "HardSwish": hardswishes}
+        return model, {op: n for op, n in counts.items() if n}
 
     def fingerprint(self) -> dict:
         return {"engine": "deepsparse", "version": deepsparse.__version__, "cpu": cpu_name(),
