@@ -10,3 +10,14 @@ __version__ = "0.1.0"
 from spdy_onnx.errors import SpdyError, InfeasibleTarget, TargetMissed  # noqa: E402
 
 __all__ = ["SpdyError", "InfeasibleTarget", "TargetMissed", "__version__"]
+
+_API = ("optimize", "profile", "benchmark")
+__all__ += list(_API)
+
+
+def __getattr__(name):
+    """`spdy_onnx.optimize` and friends, imported on first use: `import spdy_onnx` stays light."""
+    if name in _API:
+        from spdy_onnx import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'spdy_onnx' has no attribute '{name}'")

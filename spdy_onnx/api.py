@@ -481,7 +481,10 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
              correct_epochs: int = DEFAULT_CORRECT_EPOCHS, correct_budget=None, progress: bool = True,
              runtime_options: dict | None = None, search_prior: str = "auto", level_context: bool = False,
              validation_data=None) -> dict:
-    """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report."""
+    """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report.
+
+    Keywords mirror `spdy-onnx optimize`'s flags; `data` and `validation_data` are an .npz file, a folder
+    of them, or {input name: array with samples first}."""
     t_start = time.perf_counter()
     target = parse_target(target)
     model_path = Path(model_path)
@@ -497,7 +500,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     # the other files the user gave are inputs too: none may be replaced by what this run writes
     for given, flag in ((data, "--data"), (validation_data, "--validation-data"), (latency_table, "--latency-table")):
         for path, what in ((output, "output"), (report_path, "report")):
-            if given is not None and _same_file(Path(given), path):
+            if given is not None and not isinstance(given, dict) and _same_file(Path(given), path):
                 raise SpdyError(f"the {what} path is the {flag} file; refusing to overwrite it (choose another "
                                 f"{'-o' if what == 'output' else '--report'})")
     for path, what in ((output, "output"), (report_path, "report")):

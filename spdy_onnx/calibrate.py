@@ -33,6 +33,8 @@ def sample_shapes(path) -> dict[str, tuple[int, ...]]:
     """{array name: shape} as stored, read from the .npy headers without loading the arrays (of the
     first file, for a folder); {} when the path cannot be read: load_data gives the error later."""
     import zipfile
+    if isinstance(path, dict):   # the arrays themselves
+        return {k: tuple(np.shape(v)) for k, v in path.items()}
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.npz"))
@@ -59,7 +61,11 @@ def load_data(path, specs: dict, *, samples: int | None = None, what: str = "cal
               defaults: set | None = None, index_rows: dict | None = None) -> dict[str, np.ndarray]:
     """Arrays keyed by model input, first axis = samples, checked against the model's inputs.
 
-    `what` names the data in errors (calibration, validation)."""
+    `what` names the data in errors (calibration, validation). `path` may also be the arrays themselves,
+    {input name: array with samples first}, from the Python API."""
+    if isinstance(path, dict):
+        return check_data(path, specs, samples=samples, source="(arrays given)", what=what, defaults=defaults,
+                          index_rows=index_rows)
     path = Path(path)
     if samples is not None and samples < 1:
         raise SpdyError(f"--samples must be >= 1, got {samples}")

@@ -77,6 +77,23 @@ def test_obs_beats_magnitude_reconstruction_on_calibration_loss(setup, tmp_path)
     assert obs["quality"]["calibration_loss"] < mag["quality"]["calibration_loss"]
 
 
+def test_the_python_api_takes_arrays_and_is_exported_by_the_package(setup, tmp_path):
+    """`spdy_onnx.optimize(..., data={"x": array})`: a raw TypeError before; and `spdy_onnx` did not
+    export optimize at all."""
+    import spdy_onnx
+    path, data, table_path = setup
+    arrays = dict(np.load(data))
+    by_array = spdy_onnx.optimize(path, target=2.0, runtime="table", latency_table=table_path, data=arrays,
+                                  output=tmp_path / "a.onnx", progress=False, cache_dir=tmp_path / "c",
+                                  search_budget="40", seed=2)
+    by_file = run(path, data, table_path, tmp_path / "b.onnx", search_budget="40", seed=2)
+    assert by_array["quality"]["calibration_loss"] == pytest.approx(by_file["quality"]["calibration_loss"])
+    with pytest.raises(spdy_onnx.SpdyError, match="lacks model input"):
+        spdy_onnx.optimize(path, target=2.0, runtime="table", latency_table=table_path, output=tmp_path / "c.onnx",
+                           data={"y": arrays["x"]}, progress=False, cache_dir=tmp_path / "c")
+    assert spdy_onnx.profile is api.profile and spdy_onnx.benchmark is api.benchmark
+
+
 def test_bad_calibration_data_writes_nothing(setup, tmp_path, capsys):
     path, data, table_path = setup
     bad = tmp_path / "bad.npz"
