@@ -135,6 +135,16 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _check_cores(cores) -> None:
+    """More cores than the process may use oversubscribes them (a 1-core model ran 20x slower at
+    --cores 99 on 2 cores); none is an engine error that names a temporary file."""
+    if cores is None:
+        return
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores < 1 or cores > available:
+        raise SpdyError(f"--cores must be between 1 and the {available} core(s) this process may use, got {cores}")
+
+
 class Prepared:
     """Everything the stages share: the model, its inputs, its sites, and the runtime."""
 
@@ -151,6 +161,7 @@ class Prepared:
         if batch_size < 1:
             raise SpdyError(f"batch size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
+        _check_cores(cores)
         self.runtime = get_runtime(runtime, cores=cores, progress=progress, **(runtime_options or {}))
         self.runtime.check_model(self.model)
         self.rewrites: dict[str, int] = {}

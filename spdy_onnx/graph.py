@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
 # ops with a constant weight that are listed as left dense, so that none is silently absent
-UNPRUNED_WEIGHT_OPS = ("ConvTranspose", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
+UNPRUNED_WEIGHT_OPS = ("ConvTranspose", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "Einsum")
 PASS_THROUGH_OPS = ("Transpose", "Cast", "Identity")
 DEFAULT_MIN_WEIGHTS = 4096
 
@@ -196,7 +196,7 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
     sites: list[Site] = []
     unprunable: dict[str, str] = {}
     for node, name in zip(model.graph.node, names):
-        if node.op_type in UNPRUNED_WEIGHT_OPS and len(node.input) >= 2 and node.input[1] in inits:
+        if node.op_type in UNPRUNED_WEIGHT_OPS and any(i in inits for i in node.input[:2]):
             unprunable[name] = f"{node.op_type} is not pruned (only Conv, Gemm and MatMul are): left dense"
             continue
         if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
@@ -225,8 +225,9 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
             elif stopped_at is not None and stopped_at.input and stopped_at.input[0] in inits:
                 unprunable[name] = (f"the weight comes through a {stopped_at.op_type} of initializer "
                                     f"'{printable(stopped_at.input[0], 60)}', which is not followed: left dense")
-            elif node.op_type == "MatMul" and node.input[0] in inits:
-                unprunable[name] = "the constant is the first input (W @ x): only x @ W is pruned; left dense"
+            elif node.op_type in ("MatMul", "Gemm") and node.input[0] in inits:
+                unprunable[name] = (f"the constant is the first input ({node.op_type} of W and x): only x @ W "
+                                    "is pruned; left dense")
             continue
         init = inits[tensor]
         if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):

@@ -407,3 +407,9 @@ def test_runtime_table_without_a_table_and_a_table_of_another_engine_are_errors(
     expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "1.3x", "--runtime", "cuda-2:4",
                  "--latency-table", str(table_path), "--min-weights", "0",
                  match="was measured on deepsparse (unstructured sparsity), this run is on cuda-2:4 (2:4)")
+
+
+@pytest.mark.parametrize("cores", ["0", "-1", "4096"])
+def test_cores_outside_what_the_process_may_use_is_an_error(tmp_path, capsys, mlp_path, cores):
+    for command in (["optimize", str(mlp_path), "--target", "2x"], ["benchmark", str(mlp_path)]):
+        expect_error(capsys, tmp_path, *command, "--cores", cores, match="--cores must be between 1 and the")

@@ -87,7 +87,20 @@ def test_a_matmul_with_its_constant_first_is_listed_as_left_dense():
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 4])], [w])
     sites, unprunable = graph.find_sites(helper.make_model(g))
-    assert sites == [] and "W @ x" in unprunable["wx"]
+    assert sites == [] and "first input (MatMul of W and x)" in unprunable["wx"]
+
+
+def test_a_gemm_with_its_constant_first_and_an_einsum_are_listed_as_left_dense():
+    """`sites` printed '0 prunable, 0 left dense' for both, with no reason."""
+    from onnx import TensorProto, helper
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 8], np.ones(64, dtype=np.float32))
+    nodes = [helper.make_node("Gemm", ["w", "x"], ["h"], name="wx_gemm"),
+             helper.make_node("Einsum", ["h", "w"], ["y"], name="ein", equation="ij,jk->ik")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 8])], [w])
+    sites, unprunable = graph.find_sites(helper.make_model(g))
+    assert sites == [] and "first input (Gemm of W and x)" in unprunable["wx_gemm"]
+    assert "Einsum is not pruned" in unprunable["ein"]
 
 
 def test_no_constant_weight_is_silently_absent():
