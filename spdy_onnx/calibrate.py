@@ -126,7 +126,8 @@ def check_data(data: dict, specs: dict, *, samples: int | None = None, source: s
             raise SpdyError(f"{what} input '{name}' in {source} is empty")
         if tuple(a.shape[1:]) != tuple(shape[1:]):
             raise SpdyError(f"{what} input '{name}' has samples of shape {tuple(a.shape[1:])}; the model "
-                            f"expects {tuple(shape[1:])} (first axis = samples)")
+                            f"expects {tuple(shape[1:])} (first axis = samples; the model's fixed dimensions "
+                            "and --input-shape, where given, set this)")
         if np.issubdtype(dtype, np.floating):
             if not np.issubdtype(a.dtype, np.floating):
                 raise SpdyError(f"{what} input '{name}' is {a.dtype}; the model expects {np.dtype(dtype)}")
