@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="measure a model end to end against a baseline, interleaved")
     p.add_argument("model")
     p.add_argument("--baseline", default=None, help="the model to compare against (e.g. the dense original)")
-    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=15,
+                   help="interleaved rounds, at least 3 for a median and its spread (default: %(default)s)")
     _common(p)
 
     p = sub.add_parser("sites", help="list the prunable sites and what is excluded by default")
@@ -243,10 +244,10 @@ def _fit(name: str, width: int) -> str:
     return name[:head] + "..." + name[len(name) - (width - 3 - head):]
 
 
-def _at_least_one(value: int, flag: str) -> int:
-    if value < 1:
+def _at_least(least: int, value: int, flag: str) -> int:
+    if value < least:
         from spdy_onnx.errors import SpdyError
-        raise SpdyError(f"{flag} must be >= 1, got {value}")
+        raise SpdyError(f"{flag} must be >= {least}, got {value}")
     return value
 
 
@@ -313,7 +314,7 @@ def _run(args) -> int:
             from spdy_onnx.api import benchmark
             c = benchmark(args.model, baseline=args.baseline, runtime=args.runtime, batch_size=args.batch_size,
                           cores=args.cores, input_shapes=args.input_shape, progress=progress,
-                          runtime_options={"rounds": _at_least_one(args.rounds, "--rounds")})
+                          runtime_options={"rounds": _at_least(3, args.rounds, "--rounds")})
             print(f"{'model':50s} {'median ms':>10s}")
             if args.baseline:
                 print(f"{args.baseline[-50:]:50s} {c.baseline_ms:10.3f}")

@@ -307,7 +307,7 @@ def test_a_batch_size_the_graph_has_baked_in_is_named(tmp_path, capsys):
 
 
 def test_option_values_that_were_silently_replaced_are_errors(tmp_path, capsys, mlp_path):
-    expect_error(capsys, tmp_path, "benchmark", str(mlp_path), "--rounds", "0", match="--rounds must be >= 1")
+    expect_error(capsys, tmp_path, "benchmark", str(mlp_path), "--rounds", "2", match="--rounds must be >= 3")
     expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", "--min-weights", "-5",
                  match="--min-weights must be >= 0")
 
