@@ -260,20 +260,11 @@ def test_a_report_that_cannot_be_written_is_one_error_not_a_traceback(tmp_path):
     assert listing(tmp_path) == ["taken"]
 
 
-@pytest.mark.deepsparse
-@pytest.mark.parametrize("signame,status", [("SIGTERM", 143), ("SIGHUP", 129)])
-def test_sigterm_and_sighup_unwind_like_ctrl_c(tmp_path, signame, status):
-    """A job scheduler or `kill` sends SIGTERM, a closed terminal or ssh session SIGHUP: the run stops
-    with 128 + the signal's number, removes its temporary folder and writes nothing (both used to kill it
-    where it stood, leaving its copies in /tmp)."""
-    import signal
+def _run_to_be_stopped(tmp_path, started: str):
+    """An `optimize` run in a subprocess with its own TMPDIR, returned once `started` (a glob in that
+    folder) exists; skips the test when the run ends first. Returns (process, its TMPDIR)."""
     import subprocess
-    import sys
     import time
-
-    import onnx
-    import tiny
-    pytest.importorskip("deepsparse")
     model = tmp_path / "m.onnx"
     onnx.save(tiny.mlp(width=256, depth=4, seq=16), model)
     scratch = tmp_path / "tmp"
@@ -283,10 +274,23 @@ def test_sigterm_and_sighup_unwind_like_ctrl_c(tmp_path, signame, status):
                              "--cores", "1", "-o", str(tmp_path / "out.onnx"), "--cache-dir", str(tmp_path / "c")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(scratch.glob("spdy-onnx-*")) and proc.poll() is None:
+    while time.time() < deadline and not list(scratch.glob(started)) and proc.poll() is None:
         time.sleep(0.05)
     if proc.poll() is not None:
+        proc.communicate()
         pytest.skip("the run ended before it could be stopped")
+    return proc, scratch
+
+
+@pytest.mark.deepsparse
+@pytest.mark.parametrize("signame,status", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_unwind_like_ctrl_c(tmp_path, signame, status):
+    """A job scheduler or `kill` sends SIGTERM, a closed terminal or ssh session SIGHUP: the run stops
+    with 128 + the signal's number, removes its temporary folder and writes nothing (both used to kill it
+    where it stood, leaving its copies in /tmp)."""
+    import signal
+    pytest.importorskip("deepsparse")
+    proc, scratch = _run_to_be_stopped(tmp_path, "spdy-onnx-*")
     proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err.decode()[-2000:]
@@ -330,25 +334,11 @@ def test_folders_of_killed_runs_are_removed_by_the_next_run_and_no_others(tmp_pa
 @pytest.mark.deepsparse
 def test_a_run_killed_with_sigkill_leaves_a_folder_the_next_run_removes(tmp_path, monkeypatch):
     import signal
-    import subprocess
-    import time
 
     from spdy_onnx import workdir
-    model = tmp_path / "m.onnx"
-    onnx.save(tiny.mlp(width=256, depth=4, seq=16), model)
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    env = {**os.environ, "TMPDIR": str(scratch), "NM_DISABLE_ANALYTICS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "spdy_onnx", "optimize", str(model), "--target", "1.5x",
-                             "--cores", "1", "-o", str(tmp_path / "out.onnx"), "--cache-dir", str(tmp_path / "c")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(scratch.glob("spdy-onnx-*/*.onnx")) and proc.poll() is None:
-        time.sleep(0.05)
-    if proc.poll() is not None:
-        pytest.skip("the run ended before it could be killed")
+    proc, scratch = _run_to_be_stopped(tmp_path, "spdy-onnx-*/*.onnx")
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert list(scratch.glob("spdy-onnx-*"))               # what SIGKILL leaves
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     workdir.make_workdir().cleanup()
