@@ -199,8 +199,8 @@ class SpdySearch(Chooser):
                  n_sites, len(measured), n_levels - 1, spent)
         if self.max_seconds is not None:
             self.max_seconds = max(MIN_SECONDS, self.max_seconds - spent)
-        elif self.max_evals is not None:
-            self.max_evals = max(1, self.max_evals - n_sites * len(measured))
+        elif self.max_evals is not None:   # only what was run: curves in the journal cost nothing
+            self.max_evals = max(1, self.max_evals - (self.evaluator.evaluations - before))
         return self.shape
 
     def _affordable_levels(self, n_sites: int, n_levels: int) -> list[int] | None:

@@ -749,8 +749,26 @@ def test_auto_prior_spends_three_quarters_of_an_evaluation_budget_on_curves():
     # 3/4 of 40 evaluations = 30: 7 sparse levels per site of the 12
     assert search.info["search_prior"]["levels_measured"] == curve_levels(13, 7)
     assert len(ev.asked) == 1 + 4 * len(curve_levels(13, 7))
-    assert search.max_evals == 40 - 4 * len(curve_levels(13, 7))
+    assert search.max_evals == 40 - len(ev.asked)               # what was run comes out of the budget
     np.testing.assert_allclose(shape[:, curve_levels(13, 7)], curves[:, curve_levels(13, 7)])
+
+
+def test_curves_from_the_journal_do_not_come_out_of_an_evaluation_budget():
+    """Every curve already journaled (an earlier run with a bigger budget): all levels are used, free. The
+    search was left 40 - 48 -> 1 evaluation, so the same command searched differently on a warm cache."""
+    class Journaled(_CurveEvaluator):
+        def is_cached(self, picks):
+            return True
+
+        @property
+        def evaluations(self):      # memoised: nothing is run
+            return 0
+    curves = np.tile((np.arange(13) / 12.0) ** 2, (4, 1))
+    search = SpdySearch(search_budget="40", progress=False, sites=[_Named(i) for i in range(4)],
+                        levels=list(np.linspace(0, 0.9, 13)), database=None, evaluator=Journaled(curves))
+    search._error_shape(4, 13)
+    assert search.info["search_prior"]["levels_measured"] == list(range(1, 13))
+    assert search.max_evals == 40
 
 
 def test_one_slow_evaluation_does_not_decide_the_prior():
