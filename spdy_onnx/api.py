@@ -519,9 +519,11 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     if strategy not in STRATEGIES:
         raise SpdyError(f"unknown strategy '{strategy}'; choose one of: {', '.join(STRATEGIES)}")
     if not -0.5 < margin < 0.5:
-        raise SpdyError(f"margin must be between -0.5 and 0.5, got {margin}")
+        raise SpdyError(f"--margin must be over -0.5 and under 0.5, got {margin}")
     if max_attempts < 1:
         raise SpdyError(f"max attempts must be >= 1, got {max_attempts}")
+    if not 0 <= seed < 2 ** 63:   # numpy's and torch's generators take no other
+        raise SpdyError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
     if eval_samples is not None and eval_samples < 1:
         raise SpdyError(f"--eval-samples must be >= 1, got {eval_samples}")
     if correct_epochs < 0:

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.02,
                    help="the measured speedup must reach target x (1 + margin): a safety margin against "
                         "run-to-run noise; a measurement pooled over k compiles needs margin x "
-                        "sqrt((1 + 1/k) / 2) (default: %(default)s; a negative value accepts a shortfall)")
+                        "sqrt((1 + 1/k) / 2), over -0.5 and under 0.5 (default: %(default)s; a negative value accepts a "
+                        "shortfall)")
 
     p = sub.add_parser("profile", help="measure the per-site latency table and save it as JSON")
     p.add_argument("model")

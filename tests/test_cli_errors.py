@@ -250,8 +250,10 @@ def test_bad_latency_table(tmp_path, capsys, mlp_path):
 
 
 @pytest.mark.parametrize("flag,value,match", [("--eval-samples", "0", "--eval-samples must be >= 1"),
-                                              ("--margin", "0.7", "margin must be between"),
-                                              ("--max-attempts", "0", "max attempts must be >= 1")])
+                                              ("--margin", "0.5", "--margin must be over -0.5 and under 0.5"),
+                                              ("--max-attempts", "0", "max attempts must be >= 1"),
+                                              ("--seed", "-1", "--seed must be between 0 and 2**63 - 1"),
+                                              ("--seed", str(2 ** 64), "--seed must be between 0")])
 def test_bad_numeric_options(tmp_path, capsys, mlp_path, flag, value, match):
     expect_error(capsys, tmp_path, "optimize", str(mlp_path), "--target", "2x", flag, value, match=match)
 
