@@ -535,6 +535,16 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
         raise SpdyError("--validation-data judges the global correction of a calibrated run; it needs --data")
     if strategy == "dp-loss" and data is None:   # here, not after minutes of profiling
         raise SpdyError("--strategy dp-loss measures losses and needs calibration data (--data)")
+    if data is None:   # say so up front: these only steer what calibration data drives
+        ignored = [flag for flag, given in (
+            ("--samples", samples is not None), ("--reconstruct", reconstruct != "obs"), ("--loss", loss != "auto"),
+            ("--search-budget", search_budget is not None), ("--eval-samples", eval_samples is not None),
+            ("--search-prior", search_prior != "auto"), ("--refit", refit),
+            ("--correct-epochs", correct_epochs != DEFAULT_CORRECT_EPOCHS), ("--correct-budget", correct_budget is not None))
+            if given]
+        if ignored:
+            log.warning("%s only appl%s with calibration data (--data): ignored", ", ".join(ignored),
+                        "ies" if len(ignored) == 1 else "y")
     from spdy_onnx.search import PRIORS
     if search_prior not in PRIORS:
         raise SpdyError(f"unknown --search-prior '{search_prior}'; choose one of: {', '.join(PRIORS)}")
@@ -909,6 +919,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     if fastest is not None:
         rep["fastest_profile_measured_speedup"] = fastest
     rep["warnings"] = _noise_warnings(table, comparison) + loaded_warning + _quality_warnings(quality)
+    if getattr(chooser, "evaluator", None) is None:
+        rep["warnings"].insert(0, strategies.NO_DATA)
     if met and measured < target:
         rep["warnings"].append(f"the measured speedup {measured:.3f}x is under the target {target:g}x: accepted "
                                f"because --margin {margin:g} allows a shortfall")

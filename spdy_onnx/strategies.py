@@ -166,6 +166,10 @@ class GlobalMagnitude(Chooser):
         raise Infeasible("no global magnitude threshold meets the target")
 
 
+NO_DATA = ("NO CALIBRATION DATA (--data): accuracy is NOT being protected. The weights are magnitude-pruned, with "
+           "no reconstruction, and SPDY's profile uses a data-free error model (share of weight magnitude removed).")
+
+
 def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
                  cache_dir, progress, eval_samples: int | None = None, refit: bool = False, correct_epochs: int = 0,
                  correct_seconds: float | None = None, search_prior: str = "auto",
@@ -208,9 +212,7 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
     groups = table.tied_groups([s.name for s in sites])
 
     if data is None:
-        if strategy in ("spdy", "dp-loss"):
-            log.warning("NO CALIBRATION DATA (--data): accuracy is NOT being protected. The profile uses a "
-                        "data-free error model (share of weight magnitude removed) and plain magnitude pruning.")
+        log.warning(NO_DATA)
         if strategy == "dp-loss":
             raise SpdyError("--strategy dp-loss measures losses and needs calibration data (--data)")
         database = magnitude_database(sites, sources, levels, table.pattern)

@@ -235,6 +235,14 @@ def test_without_data_warns_loudly(setup, tmp_path, caplog):
         rep = api.optimize(path, target=2.0, runtime="table", latency_table=table_path,
                            output=tmp_path / "n.onnx", progress=False)
     assert "NO CALIBRATION DATA" in caplog.text and rep["predicted_speedup"] >= 2.0 - 1e-9
+    assert rep["warnings"][0].startswith("NO CALIBRATION DATA")          # the report keeps it too
+    # every strategy, not only spdy; and options that only steer calibration are named as ignored
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spdy_onnx"):
+        rep = api.optimize(path, target=2.0, runtime="table", latency_table=table_path, strategy="uniform",
+                           output=tmp_path / "u.onnx", progress=False, refit=True, loss="kl", eval_samples=4)
+    assert "NO CALIBRATION DATA" in caplog.text and rep["warnings"][0].startswith("NO CALIBRATION DATA")
+    assert "--loss, --eval-samples, --refit only apply with calibration data (--data): ignored" in caplog.text
 
 
 @pytest.mark.deepsparse
