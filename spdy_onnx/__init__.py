@@ -21,3 +21,7 @@ def __getattr__(name):
         from spdy_onnx import api
         return getattr(api, name)
     raise AttributeError(f"module 'spdy_onnx' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

@@ -508,6 +508,10 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     if _same_file(output, report_path):
         raise SpdyError("the report path is the output model's path; the report would replace the model "
                         "(choose another --report)")
+    from spdy_onnx.calibrate import check_kind
+    for given, what in ((data, "calibration"), (validation_data, "validation")):
+        if given is not None:
+            check_kind(given, what)
     # the other files the user gave are inputs too: none may be replaced by what this run writes
     for given, flag in ((data, "--data"), (validation_data, "--validation-data"), (latency_table, "--latency-table")):
         for path, what in ((output, "output"), (report_path, "report")):

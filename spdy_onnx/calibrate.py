@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,14 @@ def sample_shapes(path) -> dict[str, tuple[int, ...]]:
         return {}
 
 
+def check_kind(data, what: str = "calibration") -> None:
+    """Data is a path (an .npz file or a folder of them) or {input name: array}; anything else is one error,
+    not a TypeError from deep in the pipeline (the Python API takes any object)."""
+    if not isinstance(data, (str, os.PathLike, dict)):
+        raise SpdyError(f"{what} data must be an .npz file, a folder of them, or {{input name: array}}; got "
+                        f"{type(data).__name__}")
+
+
 def load_data(path, specs: dict, *, samples: int | None = None, what: str = "calibration",
               defaults: set | None = None, index_rows: dict | None = None) -> dict[str, np.ndarray]:
     """Arrays keyed by model input, first axis = samples, checked against the model's inputs.
@@ -64,8 +73,9 @@ def load_data(path, specs: dict, *, samples: int | None = None, what: str = "cal
     `what` names the data in errors (calibration, validation). `path` may also be the arrays themselves,
     {input name: array with samples first}, from the Python API."""
     if isinstance(path, dict):
-        return check_data(path, specs, samples=samples, source="(arrays given)", what=what, defaults=defaults,
+        return check_data(path, specs, samples=samples, source="given as arrays", what=what, defaults=defaults,
                           index_rows=index_rows)
+    check_kind(path, what)
     path = Path(path)
     if samples is not None and samples < 1:
         raise SpdyError(f"--samples must be >= 1, got {samples}")
@@ -123,7 +133,9 @@ def check_data(data: dict, specs: dict, *, samples: int | None = None, source: s
     for name, (shape, dtype) in specs.items():
         a = np.asarray(data[name])
         if a.ndim == 0 or a.shape[0] == 0:
-            raise SpdyError(f"{what} input '{name}' in {source} is empty")
+            raise SpdyError(f"{what} input '{name}' ({source}) is empty")
+        if a.ndim == len(shape) + 1 and a.shape[1] == 1 and tuple(a.shape[2:]) == tuple(shape[1:]):
+            a = a[:, 0]   # samples saved with their batch axis of 1, as a folder's files may be
         if tuple(a.shape[1:]) != tuple(shape[1:]):
             raise SpdyError(f"{what} input '{name}' has samples of shape {tuple(a.shape[1:])}; the model "
                             f"expects {tuple(shape[1:])} (first axis = samples; the model's fixed dimensions "

@@ -92,6 +92,23 @@ def test_the_python_api_takes_arrays_and_is_exported_by_the_package(setup, tmp_p
         spdy_onnx.optimize(path, target=2.0, runtime="table", latency_table=table_path, output=tmp_path / "c.onnx",
                            data={"y": arrays["x"]}, progress=False, cache_dir=tmp_path / "c")
     assert spdy_onnx.profile is api.profile and spdy_onnx.benchmark is api.benchmark
+    assert {"optimize", "profile", "benchmark"} <= set(dir(spdy_onnx))
+    with pytest.raises(spdy_onnx.SpdyError, match="must be an .npz file, a folder of them, or"):
+        spdy_onnx.optimize(path, target=2.0, runtime="table", latency_table=table_path, output=tmp_path / "d.onnx",
+                           data=[("x", arrays["x"])], progress=False, cache_dir=tmp_path / "c")
+    with pytest.raises(spdy_onnx.SpdyError, match=r"input 'x' \(given as arrays\) is empty"):
+        spdy_onnx.optimize(path, target=2.0, runtime="table", latency_table=table_path, output=tmp_path / "e.onnx",
+                           data={"x": arrays["x"][:0]}, progress=False, cache_dir=tmp_path / "c")
+
+
+def test_samples_saved_with_a_batch_axis_of_one_are_taken_in_one_npz_as_in_a_folder(setup, tmp_path):
+    """A folder's per-sample files may keep their batch axis of 1; one .npz of (N, 1, ...) was refused."""
+    from spdy_onnx import calibrate
+    path, data, table_path = setup
+    x = np.load(data)["x"]
+    np.savez(tmp_path / "axis.npz", x=x[:, None])
+    specs = {"x": ((1,) + x.shape[1:], np.dtype(np.float32))}
+    np.testing.assert_array_equal(calibrate.load_data(tmp_path / "axis.npz", specs)["x"], x)
 
 
 def test_bad_calibration_data_writes_nothing(setup, tmp_path, capsys):
