@@ -153,11 +153,16 @@ class Prepared:
                  shapes=None, shapes_from: str = ""):
         self.path = Path(model_path)
         self.model = graph.constants_to_initializers(modelio.load_model(self.path))
+        fixed = modelio.fixed_batch(self.model)
         if batch_size is None:   # not given: the batch the model's inputs fix, else 1
-            batch_size = modelio.fixed_batch(self.model) or 1
+            batch_size = fixed or 1
             if batch_size > 1:
                 log.info("batch size %d: the batch %s's inputs fix (-b to choose another)", batch_size,
                          self.path.name)
+        elif writes_model and fixed is not None and fixed != batch_size > 0:
+            log.warning("%s's inputs fix the batch at %d; this run optimises for batch %d: DeepSparse runs the "
+                        "written file at that batch (Engine(..., batch_size=%d)), onnxruntime only at %d",
+                        self.path.name, fixed, batch_size, batch_size, fixed)
         if batch_size < 1:
             raise SpdyError(f"batch size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -1151,15 +1156,19 @@ def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=Non
               progress=True, runtime_options=None):
     """End-to-end interleaved timing of a model against a baseline on the same engine and settings.
 
-    Dynamic dimensions not given with `input_shapes` are taken from the shapes a file written by
-    `optimize` records (for it and for its baseline): the shapes it was optimised and measured at."""
+    Dynamic dimensions not given with `input_shapes`, and the batch when `batch_size` is not given, are
+    taken from what a file written by `optimize` records (for it and for its baseline): the shapes and
+    batch it was optimised and measured at."""
     import onnx
 
     from spdy_onnx.passes.metadata import get_metadata
     try:
-        recorded = (get_metadata(onnx.load(str(model_path), load_external_data=False)) or {}).get("input_shapes")
+        meta = get_metadata(onnx.load(str(model_path), load_external_data=False)) or {}
     except Exception:   # unreadable: Prepared gives the error
-        recorded = None
+        meta = {}
+    recorded = meta.get("input_shapes")
+    if batch_size is None and isinstance(meta.get("batch_size"), int):   # the batch it was optimised for
+        batch_size = meta["batch_size"]
     shaped = dict(shapes=recorded, shapes_from=f"the shapes {Path(model_path).name} was optimised for")
     cand = Prepared(model_path, runtime=runtime, batch_size=batch_size, cores=cores, input_shapes=input_shapes,
                     exclude=None, include=None, min_weights=0, progress=progress, runtime_options=runtime_options,

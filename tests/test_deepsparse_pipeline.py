@@ -476,7 +476,13 @@ def test_dynamic_batch_model_with_input_shape(tmp_path, cache_dir):
 
     # benchmark takes the shapes the file was optimised for, for it and its baseline
     c = api.benchmark(tmp_path / "o.onnx", baseline=path, cores=1, progress=False, runtime_options={"rounds": 3})
-    assert c.speedup > 0
+    assert c.speedup > 0 and c.extra["batch_size"] == 1
+    # and the batch it was optimised for, when -b is not given
+    from spdy_onnx.passes import get_metadata, set_metadata
+    meta = get_metadata(out)
+    onnx.save(set_metadata(out, {**meta, "batch_size": 2, "input_shapes": {"x": [2, 32, 512]}}), tmp_path / "b2.onnx")
+    c = api.benchmark(tmp_path / "b2.onnx", baseline=path, cores=1, progress=False, runtime_options={"rounds": 3})
+    assert c.extra["batch_size"] == 2
     # a dynamic model no file of ours describes: the error asks for --input-shape, not for --data,
     # which benchmark does not take
     with pytest.raises(api.SpdyError, match=r"--input-shape x:1xNx512 \(N: the length to optimise for\)$"):
