@@ -349,9 +349,10 @@ class Evaluator:
         # at least one batch; every candidate is scored on these same samples (paired comparisons)
         feeds = list(calibrate.batches(data, self.batch_size, limit=max(int(eval_samples), self.batch_size)))
         if len(feeds) * self.batch_size < int(eval_samples):
-            log.warning("--eval-samples %d: the calibration data gives %d sample(s) in whole batches of %d; "
-                        "each candidate is scored on those", int(eval_samples), len(feeds) * self.batch_size,
-                        self.batch_size)
+            log.warning("the search scores each candidate on %d calibration sample(s) (whole batches of %d), "
+                        "fewer than the %d it uses (--eval-samples, default %d): more calibration data scores "
+                        "candidates more reliably", len(feeds) * self.batch_size, self.batch_size,
+                        int(eval_samples), DEFAULT_EVAL_SAMPLES)
         self._buckets = shorten.LengthBuckets(m, feeds[0])
         self.feeds = [self._cut(f, dense) for f in feeds]
         self.reference = [self._run(f, dense) for f in self.feeds]
