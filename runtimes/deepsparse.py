@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -124,6 +125,9 @@ def slowness_factors(run_levels, totals, site_sums, *, fused: bool = False) -> l
     return [float(f) if f >= SLOWNESS_THRESHOLD else 1.0 for f in factors]
 
 
+CANARY_TIMEOUT_S = 600
+
+
 class DeepSparseRuntime:
     name = "deepsparse"
     pattern = "unstructured"
@@ -191,6 +195,45 @@ class DeepSparseRuntime:
                 "cores": self.cores or os.cpu_count(), "numpy": np.__version__}
 
     # --- per-layer latency table -------------------------------------------------------------
+
+    # compiled and run once in a child process: a crash there (DeepSparse segfaults on some graphs) is one
+    # line of ours, not a register dump that takes the run down with its temporary folder
+    CANARY = ("import os, sys\n"
+              "os.environ['NM_DISABLE_ANALYTICS'] = '1'\n"
+              "import numpy as np\n"
+              "from deepsparse import Engine\n"
+              "data = np.load(sys.argv[4])\n"
+              "engine = Engine(model=sys.argv[1], batch_size=int(sys.argv[2]), num_cores=int(sys.argv[3]))\n"
+              "engine.run([data[f'arr_{i}'] for i in range(len(data.files))])\n")
+
+    def check_runs(self, model_path, *, batch_size, feeds, name: str = "", script: str | None = None) -> None:
+        """Compile and run `model_path` (the user's `name`) once in a child process; raise SpdyError when
+        the engine crashes there (killed by a signal). Other failures are left to the run itself, which
+        words them."""
+        import signal
+        import subprocess
+        import sys
+        inputs = f"{model_path}.canary.npz"   # beside the run's own copy, in its temporary folder
+        np.savez(inputs, *[np.ascontiguousarray(a) for a in feeds.values()])
+        try:
+            done = subprocess.run([sys.executable, "-c", script or self.CANARY, str(model_path), str(batch_size),
+                                   str(self.cores or os.cpu_count() or 1), inputs],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=CANARY_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return   # slow, not crashed: the run goes on and its own timings show it
+        finally:
+            os.unlink(inputs)
+        # the engine's own handler catches the signal, prints "Received signal: Segmentation fault" and
+        # exits with status 1; without it the process dies by the signal
+        caught = re.search(r"Received signal: ([A-Za-z ]+)", done.stderr.decode(errors="replace"))
+        if done.returncode < 0 or (done.returncode and caught):
+            try:
+                killed_by = caught.group(1).strip() if caught else signal.Signals(-done.returncode).name
+            except ValueError:
+                killed_by = f"signal {-done.returncode}"
+            raise SpdyError(f"DeepSparse {deepsparse.__version__} crashed ({killed_by}) compiling or running "
+                            f"{name or os.path.basename(str(model_path))} in a test process: this engine cannot run this "
+                            "model; nothing was measured or written")
 
     def _compile(self, model_path, batch_size, sparsity):
         """The engine for one profiling run: every prunable layer timed as if `sparsity` of its weights

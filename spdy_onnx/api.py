@@ -323,6 +323,8 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     aliases = graph.output_aliases(prep.model, prep.all_sites)
     log.info("profiling %d sites at %d levels on %s", len(prep.all_sites), len(level_list), prep.runtime.name)
     t0 = time.perf_counter()
+    if hasattr(prep.runtime, "check_runs"):   # an engine crash is one line, before any profiling
+        prep.runtime.check_runs(prep.dense_static(), batch_size=prep.batch_size, feeds=feeds, name=prep.path.name)
     table = prep.runtime.measure(str(prep.dense_static()), prep.all_sites, levels=level_list,
                                  batch_size=prep.batch_size, feeds=feeds, aliases=aliases, checkpoint=partial)
     total_ms = getattr(prep.runtime, "dense_check_ms", None)
@@ -1183,6 +1185,10 @@ def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=Non
                 raise SpdyError("the model and the baseline have different inputs; they cannot be compared")
         base_path = base.dense_static() if base else cand.dense_static()
         feeds = modelio.example_inputs(cand.specs)
+        if hasattr(cand.runtime, "check_runs"):   # an engine crash is one line, before any measurement
+            for prep in ([base] if base else []) + [cand]:
+                prep.runtime.check_runs(prep.dense_static(), batch_size=prep.batch_size, feeds=feeds,
+                                        name=prep.path.name)
         comparison = cand.runtime.compare(str(base_path), str(cand.dense_static()), batch_size=cand.batch_size,
                                           feeds=feeds)
         if comparison is None:

@@ -415,3 +415,22 @@ def test_runtime_table_without_a_table_and_a_table_of_another_engine_are_errors(
 def test_cores_outside_what_the_process_may_use_is_an_error(tmp_path, capsys, mlp_path, cores):
     for command in (["optimize", str(mlp_path), "--target", "2x"], ["benchmark", str(mlp_path)]):
         expect_error(capsys, tmp_path, *command, "--cores", cores, match="--cores must be between 1 and the")
+
+
+def test_an_engine_crash_is_one_line_and_leaves_nothing(tmp_path, capsys, mlp_path, monkeypatch):
+    """DeepSparse segfaults compiling some graphs (a Mamba export): the run died with a register dump and
+    its temporary folder. The model is first compiled and run in a child process; a crash there is an error."""
+    pytest.importorskip("deepsparse")
+    from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime
+    monkeypatch.setattr(DeepSparseRuntime, "CANARY", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    for argv in (["optimize", str(mlp_path), "--target", "2x", "--cache-dir", str(tmp_path / "c")],
+                 ["benchmark", str(mlp_path)]):
+        err = expect_error(capsys, tmp_path, *argv, "--cores", "1",
+                           match="DeepSparse 1.8.0 crashed (SIGSEGV) compiling or running mlp.onnx")
+        assert "nothing was measured or written" in err
+    assert list(scratch.iterdir()) == []
