@@ -201,7 +201,7 @@ class Prepared:
         the engine fail with a shape inference error deep in the graph: run the model once in
         onnxruntime first, so the error names the flags."""
         from spdy_onnx.ort_session import run_error
-        why = run_error(self.dense_static(), modelio.example_inputs(self.specs))
+        why = run_error(self.dense_static(), self.example_inputs())
         if why is not None:
             self.close()
             shapes = " ".join(f"{k}:{'x'.join(map(str, v[0]))}" for k, v in self.specs.items())
@@ -218,7 +218,7 @@ class Prepared:
         if exported == self.batch_size or (exported is None and self.batch_size == 1):
             return False
         from spdy_onnx.ort_session import run_error
-        why = run_error(self.dense_static(), modelio.example_inputs(self.specs))
+        why = run_error(self.dense_static(), self.example_inputs())
         if why is None:
             return True
         self.close()
@@ -227,6 +227,10 @@ class Prepared:
         raise SpdyError(f"{self.path.name} {at} at --batch-size {self.batch_size} onnxruntime cannot run it "
                         f"({why}). Its graph may have the batch size baked in (a Reshape or Concat to fixed "
                         f"shapes): export it with a batch axis the graph follows, or use --batch-size {back}")
+
+    def example_inputs(self) -> dict:
+        """Inputs at this run's shapes for timing and checks, ids over their tables' rows."""
+        return modelio.example_inputs(self.specs, rows=modelio.index_rows(self.model))
 
     def static_copy(self, model, tag: str) -> Path:
         """Our own file with concrete input shapes: engines compile it (and may rewrite it)."""
@@ -307,7 +311,7 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
         parts["level_context"] = 1
     key = cache.cache_key(**parts)
     path = Path(cache_dir or cache.default_cache_dir()) / "tables" / f"{key}.json"
-    feeds = feeds if feeds is not None else modelio.example_inputs(prep.specs)
+    feeds = feeds if feeds is not None else prep.example_inputs()
     partial = path.with_suffix(".partial.jsonl")
     fresh = not use_cache   # a killed profiling's journal is resumed only when the cache may be used
     if use_cache:
@@ -423,7 +427,7 @@ def fastest_profile_speedup(prep: Prepared, table: LatencyTable, sites, *, cache
     speedups = []
     for _ in range(2):
         comparison = prep.runtime.compare(str(prep.dense_static()), str(candidate), batch_size=prep.batch_size,
-                                          feeds=modelio.example_inputs(prep.specs))
+                                          feeds=prep.example_inputs())
         if comparison is None:
             return None
         speedups.append(comparison.speedup)
@@ -1184,7 +1188,7 @@ def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=Non
             if {k: v for k, v in base.specs.items()} != {k: v for k, v in cand.specs.items()}:
                 raise SpdyError("the model and the baseline have different inputs; they cannot be compared")
         base_path = base.dense_static() if base else cand.dense_static()
-        feeds = modelio.example_inputs(cand.specs)
+        feeds = cand.example_inputs()
         if hasattr(cand.runtime, "check_runs"):   # an engine crash is one line, before any measurement
             for prep in ([base] if base else []) + [cand]:
                 prep.runtime.check_runs(prep.dense_static(), batch_size=prep.batch_size, feeds=feeds,

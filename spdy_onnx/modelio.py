@@ -583,15 +583,17 @@ def with_static_inputs(model: onnx.ModelProto, specs: dict) -> onnx.ModelProto:
     return out
 
 
-def example_inputs(specs: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic inputs for timing: normal floats; ones for integer inputs (valid ids and masks)."""
+def example_inputs(specs: dict, seed: int = 0, rows: dict | None = None) -> dict[str, np.ndarray]:
+    """Deterministic inputs for timing and the engine check: normal floats; for integer inputs that index
+    a table (`rows`: index_rows), ids drawn over its rows; ones for other integers (masks). All-ones ids
+    were the padding token of the RoBERTa family: outputs identically zero, an engine check of nothing."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, (shape, dtype) in specs.items():
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[name] = np.ones(shape, dtype=dtype)
+        elif name in (rows or {}) and np.issubdtype(dtype, np.integer) and rows[name][0] > 0:
+            feeds[name] = rng.integers(0, rows[name][0], size=shape).astype(dtype)
         else:
             feeds[name] = np.ones(shape, dtype=dtype)
     return feeds

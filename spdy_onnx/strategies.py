@@ -216,7 +216,7 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
         if strategy == "dp-loss":
             raise SpdyError("--strategy dp-loss measures losses and needs calibration data (--data)")
         database = magnitude_database(sites, sources, levels, table.pattern)
-        feeds = modelio.example_inputs(prep.specs)
+        feeds = prep.example_inputs()
         common = dict(sites=sites, levels=levels, database=database, feeds=feeds, groups=groups)
         if strategy == "uniform":
             return Uniform(**common)

@@ -154,6 +154,13 @@ def test_ids_past_the_embedding_are_an_error_before_any_work(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "input 'ids' has values from" in err and "table of 50 rows (Gather 'embed')" in err
         assert not out.exists() and not (tmp_path / "c").exists()
+    # timing and the engine check feed ids drawn over the table: all ones was the RoBERTa family's
+    # padding token, whose outputs are identically zero
+    from spdy_onnx import modelio
+    example = modelio.example_inputs({"ids": ((1, 8), np.dtype(np.int32))}, rows=modelio.index_rows(model))["ids"]
+    assert example.dtype == np.int32 and 0 <= example.min() and example.max() < 50 and len(set(example.ravel())) > 1
+    assert (modelio.example_inputs({"mask": ((1, 8), np.dtype(np.int64))}, rows=modelio.index_rows(model))["mask"]
+            == 1).all()
     ids[0, 0] = -1                      # counts from the end, as onnxruntime allows
     np.savez(tmp_path / "good.npz", ids=ids)
     assert main(base + ["--data", str(tmp_path / "good.npz"), "-o", str(tmp_path / "y.onnx")]) == 0
