@@ -336,12 +336,14 @@ def _run(args) -> int:
             chosen, excluded = graph.select_sites(sites, exclude=args.exclude, include=args.include,
                                                   min_weights=args.min_weights, unprunable=unprunable)
             excluded.update(unprunable)
+            # whole names: they are what --exclude and --include match
+            width = max([48] + [len(s.name) for s in sites] + [len(n) for n in unprunable])
             for s in sites:
                 why = excluded.get(s.name, "")
-                print(f"{_fit(s.name, 48):48s} {s.op_type:7s} {s.n_weights:10d}  {('dense: ' + why) if why else 'prunable'}")
+                print(f"{s.name:{width}s} {s.op_type:7s} {s.n_weights:10d}  {('dense: ' + why) if why else 'prunable'}")
             for name, why in unprunable.items():
                 if name not in {s.name for s in sites}:
-                    print(f"{_fit(name, 48):48s} {'':7s} {'':10s}  dense: {why}")
+                    print(f"{name:{width}s} {'':7s} {'':10s}  dense: {why}")
             print(f"\n{len(chosen)} prunable, {len(excluded)} left dense")
             if not sites:
                 print(graph.no_sites_message(os.path.basename(args.model), model, unprunable))

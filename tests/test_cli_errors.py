@@ -360,8 +360,9 @@ def test_everything_excluded_is_refused_before_profiling(tmp_path, capsys, mlp_p
                  "--cache-dir", str(tmp_path / "c"), match="every prunable site is excluded")
 
 
-def test_sites_keeps_both_ends_of_long_node_names(tmp_path, capsys):
-    """Exporters' names share long prefixes: cut at 48 characters, every row of a layer read the same."""
+def test_sites_prints_long_node_names_whole(tmp_path, capsys):
+    """Exporters' names share long prefixes: cut at 48 characters, every row of a layer read the same, and
+    the names are what --exclude needs."""
     from onnx import numpy_helper
     prefix = "/m/albert/encoder/albert_layer_groups.0/albert_layers.0/attention"
     inits = [numpy_helper.from_array(np.ones((16, 16), np.float32), w) for w in ("wq", "wk")]
@@ -372,7 +373,7 @@ def test_sites_keeps_both_ends_of_long_node_names(tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if "prunable" in line and "MatMul" in line]
     assert len(rows) == 2 and rows[0] != rows[1]
     assert all(row.startswith("/m/albert/") for row in rows)
-    assert "query/MatMul" in rows[0] and "key/MatMul" in rows[1]
+    assert rows[0].startswith(f"{prefix}/query/MatMul ") and rows[1].startswith(f"{prefix}/key/MatMul ")
 
 
 def test_input_shapes_that_disagree_with_each_other_are_named(tmp_path, capsys):
