@@ -176,6 +176,12 @@ def _print_optimize(rep: dict):
         note = "  (dense: " + s["excluded"] + ")" if s.get("excluded") else ""
         print(f"{_fit(s['name'], 40):40s} {s['op_type']:7s} {s['sparsity']:8.3f} {_fmt(s['dense_ms'], '9.3f'):>9s} "
               f"{_fmt(s['ms_at_chosen'], '9.3f'):>9s}{note[:80]}")
+    listed = {s["name"] for s in rep["sites"]}
+    unlisted = {n: why for n, why in (rep.get("left_dense") or {}).items() if n not in listed}
+    if unlisted:
+        name, why = next(iter(unlisted.items()))
+        print(f"and {len(unlisted)} node(s) left dense that cannot be pruned, such as {_fit(name, 40)} ({why}); "
+              "all in the report's left_dense")
     print()
     print(f"target {rep['target']:g}x | predicted {rep['predicted_speedup']:.3f}x | "
           f"measured {_fmt(rep['measured_speedup'])}x{_pooled(rep)} | dense {rep['dense_ms']:.3f} ms -> "

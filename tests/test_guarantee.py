@@ -184,6 +184,17 @@ def test_standing_measurements_take_the_pooled_figure_once_per_attempt():
     assert [(a["attempt"], v) for a, v in got] == [(1, 2.00), (3, 2.05)]
 
 
+def test_the_console_names_nodes_left_dense_that_are_not_sites(scripted, tmp_path, capsys):
+    """Weights shared by several nodes (DeBERTa-v3's query and key) were only in the report: the console's
+    site table simply did not have them."""
+    path = tmp_path / "shared.onnx"
+    onnx.save(tiny.mlp(width=64, depth=4, seq=4, weight_form="shared", hidden=128), path)
+    code = main(["optimize", str(path), "--target", "1.3x", "--runtime", "scripted", "--min-weights", "0", "-q",
+                 "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "o.onnx")])
+    out = capsys.readouterr().out
+    assert code == 0 and "node(s) left dense that cannot be pruned, such as" in out and "is shared by several" in out
+
+
 def test_margin_is_honoured(scripted, model_path, tmp_path, capsys):
     scripted.efficiency = 0.97
     kw = dict(runtime="scripted", cache_dir=tmp_path / "c", progress=False, max_attempts=1)
