@@ -209,10 +209,9 @@ def test_a_slow_first_pass_or_a_steady_dense_rerun_skips_the_second_repeat_of_th
     assert steady == (1, [0.0, 0.5, 0.9, 0.0])
 
 
-@pytest.mark.parametrize("spike,third", [(3.0, True), (1.1, False)])
-def test_two_dense_runs_far_apart_get_a_third(mlp_path, monkeypatch, spike, third):
-    """With two passes the dense total was the mean of two runs: one 3x slow moment (a text CNN: 75 ms
-    against 1.3 ms) refused a target the model met at 2.05x. Runs far apart get a third; the median wins."""
+def _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, spike: float, **settings):
+    """Profile the MLP for real, with the first dense run made `spike` times slower (a busy moment) and
+    the runtime module's `settings` patched. Returns (the table, the dense runs' real totals)."""
     from spdy_onnx.runtimes import deepsparse as ds_runtime
     prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
                         include=None, min_weights=0, progress=False)
@@ -230,13 +229,23 @@ def test_two_dense_runs_far_apart_get_a_third(mlp_path, monkeypatch, spike, thir
         return result
 
     monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_analyse_engine", spiked)
-    monkeypatch.setattr(ds_runtime, "STEADY_SPREAD", -1.0)          # a whole second pass, no long-pass rule
+    for name, value in settings.items():
+        monkeypatch.setattr(ds_runtime, name, value)
     try:
         table = ds_runtime.DeepSparseRuntime(cores=1, progress=False).measure(
             str(prep.dense_static()), prep.sites, levels=[0.0, 0.5, 0.9], batch_size=1,
             feeds=modelio.example_inputs(prep.specs), aliases=graph.output_aliases(prep.model, prep.all_sites))
     finally:
         prep.close()
+    return table, dense_runs
+
+
+@pytest.mark.parametrize("spike,third", [(3.0, True), (1.1, False)])
+def test_two_dense_runs_far_apart_get_a_third(mlp_path, monkeypatch, spike, third):
+    """With two passes the dense total was the mean of two runs: one 3x slow moment (a text CNN: 75 ms
+    against 1.3 ms) refused a target the model met at 2.05x. Runs far apart get a third; the median wins."""
+    # a whole second pass, no long-pass rule
+    table, dense_runs = _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, spike, STEADY_SPREAD=-1.0)
     assert len(dense_runs) == (3 if third else 2) and table.meta["dense_runs"] == len(dense_runs)
     if third:
         assert table.dense_total_ms < 1.5 * max(dense_runs)        # not pulled halfway to the spike
@@ -245,30 +254,7 @@ def test_two_dense_runs_far_apart_get_a_third(mlp_path, monkeypatch, spike, thir
 def test_a_slow_dense_run_in_a_long_pass_is_outvoted(mlp_path, monkeypatch):
     """One slow moment during the dense run divides every predicted speedup; the median of three dense
     runs drops it."""
-    from spdy_onnx.runtimes import deepsparse as ds_runtime
-    prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
-                        include=None, min_weights=0, progress=False)
-    real_analyse = ds_runtime.DeepSparseRuntime._analyse_engine
-    dense_runs = []
-
-    def spiked(self, engine, inputs, sparsity):
-        result = real_analyse(self, engine, inputs, sparsity)
-        if sparsity == 0.0:
-            dense_runs.append(result["average_total_time"])
-            if len(dense_runs) == 1:     # the first pass's dense run hit a busy moment: everything 3x slower
-                result = {**result, "average_total_time": 3 * result["average_total_time"],
-                          "layer_info": [{**layer, "average_run_time_in_ms": 3 * layer["average_run_time_in_ms"]}
-                                         for layer in result["layer_info"]]}
-        return result
-
-    monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_analyse_engine", spiked)
-    monkeypatch.setattr(ds_runtime, "SECOND_REPEAT_LIMIT_S", 0.0)
-    try:
-        table = ds_runtime.DeepSparseRuntime(cores=1, progress=False).measure(
-            str(prep.dense_static()), prep.sites, levels=[0.0, 0.5, 0.9], batch_size=1,
-            feeds=modelio.example_inputs(prep.specs), aliases=graph.output_aliases(prep.model, prep.all_sites))
-    finally:
-        prep.close()
+    table, dense_runs = _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, 3.0, SECOND_REPEAT_LIMIT_S=0.0)
     assert len(dense_runs) == 3 and table.meta["repeats"] == 1 and table.meta["dense_runs"] == 3
     # the median of three (each run divided by its slowness when the tiny MLP's few layers outside the
     # sites are enough to gauge it: about 5% of its time, so either way here)
