@@ -179,6 +179,7 @@ def test_a_slow_first_pass_or_a_steady_dense_rerun_skips_the_second_repeat_of_th
         return real_analyse(self, engine, inputs, sparsity)
 
     monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_analyse_engine", counting)
+    monkeypatch.setattr(ds_runtime, "DENSE_OUTLIER_SPREAD", float("inf"))   # no third dense run on noise
 
     def profile(**kw):
         analysed.clear()
@@ -219,13 +220,16 @@ def _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, spike: float, **
     dense_runs = []
 
     def spiked(self, engine, inputs, sparsity):
+        # every dense run as fast as the first really was, and the first `spike` times slower: the
+        # machine's own noise between dense runs must not decide what is tested
         result = real_analyse(self, engine, inputs, sparsity)
         if sparsity == 0.0:
-            dense_runs.append(result["average_total_time"])
-            if len(dense_runs) == 1:
-                result = {**result, "average_total_time": spike * result["average_total_time"],
-                          "layer_info": [{**layer, "average_run_time_in_ms": spike * layer["average_run_time_in_ms"]}
-                                         for layer in result["layer_info"]]}
+            first = dense_runs[0] if dense_runs else result["average_total_time"]
+            scale = (spike if not dense_runs else 1.0) * first / result["average_total_time"]
+            dense_runs.append(first)
+            result = {**result, "average_total_time": scale * result["average_total_time"],
+                      "layer_info": [{**layer, "average_run_time_in_ms": scale * layer["average_run_time_in_ms"]}
+                                     for layer in result["layer_info"]]}
         return result
 
     monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_analyse_engine", spiked)

@@ -13,6 +13,8 @@ class Killed(Exception):
 
 
 def _kill_after(monkeypatch, cls, method, n):
+    if cls.__name__ == "DeepSparseRuntime":   # run counts without a third dense run on the machine's noise
+        monkeypatch.setattr(f"{cls.__module__}.DENSE_OUTLIER_SPREAD", float("inf"))
     real = getattr(cls, method)
     calls = []
 
