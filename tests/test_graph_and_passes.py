@@ -237,7 +237,7 @@ def test_hardswish_is_rewritten_into_hardsigmoid_times_x_and_the_engine_runs_it(
         path = tmp_path / f"m{k}.onnx"
         onnx.save(m, path)
         shares.append(deepsparse.Engine(str(path), batch_size=1, num_cores=1).fraction_of_supported_ops)
-    assert shares[0] < 0.5 < shares[1]
+    assert shares[0] == 0.0 and shares[1] >= 0.7      # none of the graph natively with it; 0.75 here without
 
 
 def test_layernorm_over_two_axes_and_a_used_statistic():
