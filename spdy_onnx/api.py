@@ -740,7 +740,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             phases[f"choose_s_{attempt}"] = time.perf_counter() - t0
             profile = {n: int(j) for n, j in zip(names, picks)}
             predicted = table.predicted_speedup(profile)
-            key = tuple(sorted(profile.items()))
+            key = _profile_key(profile)
             pruned = None   # written again at the end if this is kept: copying a model is not free
             if key in seen:
                 comparison = seen[key]   # the same profile again: its measurement stands
@@ -787,9 +787,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                 # miss lands on a profile that measures the same, within the noise, and misses again.
                 # From the profile's own prediction when it was above the aim (a coarse grid, tied
                 # groups): any aim below that returns the same profile, already measured
-                basis = max(aim, predicted)
-                higher = min(max(basis * required / comparison.speedup * 1.01, aim * (1 + AIM_RESOLUTION)),
-                             max_speedup * 0.9999)
+                higher = _raised_aim(aim, max(aim, predicted), comparison.speedup, required, max_speedup)
                 if hit is not None:
                     higher = min(higher, (aim + hit[0]) / 2)
                     if hit[0] <= aim * (1 + AIM_RESOLUTION):
@@ -835,8 +833,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         # can use every attempt, and a run that found hits should not end with nothing); else search on
         last_miss = (profile, predicted, corrected, comparison)
         missed_aim = max(missed_aim, h_aim)
-        failed = tuple(sorted(profile.items()))
-        hits = sorted((h for h in hits if h[0] > h_aim and tuple(sorted(h[1].items())) != failed),
+        failed = _profile_key(profile)
+        hits = sorted((h for h in hits if h[0] > h_aim and _profile_key(h[1]) != failed),
                       key=lambda h: h[0])
         if comparison is not None and hits:
             hit = hits[0]
@@ -848,8 +846,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         seen = {}
         if comparison is None or attempt >= max_attempts:
             break
-        aim = min(max(h_aim * required / comparison.speedup * 1.01, h_aim * (1 + AIM_RESOLUTION)),
-                  max_speedup * 0.9999)
+        aim = _raised_aim(h_aim, h_aim, comparison.speedup, required, max_speedup)
 
     final = None
     if not_measured is not None:
@@ -872,32 +869,31 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         # the kept file missed on re-measuring: first a profile that met at a higher aim (more speed to
         # spare for the same load), then, while attempts remain, the profile of an aim raised by the
         # shortfall; a run that found hits, or has attempts left, should not end with nothing
-        def key(p):
-            return tuple(sorted(p.items()))
-        tried = {key(profile)}
+        tried = {_profile_key(profile)}
         base_aim, base_speed = kept_aim, comparison.speedup
         while not meets(comparison):
-            spare = min((h for h in hits if h[0] > base_aim and key(h[1]) not in tried), key=lambda h: h[0],
-                        default=None)
+            spare = min((h for h in hits if h[0] > base_aim and _profile_key(h[1]) not in tried),
+                        key=lambda h: h[0], default=None)
             if spare is not None:
                 s_aim, s_profile, s_predicted = spare[:3]
                 why = f"the one that met at aim {s_aim:.3f}x ({spare[4].speedup:.3f}x as a draft)"
             elif attempt < max_attempts:
-                s_aim = min(max(base_aim * required / base_speed * 1.01, base_aim * (1 + AIM_RESOLUTION)),
-                            max_speedup * 0.9999)
+                s_aim = _raised_aim(base_aim, base_aim, base_speed, required, max_speedup)
+                if s_aim <= base_aim * 1.001:   # at the table's edge: nothing faster to solve for
+                    break
                 try:
                     picks = chooser.choose(times, table.dense_total_ms / s_aim - table.fixed_ms(names))
                 except Infeasible:
                     break
                 s_profile = {n: int(j) for n, j in zip(names, picks)}
-                if s_aim <= base_aim * 1.001 or key(s_profile) in tried:
+                if _profile_key(s_profile) in tried:
                     break
                 s_predicted = table.predicted_speedup(s_profile)
                 attempt += 1
                 why = f"the profile of aim {s_aim:.3f}x, raised by the shortfall"
             else:
                 break
-            tried.add(key(s_profile))
+            tried.add(_profile_key(s_profile))
             log.info("the kept profile missed when measured again under load; measuring %s", why)
             s_pruned = write_weights(prep.model, chooser.final_weights(s_profile))
             again = measure(attempt, s_aim, s_predicted, s_pruned, "corrected" if chooser.corrects else "draft")
@@ -967,6 +963,17 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                            required=required_speedup(target, margin, compiles_in(comparison)) if comparison else required,
                            report_path=report_path)
     return rep
+
+
+def _raised_aim(aim: float, basis: float, speed: float, required: float, max_speedup: float) -> float:
+    """The aim after a miss measured at `speed`: `basis` (the aim, or the missed profile's own prediction
+    when that was higher) raised by the shortfall, and the aim by at least AIM_RESOLUTION (a smaller step
+    lands on a profile that measures the same within the noise), under the table's largest speedup."""
+    return min(max(basis * required / speed * 1.01, aim * (1 + AIM_RESOLUTION)), max_speedup * 0.9999)
+
+
+def _profile_key(profile: dict) -> tuple:
+    return tuple(sorted(profile.items()))
 
 
 def _all_excluded(prep: Prepared) -> str:
