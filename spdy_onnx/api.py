@@ -179,6 +179,7 @@ class Prepared:
         self.specs = modelio.input_specs(self.model, self.batch_size, modelio.parse_input_shapes(input_shapes),
                                          stored, stored_from=shapes_from if data is None else "the calibration data",
                                          data_hint=writes_model)
+        self.index_rows = modelio.index_rows(self.model)   # ids checked against, and drawn over, their tables
         self.all_sites, self.unprunable = graph.find_sites(self.model)
         if not self.all_sites:
             raise SpdyError(graph.no_sites_message(self.path.name, self.model, self.unprunable))
@@ -193,44 +194,38 @@ class Prepared:
         self.workdir = make_workdir()
         self._static_paths: dict[str, Path] = {}
         self._calibration_model = None
-        if not self._check_batch_size() and input_shapes:
-            self._check_input_shapes()
+        self._check_shapes_run(given_shapes=bool(input_shapes))
 
-    def _check_input_shapes(self) -> None:
-        """Shapes from --input-shape that disagree with each other (ids of 64 tokens, a mask of 48) made
-        the engine fail with a shape inference error deep in the graph: run the model once in
-        onnxruntime first, so the error names the flags."""
-        from spdy_onnx.ort_session import run_error
-        why = run_error(self.dense_static(), self.example_inputs())
-        if why is not None:
-            self.close()
-            shapes = " ".join(f"{k}:{'x'.join(map(str, v[0]))}" for k, v in self.specs.items())
-            raise SpdyError(f"{self.path.name} cannot run at the input shapes of this run ({shapes}; from "
-                            f"--input-shape and the model): onnxruntime says {why}. Check that the shapes "
-                            "agree with each other (the same length for every token input)")
-
-    def _check_batch_size(self) -> bool:
-        """A model exported at one batch often has that batch baked into its graph (a Reshape or Concat
-        to fixed shapes), even behind a dynamic batch axis: at another --batch-size it fails deep inside
-        an engine (DeepSparse's compiler can abort the process). Run it once in onnxruntime at the run's
-        batch first, so the error names the cause. Returns whether it ran the model."""
+    def _check_shapes_run(self, *, given_shapes: bool) -> None:
+        """Run the model once in onnxruntime at this run's shapes when they are not the ones it was
+        exported with, so that the error names the cause instead of an engine failing deep inside (its
+        compiler can abort the process):
+        - another batch: a model exported at one batch often has it baked into its graph (a Reshape or
+          Concat to fixed shapes), even behind a dynamic batch axis;
+        - shapes from --input-shape that disagree with each other (ids of 64 tokens, a mask of 48)."""
         exported = modelio.fixed_batch(self.model)
-        if exported == self.batch_size or (exported is None and self.batch_size == 1):
-            return False
+        other_batch = exported != self.batch_size and not (exported is None and self.batch_size == 1)
+        if not (other_batch or given_shapes):
+            return
         from spdy_onnx.ort_session import run_error
         why = run_error(self.dense_static(), self.example_inputs())
         if why is None:
-            return True
+            return
         self.close()
-        at = f"was exported at batch {exported}, and" if exported is not None else "has a dynamic batch axis, but"
-        back = exported if exported is not None else 1
-        raise SpdyError(f"{self.path.name} {at} at --batch-size {self.batch_size} onnxruntime cannot run it "
-                        f"({why}). Its graph may have the batch size baked in (a Reshape or Concat to fixed "
-                        f"shapes): export it with a batch axis the graph follows, or use --batch-size {back}")
+        if other_batch:
+            at = f"was exported at batch {exported}, and" if exported is not None else "has a dynamic batch axis, but"
+            back = exported if exported is not None else 1
+            raise SpdyError(f"{self.path.name} {at} at --batch-size {self.batch_size} onnxruntime cannot run it "
+                            f"({why}). Its graph may have the batch size baked in (a Reshape or Concat to fixed "
+                            f"shapes): export it with a batch axis the graph follows, or use --batch-size {back}")
+        shapes = " ".join(f"{k}:{'x'.join(map(str, v[0]))}" for k, v in self.specs.items())
+        raise SpdyError(f"{self.path.name} cannot run at the input shapes of this run ({shapes}; from "
+                        f"--input-shape and the model): onnxruntime says {why}. Check that the shapes "
+                        "agree with each other (the same length for every token input)")
 
     def example_inputs(self) -> dict:
         """Inputs at this run's shapes for timing and checks, ids over their tables' rows."""
-        return modelio.example_inputs(self.specs, rows=modelio.index_rows(self.model))
+        return modelio.example_inputs(self.specs, rows=self.index_rows)
 
     def static_copy(self, model, tag: str) -> Path:
         """Our own file with concrete input shapes: engines compile it (and may rewrite it)."""
@@ -271,11 +266,11 @@ class Prepared:
 def _check_table_shapes(prep: Prepared, table: LatencyTable, path) -> None:
     """Layer times depend on the batch and the input shapes: a table measured at others predicts
     nothing about this run."""
-    name = prep.runtime.name
-    if name != "table" and table.runtime not in (name, "table") or table.pattern != getattr(prep.runtime, "pattern",
-                                                                                              table.pattern):
+    name, pattern = prep.runtime.name, getattr(prep.runtime, "pattern", table.pattern)
+    other_engine = name != "table" and table.runtime not in (name, "table")   # "table": replayed anywhere
+    if other_engine or table.pattern != pattern:
         raise SpdyError(f"the latency table {path} was measured on {table.runtime} ({table.pattern} sparsity), this "
-                        f"run is on {name} ({getattr(prep.runtime, 'pattern', '?')}): its times predict nothing "
+                        f"run is on {name} ({pattern}): its times predict nothing "
                         f"here; use --runtime {table.runtime}, or profile on {name}")
     batch, shapes = table.meta.get("batch_size"), table.meta.get("input_shapes")
     if batch is not None and int(batch) != prep.batch_size:
@@ -600,13 +595,13 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         t0 = time.perf_counter()
         data = calibrate.load_data(data, prep.specs, samples=samples,
                                    defaults=modelio.inputs_with_defaults(prep.model),
-                                   index_rows=modelio.index_rows(prep.model))
+                                   index_rows=prep.index_rows)
         phases["load_data_s"] = time.perf_counter() - t0
     validation = None
     if validation_data is not None:
         validation = calibrate.load_data(validation_data, prep.specs, what="validation",
                                          defaults=modelio.inputs_with_defaults(prep.model),
-                                         index_rows=modelio.index_rows(prep.model))
+                                         index_rows=prep.index_rows)
         if correct_epochs == 0:
             log.warning("--validation-data is only used by the global correction, which --correct-epochs 0 "
                         "turns off: it is ignored")

@@ -233,7 +233,7 @@ def _make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, l
         calib = data
     else:
         t0 = time.perf_counter()
-        calib = calibrate.load_data(data, prep.specs, samples=samples, index_rows=modelio.index_rows(prep.model))
+        calib = calibrate.load_data(data, prep.specs, samples=samples, index_rows=prep.index_rows)
         setup["load_data_s"] = time.perf_counter() - t0
     eval_samples = evaluate.DEFAULT_EVAL_SAMPLES if eval_samples is None else int(eval_samples)
     feeds = calibrate.timing_batch(calib, prep.specs)
