@@ -301,6 +301,7 @@ class DeepSparseRuntime:
                    leave=False)
         repeats_done = 0
         auto = self.repeats is None
+
         def run(rep, key, engine=None):
             """One profiling run (or its journal entry), recorded."""
             lvl = 0.0 if key == DENSE_AGAIN else key
@@ -369,7 +370,7 @@ class DeepSparseRuntime:
                     break
             if len(totals) == 2 and abs(totals[1] - totals[0]) > DENSE_OUTLIER_SPREAD * min(totals):
                 # two dense runs far apart: their median is their mean, and one slow moment divides every
-                # prediction (a text CNN's 75 ms run against 1.3 ms refused a target it then met at 2.05x)
+                # prediction (it made a table refuse a target its model then met)
                 log.info("profiling: the dense model's two runs differ by %.0f%%; a third decides",
                          100 * abs(totals[1] - totals[0]) / min(totals))
                 bar.total += 1

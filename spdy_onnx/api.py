@@ -136,8 +136,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _check_cores(cores) -> None:
-    """More cores than the process may use oversubscribes them (a 1-core model ran 20x slower at
-    --cores 99 on 2 cores); none is an engine error that names a temporary file."""
+    """More cores than the process may use oversubscribes them (the engine's threads then wait on each
+    other, and every timing is off); none is an engine error that names a temporary file."""
     if cores is None:
         return
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -13,11 +13,11 @@ EXIT_ERROR = 2
 EXIT_MISSED = 3
 
 
-def _common(p: argparse.ArgumentParser, *, runtime_default="deepsparse"):
+def _common(p: argparse.ArgumentParser, *, runtime_default="deepsparse", batch_is="optimise for"):
     p.add_argument("--runtime", default=runtime_default,
                    help="engine to measure on: deepsparse | cuda-2:4 | table (default: %(default)s)")
     p.add_argument("-b", "--batch-size", type=int, default=None,
-                   help=f"batch size to {'measure at' if p.prog.endswith('benchmark') else 'optimise for'} "
+                   help=f"batch size to {batch_is} "
                         "(default: the batch the model's inputs fix, else 1)")
     p.add_argument("--cores", type=int, default=None, help="CPU cores the engine may use (default: all)")
     p.add_argument("--input-shape", action="append", metavar="NAME:D0xD1x...",
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="the model to compare against (e.g. the dense original)")
     p.add_argument("--rounds", type=int, default=15,
                    help="interleaved rounds, at least 3 for a median and its spread (default: %(default)s)")
-    _common(p)
+    _common(p, batch_is="measure at")
 
     p = sub.add_parser("sites", help="list the prunable sites and what is excluded by default")
     p.add_argument("model", help="ONNX file (only read)")
