@@ -118,10 +118,15 @@ SHAPE_OPS = ("Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast", "
 CHANNEL_OPS = ("Conv", "ConvTranspose", "Resize", "Upsample", "BatchNormalization", "InstanceNormalization")
 
 
-def _through_reshapes(model: onnx.ModelProto, tensor: str):
+def _producers(model: onnx.ModelProto) -> dict:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _through_reshapes(model: onnx.ModelProto, tensor: str, made: dict | None = None):
     """(the node that computes `tensor`, looking through reshapes and casts, or None; the tensor reached:
-    where that node's output, or a graph input or initializer when there is no such node)."""
-    made = {o: n for n in model.graph.node for o in n.output}
+    where that node's output, or a graph input or initializer when there is no such node). `made`:
+    _producers(model), when the caller looks up many tensors."""
+    made = made if made is not None else _producers(model)
     seen = set()
     node = made.get(tensor)
     while node is not None and node.op_type in SHAPE_OPS and node.input and tensor not in seen:
@@ -148,18 +153,19 @@ def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
       constant in the weights, so the search sees no difference between most profiles and the
       correction has no gradient;
     - a cache output (a KV cache's `present`: Concat of the past, from a graph input through ops no
-      pruning changes, and what this step computed) by what this step computed: the past is copied through, and on a 31-token past it was
-      31/32 of the output's energy, hiding the new token's error."""
+      pruning changes, and what this step computed) by what this step computed: the past is copied
+      through, and on a 31-token past it was 31/32 of the output's energy, hiding the new token's error."""
     inputs = {i.name for i in model.graph.input}
+    made = _producers(model)
     replaced = {}
     for out in model.graph.output:
-        node = producer_node(model, out.name)
+        node = _through_reshapes(model, out.name, made)[0]
         if node is None:
             continue
         if node.op_type in LABEL_OPS and node.input:
             replaced[out.name] = (node.input[0], "a label (ArgMax): the scores it is taken from")
         elif node.op_type == "Concat":
-            passed = [t for t in node.input if _weight_free(model, t, inputs)]
+            passed = [t for t in node.input if _weight_free(made, t, inputs)]
             computed = [t for t in node.input if t not in passed]
             if len(passed) == 1 and len(computed) == 1:
                 replaced[out.name] = (computed[0], "the input it copies through plus what this step computed: "
@@ -193,10 +199,10 @@ WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulInte
                 "QLinearConv")
 
 
-def _weight_free(model: onnx.ModelProto, tensor: str, inputs: set) -> bool:
+def _weight_free(made: dict, tensor: str, inputs: set) -> bool:
     """Whether `tensor` comes from graph inputs through ops that no pruning changes (a past cache through
-    a reshape, a transpose, a slice or a repeat for grouped heads): at least one input, no weighted op."""
-    made = {o: n for n in model.graph.node for o in n.output}
+    a reshape, a transpose, a slice or a repeat for grouped heads): at least one input, no weighted op.
+    `made`: _producers of the model."""
     stack, seen, reaches_input = [tensor], set(), False
     while stack:
         t = stack.pop()
