@@ -9,10 +9,14 @@ their own copies.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import re
+import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -68,6 +72,42 @@ SLOWNESS_LIMITS = (1.0, 2.5)    # never fast; over 2.5x is clipped: something ot
 # that skewed MiniLM-L6's tables were 1.4-2x.
 SLOWNESS_THRESHOLD = 1.3
 MAX_COMPILE_THREADS = 4
+BANNER = re.compile(r"DeepSparse(?: Engine)?, Copyright ")
+_first_compile = threading.Lock()
+_banner_pending = True
+
+
+@contextlib.contextmanager
+def banner_hidden_when_quiet():
+    """Around an engine compile: the first in this process prints DeepSparse's banner, which is left out
+    when our log hides info (-q). Why here: the engine's library writes it to file descriptor 2 itself,
+    below Python's sys.stderr and the engine's own log level (NM_LOGGING_LEVEL leaves it), so that
+    compile's stderr is caught in a file and every other line is passed on after it."""
+    global _banner_pending
+    _first_compile.acquire()   # other threads' compiles wait for the first one only
+    if not _banner_pending or log.isEnabledFor(logging.INFO):
+        _banner_pending = False
+        _first_compile.release()
+        yield
+        return
+    _banner_pending = False
+    try:
+        with tempfile.TemporaryFile() as caught:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            os.dup2(caught.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                caught.seek(0)
+                lines = caught.read().decode(errors="replace").splitlines(keepends=True)
+                sys.stderr.write("".join(line for line in lines if not BANNER.match(line)))
+                sys.stderr.flush()
+    finally:
+        _first_compile.release()
 
 
 def usable_cpus() -> int:
@@ -240,9 +280,10 @@ class DeepSparseRuntime:
         """The engine for one profiling run: every prunable layer timed as if `sparsity` of its weights
         were zeros."""
         try:
-            return DebugAnalysisEngine(model=str(model_path), batch_size=batch_size, num_cores=self.cores,
-                                       num_iterations=self.iterations, num_warmup_iterations=5,
-                                       imposed_ks=sparsity if sparsity > 0 else None)
+            with banner_hidden_when_quiet():
+                return DebugAnalysisEngine(model=str(model_path), batch_size=batch_size, num_cores=self.cores,
+                                           num_iterations=self.iterations, num_warmup_iterations=5,
+                                           imposed_ks=sparsity if sparsity > 0 else None)
         except Exception as exc:  # the engine's own errors are not ours to show as a stack trace
             raise SpdyError(f"DeepSparse could not run the model: {str(exc).strip().splitlines()[0]}") from None
 
@@ -420,7 +461,8 @@ class DeepSparseRuntime:
 
     def _engine(self, path, batch_size):
         try:
-            return Engine(model=str(path), batch_size=batch_size, num_cores=self.cores)
+            with banner_hidden_when_quiet():
+                return Engine(model=str(path), batch_size=batch_size, num_cores=self.cores)
         except Exception as exc:
             raise SpdyError(f"DeepSparse could not compile {os.path.basename(str(path))}: "
                             f"{str(exc).strip().splitlines()[0]}") from None

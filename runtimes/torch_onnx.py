@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 
 import numpy as np
@@ -43,6 +44,25 @@ ONNX_TO_TORCH = {
     TensorProto.BOOL: torch.bool,
 }
 SITE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def import_dynamo_without_cache_folder():
+    """Import torch._dynamo with its cache folder in a temporary folder of ours, removed after.
+
+    Why: the import, which torch.optim's optimizers and the 2:4 tensor classes trigger on first use,
+    makes $TMPDIR/torchinductor_<user> and leaves it there, empty: nothing here compiles, so nothing
+    is cached. Left alone when already imported, or when TORCHINDUCTOR_CACHE_DIR names a folder
+    (the user chose it)."""
+    if "torch._dynamo" in sys.modules or os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    from spdy_onnx.workdir import make_workdir
+    folder = make_workdir()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder.name
+    try:
+        import torch._dynamo  # noqa: F401
+    finally:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)   # torch sets it to the folder it made
+        folder.cleanup()
 
 
 class Unsupported(SpdyError):
@@ -697,6 +717,7 @@ class _ReferenceBackend:
 
 
 def _sparse_classes():
+    import_dynamo_without_cache_folder()   # the classes import it on first use
     import torch.sparse as ts
     return {"cusparselt": getattr(ts, "SparseSemiStructuredTensorCUSPARSELT", None),
             "cutlass": getattr(ts, "SparseSemiStructuredTensorCUTLASS", None),

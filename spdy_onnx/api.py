@@ -625,7 +625,8 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     pruned_share = float(times[:, 0].sum()) / table.dense_total_ms if table.dense_total_ms > 0 else None
     if max_speedup < required:
         raise InfeasibleTarget(target, max_speedup, margin=margin, pruned_share=pruned_share,
-                               table_note=_table_doubts(table), left_dense=_left_dense_summary(prep))
+                               table_note=_table_doubts(table), left_dense=_left_dense_summary(prep),
+                               rows_fixed=_rows_fixed(prep, sites) if max_speedup <= 1.01 else None)
     log.info("%d sites to choose for, %d left dense; largest achievable speedup %.3fx",
              len(sites), len(prep.excluded), max_speedup)
     fastest = None
@@ -636,7 +637,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         phases["fastest_check_s"] = time.perf_counter() - t0
         if fastest is not None and fastest * (1 + FASTEST_SLACK) < required:
             raise InfeasibleTarget(target, max_speedup, margin=margin, measured=fastest, pruned_share=pruned_share,
-                                   left_dense=_left_dense_summary(prep))
+                                   left_dense=_left_dense_summary(prep), rows_fixed=_rows_fixed(prep, sites))
 
     t0 = time.perf_counter()
     chooser = strategies.make_chooser(
@@ -720,6 +721,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     not_measured = None
     missed_aim = 0.0  # the highest aim whose candidate missed
     seen: dict[tuple, object] = {}
+    attempt_of: dict[tuple, int] = {}   # profile -> the attempt that measured it: its later records join it
     hits: list = []   # every profile that met the requirement as a draft: fallbacks for a corrected miss
     attempt = 0
     fallback = False
@@ -755,6 +757,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                                  "compiles %.3fx)", attempt, "a near miss" if near_miss else "a thin hit",
                                  comparison.speedup, required_speedup(target, margin, 2))
                 seen[key] = comparison
+                attempt_of[key] = attempt
             if comparison is None:
                 not_measured = (profile, predicted)
                 break
@@ -795,13 +798,14 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             break
         # correct the kept profile, and measure the file that will be written
         h_aim, profile, predicted, _, _ = hit
+        h_attempt = attempt_of.get(_profile_key(profile), attempt)   # the draft's: a later miss may follow it
         t0 = time.perf_counter()
         weights = chooser.final_weights(profile)
-        phases[f"correct_s_{attempt}"] = phases.get(f"correct_s_{attempt}", 0.0) + time.perf_counter() - t0
+        phases[f"correct_s_{h_attempt}"] = phases.get(f"correct_s_{h_attempt}", 0.0) + time.perf_counter() - t0
         if not chooser.corrects:   # the correction could not run here: the measured draft is the file
             break
         corrected = write_weights(prep.model, weights)
-        comparison = measure(attempt, h_aim, predicted, corrected, "corrected")
+        comparison = measure(h_attempt, h_aim, predicted, corrected, "corrected")
         if comparison is not None and meets(comparison):
             hit = (h_aim, profile, predicted, corrected, comparison)
             break
@@ -812,13 +816,13 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             # (re-searching would cost another correction for what is mostly compile-to-compile noise)
             both = pooled(hit[4], comparison)
             if comparison.speedup < target or not meets(both):
-                again = measure(attempt, h_aim, predicted, corrected, "corrected")
+                again = measure(h_attempt, h_aim, predicted, corrected, "corrected")
                 if again is not None:
                     both = pooled(both, again)
                     comparison = both
             if meets(both):
                 log.info("attempt %d: draft and corrected file pooled over %d compiles: %.3fx (requirement "
-                         "%.3fx)", attempt, compiles_in(both), both.speedup,
+                         "%.3fx)", h_attempt, compiles_in(both), both.speedup,
                          required_speedup(target, margin, compiles_in(both)))
                 attempts[-1]["pooled_speedup"] = both.speedup
                 hit = (h_aim, profile, predicted, corrected, both)
@@ -835,7 +839,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             hit = hits[0]
             fallback = True
             log.info("attempt %d: the corrected file missed; correcting the next profile that met the "
-                     "requirement as a draft (aim %.3fx, measured %.3fx)", attempt, hit[0], hit[4].speedup)
+                     "requirement as a draft (aim %.3fx, measured %.3fx)", h_attempt, hit[0], hit[4].speedup)
             continue
         hit = None
         seen = {}
@@ -859,8 +863,9 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
     loaded_warning = []
     if comparison is not None and meets(comparison) and comparison.foreign_load_cores > NOISY_CORES:
         kept_aim = hit[0] if hit is not None else aim
+        kept_attempt = attempt_of.get(_profile_key(profile), attempt)   # not the latest: a miss may follow it
         comparison, loaded_warning = _quiet_check(comparison, lambda: measure(
-            attempt, kept_aim, predicted, pruned, "quiet check"))
+            kept_attempt, kept_aim, predicted, pruned, "quiet check"))
         # the kept file missed on re-measuring: first a profile that met at a higher aim (more speed to
         # spare for the same load), then, while attempts remain, the profile of an aim raised by the
         # shortfall; a run that found hits, or has attempts left, should not end with nothing
@@ -871,6 +876,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                         key=lambda h: h[0], default=None)
             if spare is not None:
                 s_aim, s_profile, s_predicted = spare[:3]
+                s_attempt = attempt_of.get(_profile_key(s_profile), attempt)
                 why = f"the one that met at aim {s_aim:.3f}x ({spare[4].speedup:.3f}x as a draft)"
             elif attempt < max_attempts:
                 s_aim = _raised_aim(base_aim, base_aim, base_speed, required, max_speedup)
@@ -885,18 +891,19 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                     break
                 s_predicted = table.predicted_speedup(s_profile)
                 attempt += 1
+                s_attempt = attempt
                 why = f"the profile of aim {s_aim:.3f}x, raised by the shortfall"
             else:
                 break
             tried.add(_profile_key(s_profile))
             log.info("the kept profile missed when measured again under load; measuring %s", why)
             s_pruned = write_weights(prep.model, chooser.final_weights(s_profile))
-            again = measure(attempt, s_aim, s_predicted, s_pruned, "corrected" if chooser.corrects else "draft")
+            again = measure(s_attempt, s_aim, s_predicted, s_pruned, "corrected" if chooser.corrects else "draft")
             if again is None:
                 break
             warning = []
             if meets(again) and again.foreign_load_cores > NOISY_CORES:
-                again, warning = _quiet_check(again, lambda: measure(attempt, s_aim, s_predicted, s_pruned,
+                again, warning = _quiet_check(again, lambda: measure(s_attempt, s_aim, s_predicted, s_pruned,
                                                                      "quiet check"))
             if meets(again):
                 profile, predicted, pruned, comparison, loaded_warning = (s_profile, s_predicted, s_pruned,
@@ -955,6 +962,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             fastest_seen = None   # the engine can go faster than required: the search, not the engine, missed
         raise TargetMissed(target, measured, len(standing), best=max((v for _, v in standing), default=measured),
                            fastest=fastest_seen, batch_size=prep.batch_size,
+                           rows_fixed=_rows_fixed(prep, sites) if fastest_seen and prep.batch_size == 1 else None,
                            required=required_speedup(target, margin, compiles_in(comparison)) if comparison else required,
                            report_path=report_path)
     return rep
@@ -1007,6 +1015,19 @@ def _table_doubts(table) -> str:
         return ""
     return ("The latency table may be off: " + " and ".join(why) + "; profile again on a quieter machine "
             "(--no-cache) before concluding")
+
+
+def _rows_fixed(prep: Prepared, sites) -> dict[str, int] | None:
+    """{site: rows} when the graph fixes the rows of every site to prune, for a refusal about speed: a larger
+    --batch-size gives sparse kernels more rows to pay on only where the rows follow the batch, so it is
+    not suggested then. None when any site's rows follow the batch (or cannot be inferred)."""
+    fixed = graph.fixed_rows(prep.model, sites, prep.specs)
+    if fixed and len(fixed) < len(sites):
+        log.info("%d of %d sites multiply rows the graph fixes, not the batch (%s): a larger --batch-size "
+                 "does not speed those up", len(fixed), len(sites), ", ".join(printable(n, 60) for n in fixed))
+    if not sites or len(fixed) < len(sites):
+        return None
+    return {printable(name, 60): rows for name, rows in fixed.items()}
 
 
 def _left_dense_summary(prep: Prepared) -> str:

@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "samples each), zeros kept; 0 turns it off (default: %(default)s)")
     p.add_argument("--correct-budget", default=None, metavar="TIME",
                    help="time for the global correction (90s, 5m): each epoch tunes on as many of the 2048 "
-                        "samples as fit it, judged from two timed trial steps (default: 2m)")
+                        "samples as fit it, judged from two timed trial steps; training stops when it is "
+                        "spent (a cut epoch is judged like a whole one; the best, or no change, is kept) "
+                        "(default: 2m)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     p.add_argument("--max-attempts", type=int, default=6,
                    help="profiles measured end to end while searching the aim: re-solved higher after a miss, "

@@ -23,7 +23,7 @@ import onnx
 
 from spdy_onnx import calibrate, shorten
 from spdy_onnx.errors import SpdyError
-from spdy_onnx.evaluate import TINY_PROBABILITY, class_axis_last, compared_outputs
+from spdy_onnx.evaluate import TINY_PROBABILITY, class_axis_last, compared_outputs, output_weights
 from spdy_onnx.ort_session import make_session
 from spdy_onnx.ort_session import run as ort_run
 
@@ -124,6 +124,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     if len(loss_names) != len(dense_outputs):
         raise SpdyError(f"loss '{loss}' names {len(loss_names)} outputs; the model has {len(dense_outputs)} to compare")
     scales = list(loss_scales) if loss_scales is not None else [None] * len(loss_names)
+    shares = output_weights(model, dense_outputs)
     buckets = shorten.LengthBuckets(model, train[0])
     dense_sessions = {None: dense_session}   # length -> session of the dense model's short copy
 
@@ -222,9 +223,9 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
         return out
 
     def loss_of(ys, refs, mask):
-        """The mean over the compared outputs, as the search's evaluator scores them."""
+        """The weighted mean over the compared outputs, as the search's evaluator scores them."""
         values = [torch_loss(kind, y, ref, mask, scale) for kind, y, ref, scale in zip(loss_names, ys, refs, scales)]
-        return values[0] if len(values) == 1 else torch.stack(values).mean()
+        return values[0] if len(values) == 1 else sum(w * v for w, v in zip(shares, values))
 
     def train_step(opt, feed, ref, mask):
         value = loss_of(run(feed, True), ref, mask)
@@ -267,7 +268,9 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
         # timed on a batch of about the mean length: a step's cost is not proportional to its length
         probe = int(np.argmin(np.abs(lengths_of - lengths_of.mean())))
         cost = float(lengths_of.mean() / lengths_of[probe])
-        train = train[:_samples_in_time(train, hold, max_seconds, epochs, dense_output_of,
+        # the time left: the sessions and executors built above are part of the budget too
+        left = max(0.0, max_seconds - (time.perf_counter() - t_start))
+        train = train[:_samples_in_time(train, hold, left, epochs, dense_output_of,
                                         lambda f: run(f, False), step_seconds, cost=cost, probe=probe)]
     train_ref, hold_ref = targets(train), targets(hold)
     train_mask, hold_mask = masks_of(train), masks_of(hold)
@@ -280,7 +283,12 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     def snapshot():
         return [p.detach().clone() for p in params]
 
+    t0 = time.perf_counter()
     before = held_loss()
+    # training stops while an epoch's held-back check still fits the budget: a cut epoch is judged like
+    # a whole one, so the result is always a judged epoch or no change (the sizing above is an estimate)
+    deadline = None if max_seconds is None else t_start + max_seconds - (time.perf_counter() - t0)
+    out_of_time = False
     best, best_state, best_epoch = before, snapshot(), 0
     opt = _adam(params, lr)
     total_steps = epochs * len(train)
@@ -294,22 +302,35 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
         from tqdm import tqdm
         bar = tqdm(total=epochs * len(train), desc="global correction", unit="batch", leave=False)
     for epoch in range(1, epochs + 1):
-        running = 0.0
+        running, steps = 0.0, 0
         for i in rng.permutation(len(train)):
+            if deadline is not None and time.perf_counter() >= deadline:
+                out_of_time = True
+                break
             value = train_step(opt, train[i], train_ref[i], train_mask[i])
             sched.step()
             running += float(value.detach())
+            steps += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{running / (bar.n - (epoch - 1) * len(train)):.4f}", best=f"{best:.4f}")
+                bar.set_postfix(loss=f"{running / steps:.4f}", best=f"{best:.4f}")
+        if out_of_time:
+            log.info("global correction: --correct-budget (%.1f s) spent after %d of %d batches of epoch %d",
+                     max_seconds, steps, len(train), epoch)
+        if steps == 0:
+            break
         held = held_loss()
-        history.append({"epoch": epoch, "train_loss": running / len(train), "held_back_loss": held})
+        history.append({"epoch": epoch, "train_loss": running / steps, "held_back_loss": held})
+        if steps < len(train):
+            history[-1]["batches"] = steps
         log.info("global correction epoch %d: train loss %.4f, held-back loss %.4f (before %.4f)",
-                 epoch, running / len(train), held, before)
+                 epoch, running / steps, held, before)
         if not math.isfinite(held):
             break
         if held < best:
             best, best_state, best_epoch = held, snapshot(), epoch
+        if out_of_time:
+            break
     if bar is not None:
         bar.close()
     torch.random.set_rng_state(gen_state)
@@ -324,7 +345,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
             else:
                 result[init_name] = value.numpy().astype(np.float32).reshape(tuple(inits[init_name].dims))
     summary = {"loss_before": before, "loss_after": best, "best_epoch": best_epoch, "epochs": history,
-               "train_batches": len(train), "held_back_batches": len(hold), "lr": lr,
+               "train_batches": len(train), "held_back_batches": len(hold), "lr": lr, "out_of_time": out_of_time,
                "held_back": "validation data" if validation is not None else "calibration slice",
                "tuned_sites": sum(1 for s in slots if s[0] == "weight"),
                "seconds": time.perf_counter() - t_start}
@@ -357,6 +378,9 @@ def _adam(params, lr):
     """Adam, fused where this PyTorch has it for the CPU: on MiniLM-L6 the plain per-tensor loop over
     every kept weight cost more than the forward pass of a short sentence."""
     import torch
+
+    from spdy_onnx.runtimes.torch_onnx import import_dynamo_without_cache_folder
+    import_dynamo_without_cache_folder()   # an optimizer imports it, which leaves a folder in $TMPDIR
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
@@ -367,8 +391,9 @@ def _samples_in_time(train, hold, max_seconds, epochs, target, forward, step_sec
                      probe: int = 0) -> int:
     """How many training batches fit `max_seconds`: each costs one dense output (its target) and
     `epochs` training steps; the held-back batches get targets and are run before and after every epoch.
-    Batch `probe` is timed; `cost` is the mean batch's cost relative to it (cut feeds differ in length)."""
-    t0 = time.perf_counter()
+    Batch `probe` is timed; `cost` is the mean batch's cost relative to it (cut feeds differ in length).
+    At least one: a budget too small for it is honoured by the training loop, which stops when it is spent."""
+    t_begin = t0 = time.perf_counter()
     ref = target(train[probe])
     t_target = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -377,10 +402,11 @@ def _samples_in_time(train, hold, max_seconds, epochs, target, forward, step_sec
     t_step = step_seconds(train[probe], ref)
     fixed = len(hold) * cost * (t_target + (epochs + 1) * t_forward)
     per_batch = cost * (t_target + epochs * t_step)
-    n = int(max(0.0, max_seconds - fixed) // max(per_batch, 1e-9))
-    n = max(min(8, len(train)), min(len(train), n))
+    left = max_seconds - (time.perf_counter() - t_begin)   # the trial steps above count too
+    n = int(max(0.0, left - fixed) // max(per_batch, 1e-9))
+    n = max(1, min(len(train), n))
     if n < len(train):
-        log.info("global correction: %d of %d calibration batches per epoch fit %.0f s "
+        log.info("global correction: %d of %d calibration batches per epoch fit the %.1f s left "
                  "(one step %.2f s; --correct-budget raises it)", n, len(train), max_seconds, t_step)
     return n
 

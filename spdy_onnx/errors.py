@@ -8,13 +8,24 @@ class SpdyError(Exception):
 PRUNED_SHARE_NOTE = 0.6   # an infeasible target says how little of the time can be pruned, under this share
 
 
+def _rows_fixed_text(rows: dict[str, int]) -> str:
+    """Why a larger batch is not the advice: it gives sparse kernels more rows only where the rows follow
+    the batch, and the graph fixes every pruned site's rows (`rows`: {site: rows}, graph.fixed_rows)."""
+    named = ", ".join(f"'{name}' {n}" for name, n in list(rows.items())[:3]) + (", ..." if len(rows) > 3 else "")
+    return (f"a larger --batch-size would not help: the graph, not the batch, fixes the rows every pruned site "
+            f"multiplies ({named} rows at any batch size)")
+
+
 class InfeasibleTarget(SpdyError):
     def __init__(self, target: float, max_speedup: float, *, margin: float = 0.0, measured: float | None = None,
-                 pruned_share: float | None = None, table_note: str = "", left_dense: str = ""):
+                 pruned_share: float | None = None, table_note: str = "", left_dense: str = "",
+                 rows_fixed: dict[str, int] | None = None):
         """`measured`: the end-to-end speedup of that fastest profile, when it was measured;
         `pruned_share`: the share of the dense model's time in the sites that can be pruned;
         `table_note`: why the table itself may be wrong, when the refusal rests on it alone;
-        `left_dense`: why nodes are left dense, named when the pruned share is the limit."""
+        `left_dense`: why nodes are left dense, named when the pruned share is the limit;
+        `rows_fixed`: {site: rows} when the graph fixes every pruned site's rows: then a larger batch is
+        not suggested."""
         self.target = target
         self.max_speedup = max_speedup
         self.measured = measured
@@ -27,12 +38,18 @@ class InfeasibleTarget(SpdyError):
                          + (f" (with the {margin:g} margin, {measured / (1 + margin):.2f}x)" if margin > 0 else ""))
             else:
                 text += "pruning does not make this model faster on this engine at this batch size"
-            text += ", or try a larger --batch-size if you deploy one (sparse kernels pay more there)"
+            if rows_fixed:
+                text += f"; {_rows_fixed_text(rows_fixed)}"
+            else:
+                text += ", or try a larger --batch-size if you deploy one (sparse kernels pay more there)"
         else:
             text = (f"target {target:g}x is infeasible on this engine: the largest achievable speedup is "
                     f"{max_speedup:.3f}x (with every prunable site at its fastest measured level)")
             bounded = pruned_share is not None and pruned_share < 1 and 1 / (1 - pruned_share) < target
-            if max_speedup <= 1.01 and not bounded:   # when the pruned share is the limit, the batch is not
+            if max_speedup <= 1.01 and not bounded and rows_fixed:
+                text += ("; no sparsity level runs faster than dense here: the pruned layers are too small to "
+                         f"pay, and {_rows_fixed_text(rows_fixed)}")
+            elif max_speedup <= 1.01 and not bounded:   # when the pruned share is the limit, the batch is not
                 text += ("; no sparsity level runs faster than dense here: at this batch size the pruned "
                          "layers are too small to pay, try a larger --batch-size if you deploy one")
         if measured is None and target <= max_speedup < target * (1 + margin):
@@ -58,10 +75,11 @@ NEAR_TARGET = 0.03
 class TargetMissed(SpdyError):
     def __init__(self, target: float, measured: float, attempts: int, *, best: float | None = None,
                  fastest: tuple[float, float] | None = None, batch_size: int | None = None,
-                 required: float | None = None, report_path=None):
+                 required: float | None = None, report_path=None, rows_fixed: dict[str, int] | None = None):
         """`best`: the highest speedup measured; `fastest`: (predicted, measured) of the fastest profile the
         latency table allows, when it was tried: then the engine, not the search, is the limit;
-        `required`: what a measurement had to clear (the target plus the noise margin)."""
+        `required`: what a measurement had to clear (the target plus the noise margin);
+        `rows_fixed`: as for InfeasibleTarget."""
         self.target = target
         self.measured = measured
         self.best = measured if best is None else best
@@ -85,7 +103,9 @@ class TargetMissed(SpdyError):
                 text += (f" with the margin the guarantee needs (its measurements vary from compile to "
                          f"compile): ask for a little less, about {target / (1 + NEAR_TARGET):.2f}x, or "
                          "measure on a quieter machine")
-            if batch_size == 1:
+            if batch_size == 1 and rows_fixed:
+                text += f"; {_rows_fixed_text(rows_fixed)}"
+            elif batch_size == 1:
                 text += ", or try a larger --batch-size if you deploy one (sparse kernels pay more there)"
         where = f": {report_path}" if report_path is not None else ""
         super().__init__(text + f"; no model was written (see the report for every attempt{where})")

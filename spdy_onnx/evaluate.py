@@ -5,8 +5,10 @@ candidate is evaluated by feeding its weights, never by building a new session.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 
 import numpy as np
 import onnx
@@ -157,7 +159,7 @@ def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
       through, and on a 31-token past it was 31/32 of the output's energy, hiding the new token's error."""
     inputs = {i.name for i in model.graph.input}
     made = _producers(model)
-    replaced = {}
+    replaced, cache_parts = {}, []
     for out in model.graph.output:
         node = _through_reshapes(model, out.name, made)[0]
         if node is None:
@@ -170,6 +172,7 @@ def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
             if len(passed) == 1 and len(computed) == 1:
                 replaced[out.name] = (computed[0], "the input it copies through plus what this step computed: "
                                                    "that step's part")
+                cache_parts.append(computed[0])
     if not replaced:
         return model, {}
     m = onnx.ModelProto()
@@ -180,9 +183,13 @@ def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
         inferred = {}
     names = {o.name for o in m.graph.output}
     kept = [o for o in m.graph.output if o.name not in replaced]
-    for tensor in dict.fromkeys(t for t, _ in replaced.values()):
+    stands_for = {}
+    for output, (tensor, _) in replaced.items():
         if tensor in names and tensor not in replaced:
             continue
+        if tensor in stands_for:
+            continue
+        stands_for[tensor] = output
         info = onnx.ValueInfoProto()
         if tensor in inferred:
             info.CopyFrom(inferred[tensor])
@@ -191,7 +198,43 @@ def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
         kept.append(info)
     del m.graph.output[:]
     m.graph.output.extend(kept)
+    # read back by output_weights and output_names: the tensors compared no longer carry the outputs' names
+    for key, value in ((CACHE_PARTS_KEY, cache_parts), (STANDS_FOR_KEY, stands_for)):
+        entry = m.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
     return m, replaced
+
+
+CACHE_PARTS_KEY = "spdy_onnx.cache_parts"
+STANDS_FOR_KEY = "spdy_onnx.stands_for"
+
+
+def _metadata_json(model: onnx.ModelProto, key: str, default):
+    return next((json.loads(e.value) for e in model.metadata_props if e.key == key), default)
+
+
+def output_names(model: onnx.ModelProto, outputs: list[str]) -> list[str]:
+    """The graph output each compared tensor stands for (a cache's 'present.0.key' for this step's part of
+    it): what per-output losses are reported under."""
+    stands_for = _metadata_json(model, STANDS_FOR_KEY, {})
+    return [stands_for.get(name, name) for name in outputs]
+# a decoder's cache outputs as exporters name them: present.0.key, present_key_values, past_key_values.3
+CACHE_OUTPUT_NAME = re.compile(r"(^|[._/])(present|past_key_values?|present_key_values?)([._/0-9]|$)", re.IGNORECASE)
+
+
+def output_weights(model: onnx.ModelProto, outputs: list[str]) -> list[float]:
+    """Each compared output's share of the loss (summing to 1): equal, except that the cache outputs of
+    a KV-cache decoder (two per layer) share one output's share. Counted one by one, a 24-layer decoder's
+    48 caches made its logits 1/49 of the loss, and the search kept the key and value projections dense
+    while pruning the rest hard. Cache outputs: those compared_tensors cut to this step's part, and
+    outputs named like a cache (a decoder's first step has no past to concatenate)."""
+    marked = set(_metadata_json(model, CACHE_PARTS_KEY, []))
+    cache = [name in marked or bool(CACHE_OUTPUT_NAME.search(name)) for name in outputs]
+    n_cache = sum(cache)
+    if not n_cache or n_cache == len(outputs):
+        return [1.0 / len(outputs)] * len(outputs)
+    groups = len(outputs) - n_cache + 1
+    return [1.0 / (groups * n_cache) if c else 1.0 / groups for c in cache]
 
 
 # ops whose weights pruning changes: a tensor computed without any of them is the same in every profile
@@ -317,15 +360,16 @@ def compared_outputs(session) -> list[str]:
 
 
 def combined_loss(loss_names: list[str], refs: list[np.ndarray], outs: list[np.ndarray], mask,
-                  scales: list | None = None) -> float:
-    """Mean over the compared outputs of each one's loss (KL or normalised MSE, see choose_loss);
-    `scales`: per output, the per-sample energy an MSE is normalised by (centred_scale), or None."""
+                  scales: list | None = None, weights: list | None = None) -> float:
+    """Mean over the compared outputs of each one's loss (KL or normalised MSE, see choose_loss), weighted
+    by `weights` (output_weights) when given; `scales`: per output, the per-sample energy an MSE is
+    normalised by (centred_scale), or None."""
     values = []
     for i, (name, ref, out) in enumerate(zip(loss_names, refs, outs)):
         kind, ref, out = class_axis_last(name, *_real_tokens(ref, out, mask))
         scale = scales[i] if scales else None
         values.append(normalised_mse(ref, out, scale) if kind == "mse" else LOSSES[kind](ref, out))
-    return float(np.mean(values))
+    return float(np.dot(weights, values)) if weights is not None else float(np.mean(values))
 
 
 def _real_tokens(ref: np.ndarray, out: np.ndarray, mask):
@@ -346,6 +390,7 @@ class Evaluator:
         self._graph_with_inputs, self._threads = m, threads
         self.session = make_session(m, threads=threads)
         self.outputs = compared_outputs(self.session)
+        self.output_weights = output_weights(model, self.outputs)
         self.batch_size = next(iter(specs.values()))[0][0]
         self.data = data
         dense = {s.weight: database.weight(s.name, 0) for s in sites}
@@ -414,11 +459,16 @@ class Evaluator:
     def loss_of_weights(self, weights: dict) -> float:
         """The loss of arbitrary weights {initializer: array} (not memoised). Initializers that are not
         site weights (biases a correction tuned) cost one extra session."""
-        return float(np.mean(list(self.output_losses(weights).values())))
+        return self.combined(self.output_losses(weights))
+
+    def combined(self, per_output: dict[str, float]) -> float:
+        """The loss from output_losses' figures: their mean weighted as the search weighs them."""
+        return float(np.dot(self.output_weights, list(per_output.values())))
 
     def output_losses(self, weights: dict) -> dict[str, float]:
-        """{compared output: its loss} for arbitrary weights, as loss_of_weights: a model with several
-        heads can keep most of them and lose one, which the mean hides."""
+        """{output: its loss} for arbitrary weights, as loss_of_weights, under the names of the graph
+        outputs compared (output_names): a model with several heads can keep most of them and lose one,
+        which the mean hides."""
         inputs = set(self.weight_names)
         extra = {k: v for k, v in weights.items() if k not in inputs}
         sessions = self.sessions
@@ -431,7 +481,8 @@ class Evaluator:
                      for kind, r, o, scale in zip(self.loss_names, ref, outs, self.scales)]
                     for item, ref, mask in zip(self.feeds, self.reference, self.masks)
                     for outs in [self._run(item, fed, sessions)]]
-        return dict(zip(self.outputs, (float(v) for v in np.mean(per_feed, axis=0))))
+        return dict(zip(output_names(self._graph_with_inputs, self.outputs),
+                        (float(v) for v in np.mean(per_feed, axis=0))))
 
     def weights_of(self, picks) -> dict:
         """The database weights of a profile, {initializer: array}."""
@@ -446,7 +497,8 @@ class Evaluator:
         if key in self._memo:
             return self._memo[key]
         weights = self._weights(key)
-        values = [combined_loss(self.loss_names, ref, self._run(item, weights), mask, self.scales)
+        values = [combined_loss(self.loss_names, ref, self._run(item, weights), mask, self.scales,
+                                self.output_weights)
                   for item, ref, mask in zip(self.feeds, self.reference, self.masks)]
         value = float(np.mean(values))
         if not math.isfinite(value):   # outputs that overflow: the worst candidate, never the best

@@ -395,6 +395,44 @@ def read_weights(model: onnx.ModelProto, sites: list[Site]) -> dict[str, np.ndar
     return {s.name: arrays[s.weight] for s in sites}
 
 
+def _row_dims(site: Site, out_shape: list) -> list:
+    """The dims of a site's output that count its rows (what a sparse kernel multiplies the weight by):
+    all but the output channels (the last for MatMul/Gemm, the second for Conv)."""
+    if site.op_type == "Conv":
+        return out_shape[:1] + out_shape[2:]
+    return out_shape[:-1]
+
+
+def fixed_rows(model: onnx.ModelProto, sites: list[Site], specs: dict) -> dict[str, int]:
+    """{site name: rows} for the sites whose rows the graph fixes whatever the batch (a Reshape to heads,
+    beams or a constant count): a larger --batch-size gives those no more rows to pay for sparse kernels.
+    Found by shape inference with the batch symbolic and the other input dims from `specs`; sites whose
+    rows follow the batch, or whose shapes cannot be inferred, are left out."""
+    from spdy_onnx.modelio import with_static_inputs
+    m = with_static_inputs(model, specs)
+    for value in m.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].dim_param = "batch"
+    del m.graph.value_info[:]   # shapes an exporter recorded at its own batch (outputs of batch 1) would stick
+    for value in m.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True).graph
+    except Exception as exc:   # a model over 2 GB, an op the checker does not know: no claim either way
+        log.debug("shape inference for the batch hint failed: %s", exc)
+        return {}
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                       for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.value_info) + list(inferred.output) if v.type.tensor_type.HasField("shape")}
+    rows = {}
+    for site in sites:
+        dims = _row_dims(site, shapes.get(site.output) or [])
+        if dims and all(dims):
+            rows[site.name] = int(np.prod(dims))
+    return rows
+
+
 FOLDABLE_OPS = ("Add", "Sub", "Mul", "Div", "BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid",
                 "HardSigmoid", "HardSwish", "Tanh", "Erf", "Identity")
 

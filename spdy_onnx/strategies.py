@@ -95,7 +95,7 @@ class Chooser:
                 per_output = self.evaluator.output_losses(final)
                 if tuned:
                     out["calibration_loss_before_correction"] = out["calibration_loss"]
-                    out["calibration_loss"] = float(np.mean(list(per_output.values())))
+                    out["calibration_loss"] = self.evaluator.combined(per_output)
                 if len(per_output) > 1:
                     out["calibration_loss_per_output"] = per_output
             if self.correction_summary is not None and corrected:

@@ -595,6 +595,33 @@ def test_a_kept_profile_that_misses_its_quiet_check_raises_the_aim_while_attempt
         api.optimize(model_path, target=1.5, output=tmp_path / "p.onnx", max_attempts=1, **kw)
 
 
+def test_the_quiet_check_is_recorded_under_the_attempt_of_the_kept_profile(scripted, model_path, tmp_path,
+                                                                           monkeypatch):
+    """The first profile meets with speed to spare, the lower aim's misses, and the first is kept: its
+    quiet check belongs to attempt 1, not to the missed attempt 2, whose standing it used to take over."""
+    real = ScriptedRuntime.compare
+    efficiency = iter([1.1, 0.9, 1.1])
+
+    def loaded(self, baseline, candidate, **k):
+        c = real(self, baseline, candidate, **k)
+        if "candidate" in str(candidate):   # the files of attempts; under load but for the quiet check
+            c.candidate_ms /= next(efficiency)
+            c.foreign_load_cores = 0.0 if str(candidate).endswith("q.onnx") else 1.3
+        return c
+    scripted.efficiency = 1.0
+    monkeypatch.setattr(ScriptedRuntime, "compare", loaded)
+    rep = api.optimize(model_path, target=2.0, runtime="scripted", output=tmp_path / "o.onnx",
+                       cache_dir=tmp_path / "c", progress=False, max_attempts=2)
+    rows = rep["attempts"]
+    assert rep["status"] == "met" and [a["attempt"] for a in rows] == [1, 2, 1]
+    first, quiet = rows[0], rows[-1]
+    assert quiet["measurement"]["foreign_load_cores"] == 0.0 and rows[1]["measured_speedup"] < 2.0 * 1.02
+    assert (quiet["aimed_speedup"], quiet["predicted_speedup"]) == (first["aimed_speedup"], first["predicted_speedup"])
+    assert rep["measured_speedup"] == quiet["measured_speedup"]
+    standing = dict((a["attempt"], v) for a, v in api.standing_measurements(rows))
+    assert standing == {1: quiet["measured_speedup"], 2: rows[1]["measured_speedup"]}
+
+
 def test_a_refusal_on_a_noisy_table_says_the_table_may_be_off():
     """A refusal that rests on the table alone: when the table was profiled under load or its dense time
     moved, the message says so and how to check (a noisy dense time once refused a model that ran 1.88x)."""
