@@ -283,8 +283,20 @@ def _check_table_shapes(prep: Prepared, table: LatencyTable, path) -> None:
                         "profile with the same --input-shape as this run")
 
 
-def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=None,
-                  use_cache: bool = True, feeds=None, level_context: bool = False) -> LatencyTable:
+def latency_table(prep: Prepared, **kw) -> LatencyTable:
+    """The table (see _table_of), with the sites that share a weight tied to one level like a fused group:
+    one array cannot hold two sparsities."""
+    table = _table_of(prep, **kw)
+    shared = graph.shared_weight_groups(prep.sites)
+    if shared and table.tie(shared):
+        log.info("%d weight(s) shared by several sites, each pruned at one level: %s", len(shared),
+                 "; ".join(f"{len(g)} sites from {printable(g[0], 60)}" for g in shared[:3])
+                 + (" ..." if len(shared) > 3 else ""))
+    return table
+
+
+def _table_of(prep: Prepared, *, levels=None, latency_table=None, cache_dir=None,
+              use_cache: bool = True, feeds=None, level_context: bool = False) -> LatencyTable:
     """The table from --latency-table, else from the cache, else measured on the engine and cached.
 
     `level_context` also times the low levels among pruned neighbours (spdy_onnx.context)."""

@@ -346,9 +346,12 @@ def _run(args) -> int:
             excluded.update(unprunable)
             # whole names: they are what --exclude and --include match
             width = max([48] + [len(s.name) for s in sites] + [len(n) for n in unprunable])
+            sharing = {n: len(g) for g in graph.shared_weight_groups(sites) for n in g}
             for s in sites:
                 why = excluded.get(s.name, "")
-                print(f"{s.name:{width}s} {s.op_type:7s} {s.n_weights:10d}  {('dense: ' + why) if why else 'prunable'}")
+                shared = f" (its weight shared by {sharing[s.name]} sites: one level)" if s.name in sharing else ""
+                print(f"{s.name:{width}s} {s.op_type:7s} {s.n_weights:10d}  "
+                      f"{('dense: ' + why) if why else 'prunable' + shared}")
             for name, why in unprunable.items():
                 if name not in {s.name for s in sites}:
                     print(f"{name:{width}s} {'':7s} {'':10s}  dense: {why}")

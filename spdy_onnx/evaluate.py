@@ -447,8 +447,14 @@ class Evaluator:
         return run((sessions or self.sessions)[n], self.outputs, {**feed, **weights})
 
     def _weights(self, picks) -> dict:
-        out = {}
+        # a weight several sites share holds their sparsest pick: pruning it for one prunes it for all (the
+        # solver ties them; a one-site curve of the per-site losses is the only other case)
+        sparsest = {}
         for site, j in zip(self.sites, picks):
+            if site.weight not in sparsest or int(j) > sparsest[site.weight][1]:
+                sparsest[site.weight] = (site, int(j))
+        out = {}
+        for site, j in sparsest.values():
             hit = self._cached.get(site.name)
             if hit is None or hit[0] != int(j):
                 hit = (int(j), self.database.weight(site.name, int(j)))

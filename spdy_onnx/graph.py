@@ -172,16 +172,20 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
     """All prunable sites, and {node name: reason} for constant-weight nodes that cannot be pruned.
 
     Only main-graph nodes are sites. Conv/Gemm/MatMul inside control-flow subgraphs (If/Loop/Scan) are
-    left dense and listed with that reason. A weight read by more than one node (including reads from
-    inside a subgraph) or that is also a graph output is left dense at every node that uses it: it is
-    never pruned for one user and silently changed for another.
+    left dense and listed with that reason. A weight that several nodes of one kind read directly, as
+    their weight (ALBERT's layers, DeBERTa's shared key projection, a siamese tower), is a site at each of
+    them, tied to one level and reconstructed once (shared_weight_groups). Any other weight read by more
+    than one node (including reads from inside a subgraph) or that is also a graph output is left dense at
+    every node that uses it: it is never pruned for one user and silently changed for another.
     """
     inits = {t.name: t for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, int] = {}
+    readers: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
+            readers.setdefault(name, []).append(node)
     subgraph_reads: dict[str, int] = {}
     for node in model.graph.node:
         for _, sub in _subgraphs(node):
@@ -269,8 +273,9 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
             unprunable[name] = (f"weight '{printable(tensor, 80)}' is shared with a node inside a control-flow "
                                 "subgraph: left dense")
             continue
-        if any(consumers.get(t, 0) > 1 for t in chain_tensors):
-            unprunable[name] = f"weight '{printable(tensor, 80)}' is shared by several nodes: left dense"
+        if any(consumers.get(t, 0) > 1 for t in chain_tensors) and (fixed_chain or not _read_alike(readers[tensor])):
+            unprunable[name] = (f"weight '{printable(tensor, 80)}' is shared by several nodes, not all of them "
+                                f"{node.op_type}s reading it directly as their weight: left dense")
             continue
         site = Site(
             name=name, op_type=node.op_type, output=node.output[0], weight=tensor, weight_shape=shape,
@@ -326,6 +331,25 @@ def _chain_tensors(start: str, producers: dict, stop: str) -> list[str]:
     return tensors
 
 
+def _read_alike(nodes) -> bool:
+    """Whether nodes that read one weight can share its pruning: all Conv, Gemm or MatMul of the same
+    kind and attributes, each reading it once, as its weight (so one matrix view fits all)."""
+    first = nodes[0]
+    kinds = {(n.op_type, n.domain, tuple(sorted((k, str(v)) for k, v in _attrs(n).items()))) for n in nodes}
+    return (first.op_type in PRUNABLE_OPS and len(kinds) == 1
+            and all(len(n.input) >= 2 and list(n.input).count(first.input[1]) == 1 for n in nodes)
+            and len({n.input[1] for n in nodes}) == 1)
+
+
+def shared_weight_groups(sites: list[Site]) -> list[list[str]]:
+    """Names of the sites that share one weight, per weight read by more than one: each group is pruned
+    at one level (the solver ties them) from one reconstruction."""
+    by_weight: dict[str, list[str]] = {}
+    for s in sites:
+        by_weight.setdefault(s.weight, []).append(s.name)
+    return [names for names in by_weight.values() if len(names) > 1]
+
+
 def select_sites(sites: list[Site], *, exclude: list[str] | None = None, include: list[str] | None = None,
                  min_weights: int = DEFAULT_MIN_WEIGHTS,
                  unprunable: dict[str, str] | None = None) -> tuple[list[Site], dict[str, str]]:
@@ -367,6 +391,15 @@ def select_sites(sites: list[Site], *, exclude: list[str] | None = None, include
             excluded[site.name] = f"tiny ({site.n_weights} weights < {min_weights}): left dense by default"
         else:
             chosen.append(site)
+    # a weight shared with a node left dense stays dense everywhere: pruning it would change that node too
+    chosen_names = {s.name for s in chosen}
+    for group in shared_weight_groups(sites):
+        dense = [n for n in group if n not in chosen_names]
+        if dense and len(dense) < len(group):
+            for n in group:
+                if n in chosen_names:
+                    excluded[n] = f"shares its weight with '{printable(dense[0], 60)}', which is left dense: left dense"
+            chosen = [s for s in chosen if s.name not in excluded]
     if both:
         log.warning("%d site(s) match both --include and --exclude, and --exclude wins: %s", len(both),
                     ", ".join(printable(n, 60) for n in both[:5]) + (" ..." if len(both) > 5 else ""))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from spdy_onnx import cache, calibrate, obs
+from spdy_onnx import cache, calibrate, graph, obs
 from spdy_onnx.database import MagnitudeDatabase
 from spdy_onnx.tables import new_file_mode
 
@@ -101,14 +101,32 @@ def build_database(prep, sites, sources: dict, levels: list[float], data: dict, 
     t0 = time.perf_counter()
     hess = calibrate.hessians(prep.calibration_model, supported, data, prep.batch_size, progress=progress) if supported else {}
     t1 = time.perf_counter()
+    hess = _shared_hessians(hess, sites)
+    built: dict[str, np.ndarray] = {}   # weight -> its stack: sites that share a weight get one reconstruction
     for site in tqdm(todo, desc="reconstructing", unit="site", disable=not progress, leave=False):
-        stack = _reconstruct_site(site, sources[site.name], hess.get(site.name), levels, pattern, damp)
-        _save_npy_atomic(_site_file(folder, site.name), stack)
+        if site.weight not in built:
+            built[site.weight] = _reconstruct_site(site, sources[site.name], hess.get(site.name), levels, pattern, damp)
+        _save_npy_atomic(_site_file(folder, site.name), built[site.weight])
     if timings is not None:
         timings.update(hessians_s=t1 - t0, reconstruction_s=time.perf_counter() - t1)
     (folder / "manifest.json").write_text(json.dumps(
         {"sites": [s.name for s in sites], "levels": levels, "method": method, "pattern": pattern}, indent=1))
     return db
+
+
+def _shared_hessians(hess: dict, sites) -> dict:
+    """Each site that shares its weight gets the sum of its group's Hessians (each a mean over its own
+    rows): one pruned weight serves all of them, so it minimises their summed output errors. A group
+    with a member lacking a Hessian gets none (magnitude pruning, the same for all)."""
+    out = dict(hess)
+    for group in graph.shared_weight_groups(sites):
+        parts = [hess.get(name) for name in group]
+        total = None if any(h is None for h in parts) else sum(np.asarray(h, dtype=np.float64) for h in parts)
+        for name in group:
+            out.pop(name, None)
+            if total is not None:
+                out[name] = total
+    return out
 
 
 def _unit_scale(h: np.ndarray) -> np.ndarray | None:

@@ -309,7 +309,13 @@ def single_site_losses(evaluator, n_levels: int, *, levels=None, progress=True) 
     bar = tqdm(total=n_sites * len(levels), desc="per-site losses", unit="eval", disable=not progress,
                leave=False)
     points = np.array([0] + levels)
+    # sites that share a weight are one pruning, priced once (on the first): the solver sums a tied group
+    weights = [getattr(site, "weight", None) for site in evaluator.sites]
+    repeats = {i for i, w in enumerate(weights) if w is not None and w in weights[:i]}
+    bar.total -= len(repeats) * len(levels)
     for i in range(n_sites):
+        if i in repeats:
+            continue
         values = [0.0]
         for j in levels:
             values.append(max(0.0, evaluator.loss(one_site(n_sites, i, j)) - base))

@@ -804,3 +804,22 @@ def test_measured_curves_leave_most_of_a_small_budget_to_local_search():
 class _Named:
     def __init__(self, i):
         self.name = f"s{i}"
+
+
+def test_per_site_losses_price_a_shared_weight_once():
+    """Sites that share a weight are one pruning: its loss curve sits on the first of them, and the others'
+    are zero, so that the solver's sum over the tied group counts it once (and nothing is evaluated twice)."""
+    from types import SimpleNamespace
+
+    class SharedEvaluator:
+        sites = [SimpleNamespace(weight="w"), SimpleNamespace(weight="w"), SimpleNamespace(weight="v")]
+        calls = []
+
+        def loss(self, picks):
+            self.calls.append(tuple(int(j) for j in picks))
+            return float(max(picks[0], picks[1]) + 2 * picks[2])
+
+    ev = SharedEvaluator()
+    errors = single_site_losses(ev, 3, progress=False)
+    np.testing.assert_array_equal(errors, [[0, 1, 2], [0, 0, 0], [0, 2, 4]])
+    assert not any(c[1] for c in ev.calls)

@@ -125,7 +125,7 @@ def test_no_prunable_site_gives_the_reasons(tmp_path, capsys):
     from onnx import numpy_helper
     w = numpy_helper.from_array(np.ones((16, 16), np.float32), "w_shared")
     p = _save(tmp_path, "shared.onnx", [helper.make_node("MatMul", ["x", "w_shared"], ["h"], name="first"),
-                                        helper.make_node("MatMul", ["h", "w_shared"], ["y"], name="second")], [w])
+                                        helper.make_node("Gemm", ["h", "w_shared"], ["y"], name="second")], [w])
     err = expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="no prunable site")
     assert "first: weight 'w_shared' is shared by several nodes" in err
 

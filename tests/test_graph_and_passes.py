@@ -130,11 +130,32 @@ def test_no_constant_weight_is_silently_absent():
     assert "scores" not in unprunable
 
 
-def test_shared_weight_is_left_dense_with_reason():
+def test_a_weight_several_matmuls_read_is_one_group_of_sites():
+    """A weight that several nodes of one kind read directly (ALBERT's layers, a siamese tower) is a site
+    at each, grouped: one level and one reconstruction for all. Read also by another kind of node (a
+    Gather of tied embeddings, a Gemm) or through a Transpose, it stays dense with the reason; and a node
+    the user leaves dense keeps the shared weight dense at the others."""
+    from onnx import helper, numpy_helper
     model = tiny.mlp(width=32, depth=3, seq=2, weight_form="shared")
     sites, unprunable = graph.find_sites(model)
-    assert not sites
-    assert all("shared" in why for why in unprunable.values()) and len(unprunable) == 3
+    assert [s.name for s in sites] == ["matmul_0", "matmul_1", "matmul_2"] and not unprunable
+    assert graph.shared_weight_groups(sites) == [["matmul_0", "matmul_1", "matmul_2"]]
+    chosen, excluded = graph.select_sites(sites, exclude=["matmul_1"], min_weights=0)
+    assert chosen == [] and excluded["matmul_1"] == "excluded by --exclude"
+    assert excluded["matmul_0"] == "shares its weight with 'matmul_1', which is left dense: left dense"
+
+    w = numpy_helper.from_array(np.ones((16, 16), np.float32), "w")
+    for other in (helper.make_node("Gemm", ["x", "w"], ["y"], name="other"),
+                  helper.make_node("Gather", ["w", "ids"], ["y"], name="other"),
+                  helper.make_node("Transpose", ["w"], ["y"], name="other")):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), other]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [16, 16]),
+                                           helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [w])
+        sites, unprunable = graph.find_sites(helper.make_model(g))
+        assert sites == []
+        assert "is shared by several nodes, not all of them MatMuls reading it directly" in unprunable["mm"]
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.97])

@@ -188,7 +188,11 @@ def test_the_console_names_nodes_left_dense_that_are_not_sites(scripted, tmp_pat
     """Weights shared by several nodes (DeBERTa-v3's query and key) were only in the report: the console's
     site table simply did not have them."""
     path = tmp_path / "shared.onnx"
-    onnx.save(tiny.mlp(width=64, depth=4, seq=4, weight_form="shared", hidden=128), path)
+    model = tiny.mlp(width=64, depth=4, seq=4, weight_form="shared", hidden=128)
+    shared = next(n for n in model.graph.node if n.op_type == "MatMul" and n.name == "matmul_2")
+    model.graph.node.insert(0, onnx.helper.make_node("Transpose", [shared.input[1]], ["w_t"], perm=[1, 0]))
+    shared.input[1] = "w_t"      # read through a Transpose by one node and directly by the others: left dense
+    onnx.save(model, path)
     code = main(["optimize", str(path), "--target", "1.3x", "--runtime", "scripted", "--min-weights", "0", "-q",
                  "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "o.onnx")])
     out = capsys.readouterr().out

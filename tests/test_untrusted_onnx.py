@@ -2,6 +2,7 @@
 `spdy-onnx: error: ...` line, never a traceback, and nothing is read or written outside what the user
 named. Runs through `spdy_onnx.cli.main`, on the replayed-table runtime unless DeepSparse is the point.
 """
+import json
 import os
 import sys
 from pathlib import Path
@@ -448,26 +449,30 @@ def test_dequantizelinear_weight_is_left_dense_with_reason(work, capsys):
     assert wq.raw_data == {t.name: t for t in model.graph.initializer}["wq"].raw_data
 
 
-def shared_model():
-    """matmul_0 and matmul_1 read the same weight w0; matmul_2 has its own."""
+def shared_model(through_transpose: bool = True):
+    """matmul_0 and matmul_1 read the same weight w0 (matmul_1 through a Transpose, or directly);
+    matmul_2 has its own."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), n)
              for n in ("w0", "w2")]
     nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="matmul_0"),
-             helper.make_node("MatMul", ["h0", "w0"], ["h1"], name="matmul_1"),
+             helper.make_node("MatMul", ["h0", "w0t" if through_transpose else "w0"], ["h1"], name="matmul_1"),
              helper.make_node("MatMul", ["h1", "w2"], ["y"], name="matmul_2")]
+    if through_transpose:
+        nodes.insert(1, helper.make_node("Transpose", ["w0"], ["w0t"], perm=[1, 0]))
     return matmul_graph(nodes, inits, "shared")
 
 
 def test_shared_weight_is_left_dense_with_reason(work, capsys):
-    """A weight used by two nodes is excluded (never pruned for one user behind the other's back)."""
+    """A weight two nodes read in different ways (one through a Transpose) is excluded: one pruned array
+    cannot serve both views, and it is never pruned for one user behind the other's back."""
     model = shared_model()
     path = save(model, work / "m.onnx")
     code, errors, out = cli(capsys, "sites", path, "--min-weights", "0")
     assert code == 0 and not errors
     for name in ("matmul_0", "matmul_1"):
         line = next(line for line in out.splitlines() if line.startswith(name))
-        assert "dense: weight 'w0' is shared by several nodes: left dense" in line
+        assert "dense: weight 'w0' is shared by several nodes, not all of them MatMuls reading it directly" in line
     table = table_for(model, work / "t.json")
     code, errors, _ = cli(capsys, "optimize", path, "--target", "1.2x", "--runtime", "table", "--latency-table",
                           table, "-q", "-o", work / "out.onnx", "--min-weights", "0")
@@ -475,6 +480,24 @@ def test_shared_weight_is_left_dense_with_reason(work, capsys):
     pruned = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(work / "out.onnx")).graph.initializer}
     np.testing.assert_array_equal(pruned["w0"], numpy_helper.to_array(model.graph.initializer[0]))
     assert sparsity_of(pruned["w2"]) > 0
+
+
+def test_a_weight_two_matmuls_read_directly_is_pruned_once_at_one_level(work, capsys):
+    """Two MatMuls reading one weight directly are two sites tied to one level: the file holds one pruned
+    array for both, and the report gives them the same level."""
+    model = shared_model(through_transpose=False)
+    path = save(model, work / "m.onnx")
+    code, _, out = cli(capsys, "sites", path, "--min-weights", "0")
+    assert code == 0 and "prunable (its weight shared by 2 sites: one level)" in out
+    table = table_for(model, work / "t.json")
+    code, errors, _ = cli(capsys, "optimize", path, "--target", "1.5x", "--runtime", "table", "--latency-table",
+                          table, "-q", "-o", work / "out.onnx", "--min-weights", "0", "--strategy", "spdy")
+    assert code == 0 and not errors
+    pruned = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(work / "out.onnx")).graph.initializer}
+    rep = json.loads((work / "out.report.json").read_text())
+    levels = {s["name"]: s["sparsity"] for s in rep["sites"]}
+    assert levels["matmul_0"] == levels["matmul_1"] > 0
+    assert sparsity_of(pruned["w0"]) == pytest.approx(levels["matmul_0"], abs=0.02)
 
 
 def test_weight_that_is_also_a_graph_output_is_left_dense():
