@@ -283,20 +283,8 @@ def _check_table_shapes(prep: Prepared, table: LatencyTable, path) -> None:
                         "profile with the same --input-shape as this run")
 
 
-def latency_table(prep: Prepared, **kw) -> LatencyTable:
-    """The table (see _table_of), with the sites that share a weight tied to one level like a fused group:
-    one array cannot hold two sparsities."""
-    table = _table_of(prep, **kw)
-    shared = graph.shared_weight_groups(prep.sites)
-    if shared and table.tie(shared):
-        log.info("%d weight(s) shared by several sites, each pruned at one level: %s", len(shared),
-                 "; ".join(f"{len(g)} sites from {printable(g[0], 60)}" for g in shared[:3])
-                 + (" ..." if len(shared) > 3 else ""))
-    return table
-
-
-def _table_of(prep: Prepared, *, levels=None, latency_table=None, cache_dir=None,
-              use_cache: bool = True, feeds=None, level_context: bool = False) -> LatencyTable:
+def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=None,
+                  use_cache: bool = True, feeds=None, level_context: bool = False) -> LatencyTable:
     """The table from --latency-table, else from the cache, else measured on the engine and cached.
 
     `level_context` also times the low levels among pruned neighbours (spdy_onnx.context)."""
@@ -481,10 +469,19 @@ UNTIMED = "the engine does not time this node separately: left dense"
 
 
 def _restrict_to_table(prep: Prepared, table: LatencyTable) -> list:
-    """Sites the table has times for; the rest stay dense, with the reason recorded."""
+    """Sites the table has times for; the rest stay dense, with the reason recorded. Sites that share a
+    weight are tied to one level (table.shared_groups): one array holds one sparsity. A site the engine
+    does not time (its time is inside another layer's) that shares a timed site's weight is kept, with no
+    time of its own: its weight is pruned with the other's anyway, and the sum of their Hessians
+    reconstructs it (DeBERTa's key projection, also applied to the relative positions)."""
     kept = []
+    timed_weights = {s.weight for s in prep.sites if s.name in table.times}
     for site in prep.sites:
         if site.name in table.times:
+            kept.append(site)
+        elif site.weight in timed_weights:
+            table.times[site.name] = [0.0] * len(table.levels)
+            table.riders.add(site.name)
             kept.append(site)
         else:
             prep.excluded[site.name] = UNTIMED
@@ -498,6 +495,12 @@ def _restrict_to_table(prep: Prepared, table: LatencyTable) -> list:
             else:
                 prep.excluded[site.name] = why
         kept = eligible_sites
+    table.shared_groups = graph.shared_weight_groups(kept)
+    if table.shared_groups:
+        weight_of = {s.name: s.weight for s in kept}
+        log.info("%d weight(s) shared by several sites, each pruned at one level: %s", len(table.shared_groups),
+                 "; ".join(f"'{printable(weight_of[g[0]], 40)}' by {len(g)}" for g in table.shared_groups[:4])
+                 + (" ..." if len(table.shared_groups) > 4 else ""))
     return kept
 
 
@@ -1139,8 +1142,9 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
             per_site.append({"name": site.name, "op_type": site.op_type, "sparsity": 0.0,
                              "dense_ms": row[0] if row else None, "ms_at_chosen": row[0] if row else None,
                              "n_weights": site.n_weights, "excluded": prep.excluded.get(site.name, "")})
-    total_w = sum(s.n_weights for s in sites)
-    mean_sparsity = sum(levels[profile[s.name]] * s.n_weights for s in sites) / total_w if total_w else 0.0
+    distinct = list({s.weight: s for s in sites}.values())   # a weight several sites share counts once
+    total_w = sum(s.n_weights for s in distinct)
+    mean_sparsity = sum(levels[profile[s.name]] * s.n_weights for s in distinct) / total_w if total_w else 0.0
     return {
         "status": status, "target": target, "margin": margin, "required_speedup": required_speedup(target, margin),
         # the measurement kept may pool several compiles, which need less of the margin (required_speedup())
@@ -1162,7 +1166,8 @@ def _report(prep, table, sites, profile, *, target, predicted, comparison, statu
         "attempts": attempts, "phases_s": phases,
         "sites": per_site,
         # sites the engine fuses: the solver keeps each group at one level (strategies on the DP)
-        "fused_groups": [[sites[i].name for i in g] for g in table.tied_groups([s.name for s in sites])],
+        "fused_groups": [g for g in ([n for n in group if n in profile] for group in table.fused_groups) if len(g) > 1],
+        "shared_weight_groups": table.shared_groups,
         "level_factors": {str(v): float(f) for v, f in zip(table.levels, table.factors()) if f != 1.0},
         "lowest_level_check": table.meta.get("lowest_level_check"),
         "left_dense": dict(sorted(prep.excluded.items())),

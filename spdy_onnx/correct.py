@@ -160,21 +160,30 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     shared = _shared_names(model)
     by_name = {s.name: s for s in sites}
     pruned_names = {s.name for s in sites if s.weight in weights}
+    readers = [s.weight for s in sites]
+    grouped = {w for w in readers if readers.count(w) > 1}   # read by several sites alike: one parameter
     params, masks, slots = [], [], []   # slots: (kind, site, holder, initializer name)
+    tuned: dict[str, object] = {}       # weight -> its parameter
+    joined = {}                          # ("weight", site) -> the parameter of the site it shares a weight with
     for step in ex.steps:
         name = getattr(step, "site", None)
         if name not in pruned_names:
             continue
         site = by_name[name]
-        if site.chain or site.weight in shared or inits[site.weight].data_type != onnx.TensorProto.FLOAT:
+        through = any(op != "Identity" for op, _ in site.chain)
+        if through or (site.weight in shared and site.weight not in grouped) \
+                or inits[site.weight].data_type != onnx.TensorProto.FLOAT:
             continue   # the weight reaches the node through a Transpose/Cast, or feeds other nodes too
         op = step.op
         holder = op if op.op_type == "Conv" else op.linear
-        w = holder.w.detach().clone().requires_grad_(True)
-        holder.w = w
-        params.append(w)
-        masks.append((w.detach() != 0).to(w.dtype))
-        slots.append(("weight", site, op, site.weight))
+        if site.weight in tuned:   # its gradient adds to the other readers' (autograd sums them)
+            holder.w = joined[("weight", name)] = tuned[site.weight]
+        else:
+            w = tuned[site.weight] = holder.w.detach().clone().requires_grad_(True)
+            holder.w = w
+            params.append(w)
+            masks.append((w.detach() != 0).to(w.dtype))
+            slots.append(("weight", site, op, site.weight))
         bias_name = ex.site_info[name].get("bias_name")
         if holder.b is not None and bias_name in inits and bias_name not in shared \
                 and inits[bias_name].data_type == onnx.TensorProto.FLOAT:
@@ -183,7 +192,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
             params.append(b)
             masks.append(None)
             slots.append(("bias", site, op, bias_name))
-    shared_params = {(slot[0], slot[1].name): p for slot, p in zip(slots, params)}
+    shared_params = {(slot[0], slot[1].name): p for slot, p in zip(slots, params)} | joined
     for other in list(executors.values())[1:]:
         for step in other.steps:
             name = getattr(step, "site", None)

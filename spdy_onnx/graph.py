@@ -273,7 +273,9 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
             unprunable[name] = (f"weight '{printable(tensor, 80)}' is shared with a node inside a control-flow "
                                 "subgraph: left dense")
             continue
-        if any(consumers.get(t, 0) > 1 for t in chain_tensors) and (fixed_chain or not _read_alike(readers[tensor])):
+        direct = all(op == "Identity" for op, _ in fixed_chain)   # a TorchScript export's later uses
+        if any(consumers.get(t, 0) > 1 for t in chain_tensors) and not (
+                direct and _read_alike(_through_identities(tensor, readers, graph_outputs, subgraph_reads))):
             unprunable[name] = (f"weight '{printable(tensor, 80)}' is shared by several nodes, not all of them "
                                 f"{node.op_type}s reading it directly as their weight: left dense")
             continue
@@ -331,14 +333,35 @@ def _chain_tensors(start: str, producers: dict, stop: str) -> list[str]:
     return tensors
 
 
-def _read_alike(nodes) -> bool:
-    """Whether nodes that read one weight can share its pruning: all Conv, Gemm or MatMul of the same
-    kind and attributes, each reading it once, as its weight (so one matrix view fits all)."""
-    first = nodes[0]
-    kinds = {(n.op_type, n.domain, tuple(sorted((k, str(v)) for k, v in _attrs(n).items()))) for n in nodes}
-    return (first.op_type in PRUNABLE_OPS and len(kinds) == 1
-            and all(len(n.input) >= 2 and list(n.input).count(first.input[1]) == 1 for n in nodes)
-            and len({n.input[1] for n in nodes}) == 1)
+def _through_identities(tensor: str, readers: dict, graph_outputs: set, subgraph_reads: dict) -> list | None:
+    """[(node, the tensor it reads)] for the nodes that read `tensor`, looking through Identity nodes (a
+    TorchScript export reads every use of a shared parameter after the first through one); None when an
+    Identity's copy is a graph output or read inside a subgraph."""
+    out, stack, seen = [], [tensor], {tensor}
+    while stack:
+        t = stack.pop()
+        for node in readers.get(t, []):
+            if node.op_type != "Identity":
+                out.append((node, t))
+                continue
+            copy = node.output[0]
+            if copy in graph_outputs or subgraph_reads.get(copy):
+                return None
+            if copy not in seen:
+                seen.add(copy)
+                stack.append(copy)
+    return out
+
+
+def _read_alike(reads) -> bool:
+    """Whether the nodes that read one weight (`reads`: _through_identities) can share its pruning: all
+    Conv, Gemm or MatMul of the same kind and attributes, each reading it once, as its weight (so one
+    matrix view fits all)."""
+    if not reads:
+        return False
+    kinds = {(n.op_type, n.domain, tuple(sorted((k, str(v)) for k, v in _attrs(n).items()))) for n, _ in reads}
+    return (reads[0][0].op_type in PRUNABLE_OPS and len(kinds) == 1
+            and all(len(n.input) >= 2 and n.input[1] == t and list(n.input).count(t) == 1 for n, t in reads))
 
 
 def shared_weight_groups(sites: list[Site]) -> list[list[str]]:

@@ -52,6 +52,10 @@ class LatencyTable:
     level_factors: list[float] = field(default_factory=list)       # per level, empty: all 1 (see above)
     # where the cache keeps this table (set by api.latency_table; never saved, None for a user's file)
     cache_path: Path | None = field(default=None, repr=False, compare=False)
+    # this run's sites that share one weight (graph.shared_weight_groups), tied like fused groups, and
+    # sites the engine does not time that share a timed one's weight: no time of their own (never saved)
+    shared_groups: list[list[str]] = field(default_factory=list, repr=False, compare=False)
+    riders: set = field(default_factory=set, repr=False, compare=False)
 
     def validate(self) -> "LatencyTable":
         if not self.levels or self.levels[0] != 0.0:
@@ -92,7 +96,7 @@ class LatencyTable:
         """The fused groups as indices into `sites`, members outside `sites` dropped (they stay dense
         with their own reason), groups of fewer than two left out."""
         index = {name: i for i, name in enumerate(sites)}
-        groups = [[index[n] for n in group if n in index] for group in self.fused_groups]
+        groups = [[index[n] for n in group if n in index] for group in self.fused_groups + self.shared_groups]
         return [g for g in groups if len(g) > 1]
 
     def tie(self, groups: list[list[str]]) -> bool:
@@ -141,7 +145,8 @@ class LatencyTable:
 
     def to_json(self) -> dict:
         data = {"schema": SCHEMA, "runtime": self.runtime, "pattern": self.pattern, "levels": self.levels,
-                "dense_total_ms": self.dense_total_ms, "meta": self.meta, "times": self.times}
+                "dense_total_ms": self.dense_total_ms, "meta": self.meta,
+                "times": {k: v for k, v in self.times.items() if k not in self.riders}}
         if self.fused_groups:
             data["fused_groups"] = self.fused_groups
         if self.level_factors:

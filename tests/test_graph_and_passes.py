@@ -144,7 +144,23 @@ def test_a_weight_several_matmuls_read_is_one_group_of_sites():
     assert chosen == [] and excluded["matmul_1"] == "excluded by --exclude"
     assert excluded["matmul_0"] == "shares its weight with 'matmul_1', which is left dense: left dense"
 
+    # a TorchScript export reads every later use of a shared parameter through an Identity
     w = numpy_helper.from_array(np.ones((16, 16), np.float32), "w")
+    for copy_is_output in (False, True):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                 helper.make_node("Identity", ["w"], ["w_copy"]),
+                 helper.make_node("MatMul", ["h", "w_copy"], ["y"], name="mm_1")]
+        outs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]
+        if copy_is_output:
+            outs.append(helper.make_tensor_value_info("w_copy", onnx.TensorProto.FLOAT, None))
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [16, 16])],
+                              outs, [w])
+        sites, unprunable = graph.find_sites(helper.make_model(g))
+        if copy_is_output:
+            assert sites == [] and "shared by several nodes" in unprunable["mm"]
+        else:
+            assert graph.shared_weight_groups(sites) == [["mm", "mm_1"]] and not unprunable
+
     for other in (helper.make_node("Gemm", ["x", "w"], ["y"], name="other"),
                   helper.make_node("Gather", ["w", "ids"], ["y"], name="other"),
                   helper.make_node("Transpose", ["w"], ["y"], name="other")):

@@ -1,4 +1,6 @@
 """optimize with calibration data, on a replayed table (deterministic) and on DeepSparse."""
+from types import SimpleNamespace
+
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -364,7 +366,8 @@ def _siamese(width=64, seq=8):
 
 def test_a_shared_tower_weight_is_pruned_once_at_one_level_by_every_strategy(tmp_path):
     """Both nodes of a siamese tower read one weight: every strategy gives them one level, the file holds
-    one pruned array, and the OBS reconstruction serves both towers (the sum of their Hessians)."""
+    one pruned array, the OBS reconstruction serves both towers (the sum of their Hessians), and the
+    global correction tunes it as one parameter."""
     from spdy_onnx.reconstruct import _shared_hessians
     model = _siamese()
     path = tmp_path / "m.onnx"
@@ -386,12 +389,42 @@ def test_a_shared_tower_weight_is_pruned_once_at_one_level_by_every_strategy(tmp
         inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / f"{strategy}.onnx").graph.initializer}
         assert set(inits) == {"w_tower", "w_head"}
         assert float(np.mean(inits["w_tower"] == 0)) == pytest.approx(levels["tower_a"], abs=0.02)
+        # the correction tunes the shared weight as one parameter, with the head: two weights
+        assert rep["quality"]["global_correction"]["tuned_sites"] == 2
+        assert rep["weighted_mean_sparsity"] == pytest.approx((levels["tower_a"] + levels["head"]) / 2)   # w once
     h = {"tower_a": np.eye(2), "tower_b": 2 * np.eye(2), "head": np.ones((2, 2))}
     shared = _shared_hessians(h, sites)
     np.testing.assert_array_equal(shared["tower_a"], 3 * np.eye(2))
     np.testing.assert_array_equal(shared["tower_b"], 3 * np.eye(2))
     np.testing.assert_array_equal(shared["head"], np.ones((2, 2)))
     assert "tower_b" not in _shared_hessians({"tower_a": np.eye(2), "head": np.eye(2)}, sites)
+
+
+def test_a_node_the_engine_does_not_time_rides_along_with_the_twin_that_shares_its_weight(tmp_path):
+    """DeBERTa applies its key projection to the relative positions too, and the engine times that node
+    inside another layer. Its weight is pruned with the timed twin's, so it is kept, with no time of its
+    own, at the twin's level, and reported as shared, not fused; a table saved later keeps no row for it."""
+    model = _siamese()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    rng = np.random.default_rng(2)
+    data = tmp_path / "calib.npz"
+    np.savez(data, a=rng.standard_normal((16, 8, 64)).astype(np.float32),
+             b=rng.standard_normal((16, 8, 64)).astype(np.float32))
+    table = LatencyTable(levels=LEVELS, times={n: [1.0, 0.7, 0.45, 0.2] for n in ("tower_a", "head")},
+                         dense_total_ms=3.0, runtime="table", meta={"cores": 1})
+    table_path = table.save(tmp_path / "table.json")
+    rep = run(path, data, table_path, tmp_path / "o.onnx", strategy="spdy", target=1.6, min_weights=0,
+              correct_epochs=0)
+    levels = {s["name"]: s for s in rep["sites"]}
+    assert levels["tower_b"]["sparsity"] == levels["tower_a"]["sparsity"] > 0
+    assert "excluded" not in levels["tower_b"] and levels["tower_b"]["dense_ms"] == 0
+    assert rep["shared_weight_groups"] == [["tower_a", "tower_b"]] and rep["fused_groups"] == []
+    replay = LatencyTable.load(table_path)
+    sites = graph.find_sites(model)[0]
+    prep = SimpleNamespace(sites=sites, excluded={})
+    assert [s.name for s in api._restrict_to_table(prep, replay)] == ["tower_a", "tower_b", "head"]
+    assert "tower_b" not in replay.to_json()["times"] and replay.tied_groups(["tower_a", "tower_b"]) == [[0, 1]]
 
 
 def test_deepsparse_runs_a_file_whose_shared_weight_was_pruned(tmp_path):
