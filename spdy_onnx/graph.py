@@ -172,8 +172,8 @@ def find_sites(model: onnx.ModelProto) -> tuple[list[Site], dict[str, str]]:
     """All prunable sites, and {node name: reason} for constant-weight nodes that cannot be pruned.
 
     Only main-graph nodes are sites. Conv/Gemm/MatMul inside control-flow subgraphs (If/Loop/Scan) are
-    left dense and listed with that reason. A weight that several nodes of one kind read directly, as
-    their weight (ALBERT's layers, DeBERTa's shared key projection, a siamese tower), is a site at each of
+    left dense and listed with that reason. A weight that several nodes of one kind read as their weight,
+    directly or through Identity nodes (ALBERT's layers, DeBERTa's shared key projection, a siamese tower), is a site at each of
     them, tied to one level and reconstructed once (shared_weight_groups). Any other weight read by more
     than one node (including reads from inside a subgraph) or that is also a graph output is left dense at
     every node that uses it: it is never pruned for one user and silently changed for another.
@@ -371,6 +371,16 @@ def shared_weight_groups(sites: list[Site]) -> list[list[str]]:
     for s in sites:
         by_weight.setdefault(s.weight, []).append(s.name)
     return [names for names in by_weight.values() if len(names) > 1]
+
+
+def repeated_sites(sites) -> set[int]:
+    """Indices of the sites whose weight an earlier site shares: one pruning, priced once (on the first),
+    because the solver sums the errors of a tied group. Sites without a weight (test doubles) repeat none."""
+    weights = [getattr(site, "weight", None) for site in sites]
+    first: dict = {}
+    for i, w in enumerate(weights):
+        first.setdefault(w, i)
+    return {i for i, w in enumerate(weights) if w is not None and first[w] != i}
 
 
 def select_sites(sites: list[Site], *, exclude: list[str] | None = None, include: list[str] | None = None,

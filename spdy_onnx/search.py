@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from spdy_onnx.errors import SpdyError
+from spdy_onnx.graph import repeated_sites
 from spdy_onnx.solver import solve_dp
 from spdy_onnx.strategies import Chooser
 
@@ -186,6 +187,8 @@ class SpdySearch(Chooser):
             measured = self._affordable_levels(n_sites, n_levels)
         if measured is None:
             self.shape = np.tile(error_shape(n_levels), (n_sites, 1))
+            # a weight several sites share is priced once, as its measured curve would be
+            self.shape[sorted(repeated_sites(getattr(self.evaluator, "sites", [])))] = 0.0
             self.info.setdefault("search_prior", {}).update(kind="shape")
             return self.shape
         t0, before = time.perf_counter(), self.evaluator.evaluations
@@ -207,7 +210,8 @@ class SpdySearch(Chooser):
         """Evenly spaced sparse levels (always the sparsest) whose curves fit the auto share of the
         budget, timed on a few uncached evaluations (one timing on a noisy machine flipped MiniLM-L6
         between curves and shape); evaluations already in the journal are free."""
-        wanted = [(i, j) for i in range(n_sites) for j in range(1, n_levels)]
+        repeats = repeated_sites(getattr(self.evaluator, "sites", []))   # no curves of their own
+        wanted = [(i, j) for i in range(n_sites) if i not in repeats for j in range(1, n_levels)]
         uncached = [(i, j) for i, j in wanted if not self.evaluator.is_cached(one_site(n_sites, i, j))]
         if not uncached:
             return list(range(1, n_levels))
@@ -225,7 +229,7 @@ class SpdySearch(Chooser):
                 spent.append(time.perf_counter() - t0)
             per_eval = max(float(np.median(spent)), 1e-6)
             affordable = CURVE_SHARE * self.max_seconds / per_eval
-        per_site = int(affordable // n_sites)
+        per_site = int(affordable // max(1, n_sites - len(repeats)))
         self.info["search_prior"] = {"seconds_per_evaluation": per_eval, "affordable_levels_per_site": per_site}
         if per_site >= n_levels - 1:
             return list(range(1, n_levels))
@@ -309,9 +313,7 @@ def single_site_losses(evaluator, n_levels: int, *, levels=None, progress=True) 
     bar = tqdm(total=n_sites * len(levels), desc="per-site losses", unit="eval", disable=not progress,
                leave=False)
     points = np.array([0] + levels)
-    # sites that share a weight are one pruning, priced once (on the first): the solver sums a tied group
-    weights = [getattr(site, "weight", None) for site in evaluator.sites]
-    repeats = {i for i, w in enumerate(weights) if w is not None and w in weights[:i]}
+    repeats = repeated_sites(evaluator.sites)
     bar.total -= len(repeats) * len(levels)
     for i in range(n_sites):
         if i in repeats:

@@ -111,7 +111,9 @@ class ErrorDP(Chooser):
 
     def __init__(self, errors: np.ndarray, **kw):
         super().__init__(**kw)
-        self.errors = errors
+        self.errors = np.array(errors, dtype=np.float64)
+        # a weight several sites share is one pruning, priced once: the solver sums a tied group's errors
+        self.errors[sorted(graph.repeated_sites(kw.get("sites") or []))] = 0.0
 
     def choose(self, times, budget):
         return solve_dp(self.errors, times, budget, groups=self.groups)

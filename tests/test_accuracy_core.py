@@ -823,3 +823,29 @@ def test_per_site_losses_price_a_shared_weight_once():
     errors = single_site_losses(ev, 3, progress=False)
     np.testing.assert_array_equal(errors, [[0, 1, 2], [0, 0, 0], [0, 2, 4]])
     assert not any(c[1] for c in ev.calls)
+
+
+def test_a_shared_weight_is_priced_once_by_the_shape_prior_its_budget_and_the_error_dp():
+    """Four sites, the last three of one weight: the quadratic shape and the DP's fixed errors price that
+    weight on its first site only, and the auto prior divides its budget over the two curves it measures
+    (dividing over four sites it fell back to the shape)."""
+    from types import SimpleNamespace
+
+    from spdy_onnx.strategies import ErrorDP
+
+    sites = [SimpleNamespace(name=f"s{i}", weight=w) for i, w in enumerate("avvv")]
+    levels = list(np.linspace(0, 0.9, 13))
+
+    class Shared(_CurveEvaluator):
+        pass
+    ev = Shared(np.tile((np.arange(13) / 12.0) ** 2, (4, 1)))
+    ev.sites = sites
+    shape = SpdySearch(search_budget="400", progress=False, prior="shape", sites=sites, levels=levels,
+                       database=None, evaluator=ev)._error_shape(4, 13)
+    assert shape[:2].sum() > 0 and not shape[2:].any()
+    search = SpdySearch(search_budget="12", progress=False, sites=sites, levels=levels, database=None, evaluator=ev)
+    search._error_shape(4, 13)     # 3/4 of 12 = 9 evaluations: 4 levels for each of 2 curves, 2 for 4 sites
+    assert search.info["search_prior"]["kind"] == "losses"
+    assert search.info["search_prior"]["levels_measured"] == curve_levels(13, 4)
+    dp = ErrorDP(np.ones((4, 3)), sites=sites, levels=[0.0, 0.5, 0.9], database=None)
+    np.testing.assert_array_equal(dp.errors, [[1, 1, 1], [1, 1, 1], [0, 0, 0], [0, 0, 0]])
