@@ -364,18 +364,24 @@ def _siamese(width=64, seq=8):
     return m
 
 
+def _siamese_files(tmp_path, *, seed, width=64, seq=8, samples=16, b_scale=1.0):
+    """(model, its file, calibration .npz of `samples` pairs) for _siamese."""
+    model = _siamese(width=width, seq=seq)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    rng = np.random.default_rng(seed)
+    data = tmp_path / "calib.npz"
+    np.savez(data, a=rng.standard_normal((samples, seq, width)).astype(np.float32),
+             b=(b_scale * rng.standard_normal((samples, seq, width))).astype(np.float32))
+    return model, path, data
+
+
 def test_a_shared_tower_weight_is_pruned_once_at_one_level_by_every_strategy(tmp_path):
     """Both nodes of a siamese tower read one weight: every strategy gives them one level, the file holds
     one pruned array, the OBS reconstruction serves both towers (the sum of their Hessians), and the
     global correction tunes it as one parameter."""
     from spdy_onnx.reconstruct import _shared_hessians
-    model = _siamese()
-    path = tmp_path / "m.onnx"
-    onnx.save(model, path)
-    rng = np.random.default_rng(0)
-    data = tmp_path / "calib.npz"
-    np.savez(data, a=rng.standard_normal((16, 8, 64)).astype(np.float32),
-             b=(3 * rng.standard_normal((16, 8, 64))).astype(np.float32))
+    model, path, data = _siamese_files(tmp_path, seed=0, b_scale=3.0)
     sites, _ = graph.find_sites(model)
     assert [s.name for s in sites] == ["tower_a", "tower_b", "head"]
     table = LatencyTable(levels=LEVELS, times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
@@ -404,13 +410,7 @@ def test_a_node_the_engine_does_not_time_rides_along_with_the_twin_that_shares_i
     """DeBERTa applies its key projection to the relative positions too, and the engine times that node
     inside another layer. Its weight is pruned with the timed twin's, so it is kept, with no time of its
     own, at the twin's level, and reported as shared, not fused; a table saved later keeps no row for it."""
-    model = _siamese()
-    path = tmp_path / "m.onnx"
-    onnx.save(model, path)
-    rng = np.random.default_rng(2)
-    data = tmp_path / "calib.npz"
-    np.savez(data, a=rng.standard_normal((16, 8, 64)).astype(np.float32),
-             b=rng.standard_normal((16, 8, 64)).astype(np.float32))
+    model, path, data = _siamese_files(tmp_path, seed=2)
     table = LatencyTable(levels=LEVELS, times={n: [1.0, 0.7, 0.45, 0.2] for n in ("tower_a", "head")},
                          dense_total_ms=3.0, runtime="table", meta={"cores": 1})
     table_path = table.save(tmp_path / "table.json")
@@ -430,13 +430,7 @@ def test_a_node_the_engine_does_not_time_rides_along_with_the_twin_that_shares_i
 def test_deepsparse_runs_a_file_whose_shared_weight_was_pruned(tmp_path):
     """The engine compiles and checks the written file (its outputs against onnxruntime's)."""
     pytest.importorskip("deepsparse")
-    model = _siamese(width=512, seq=64)
-    path = tmp_path / "m.onnx"
-    onnx.save(model, path)
-    rng = np.random.default_rng(1)
-    data = tmp_path / "calib.npz"
-    np.savez(data, a=rng.standard_normal((8, 64, 512)).astype(np.float32),
-             b=rng.standard_normal((8, 64, 512)).astype(np.float32))
+    _, path, data = _siamese_files(tmp_path, seed=1, width=512, seq=64, samples=8)
     try:
         rep = api.optimize(path, target=1.3, cores=1, levels="0.7,0.9", output=tmp_path / "o.onnx", data=data,
                            cache_dir=tmp_path / "c", progress=False, search_budget="30", margin=-0.05,
