@@ -349,7 +349,8 @@ def _run(args) -> int:
             sharing = {n: len(g) for g in graph.shared_weight_groups(sites) for n in g}
             for s in sites:
                 why = excluded.get(s.name, "")
-                shared = f" (its weight shared by {sharing[s.name]} sites: one level)" if s.name in sharing else ""
+                shared = (f" (its weight '{modelio.printable(s.weight, 40)}' shared by {sharing[s.name]} sites: "
+                          "one level)") if s.name in sharing else ""
                 print(f"{s.name:{width}s} {s.op_type:7s} {s.n_weights:10d}  "
                       f"{('dense: ' + why) if why else 'prunable' + shared}")
             for name, why in unprunable.items():

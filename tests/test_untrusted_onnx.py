@@ -488,7 +488,7 @@ def test_a_weight_two_matmuls_read_directly_is_pruned_once_at_one_level(work, ca
     model = shared_model(through_transpose=False)
     path = save(model, work / "m.onnx")
     code, _, out = cli(capsys, "sites", path, "--min-weights", "0")
-    assert code == 0 and "prunable (its weight shared by 2 sites: one level)" in out
+    assert code == 0 and "prunable (its weight 'w0' shared by 2 sites: one level)" in out
     table = table_for(model, work / "t.json")
     code, errors, _ = cli(capsys, "optimize", path, "--target", "1.5x", "--runtime", "table", "--latency-table",
                           table, "-q", "-o", work / "out.onnx", "--min-weights", "0", "--strategy", "spdy")
