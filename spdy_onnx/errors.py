@@ -59,8 +59,9 @@ class InfeasibleTarget(SpdyError):
         if pruned_share is not None and 0 <= pruned_share < PRUNED_SHARE_NOTE:
             bound = 1 / (1 - pruned_share)
             text += (f". The prunable sites take {pruned_share:.0%} of the dense model's time on this engine: even "
-                     f"with them removed entirely it could run at most {bound:.2f}x faster (the rest is ops that "
-                     "are not pruned, such as recurrent layers, attention, normalisation, or sites left dense)")
+                     f"with them removed entirely it could run at most {bound:.{3 if bound < 1.1 else 2}f}x faster "
+                     "(the rest is ops that are not pruned, such as recurrent layers, attention, normalisation, "
+                     "or sites left dense)")
             if left_dense:
                 text += f". Left dense: {left_dense}"
         if measured is None and table_note:

@@ -98,3 +98,10 @@ def test_measured_refusal_and_miss_name_fixed_rows_instead_of_the_batch():
     assert "'mm_heads0' 8, 'mm_heads1' 8 rows" in str(TargetMissed(2.0, 1.1, 3, fastest=(1.8, 1.1), batch_size=1,
                                                                    rows_fixed=rows))
 
+
+
+def test_the_bound_of_a_tiny_prunable_share_is_not_rounded_to_no_speedup():
+    """1.002x was printed as 'at most 1.00x faster' beside a largest speedup of 1.002x."""
+    from spdy_onnx.errors import InfeasibleTarget
+    assert "could run at most 1.002x faster" in str(InfeasibleTarget(1.5, 1.002, pruned_share=0.002))
+    assert "could run at most 1.67x faster" in str(InfeasibleTarget(2.0, 1.5, pruned_share=0.4))
