@@ -24,6 +24,7 @@ import onnx
 from spdy_onnx import calibrate, shorten
 from spdy_onnx.errors import SpdyError
 from spdy_onnx.evaluate import TINY_PROBABILITY, class_axis_last, compared_outputs, output_weights
+from spdy_onnx.graph import shared_weight_groups
 from spdy_onnx.ort_session import make_session
 from spdy_onnx.ort_session import run as ort_run
 
@@ -160,8 +161,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     shared = _shared_names(model)
     by_name = {s.name: s for s in sites}
     pruned_names = {s.name for s in sites if s.weight in weights}
-    readers = [s.weight for s in sites]
-    grouped = {w for w in readers if readers.count(w) > 1}   # read by several sites alike: one parameter
+    grouped = {by_name[g[0]].weight for g in shared_weight_groups(sites)}   # read by several sites: one parameter
     params, masks, slots = [], [], []   # slots: (kind, site, holder, initializer name)
     tuned: dict[str, object] = {}       # weight -> its parameter
     joined = {}                          # ("weight", site) -> the parameter of the site it shares a weight with

@@ -185,9 +185,7 @@ def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
     kept = [o for o in m.graph.output if o.name not in replaced]
     stands_for = {}
     for output, (tensor, _) in replaced.items():
-        if tensor in names and tensor not in replaced:
-            continue
-        if tensor in stands_for:
+        if (tensor in names and tensor not in replaced) or tensor in stands_for:
             continue
         stands_for[tensor] = output
         info = onnx.ValueInfoProto()
@@ -218,6 +216,8 @@ def output_names(model: onnx.ModelProto, outputs: list[str]) -> list[str]:
     it): what per-output losses are reported under."""
     stands_for = _metadata_json(model, STANDS_FOR_KEY, {})
     return [stands_for.get(name, name) for name in outputs]
+
+
 # a decoder's cache outputs as exporters name them: present.0.key, present_key_values, past_key_values.3
 CACHE_OUTPUT_NAME = re.compile(r"(^|[._/])(present|past_key_values?|present_key_values?)([._/0-9]|$)", re.IGNORECASE)
 
@@ -391,6 +391,7 @@ class Evaluator:
         self.session = make_session(m, threads=threads)
         self.outputs = compared_outputs(self.session)
         self.output_weights = output_weights(model, self.outputs)
+        self.output_names = output_names(model, self.outputs)
         self.batch_size = next(iter(specs.values()))[0][0]
         self.data = data
         dense = {s.weight: database.weight(s.name, 0) for s in sites}
@@ -487,8 +488,7 @@ class Evaluator:
                      for kind, r, o, scale in zip(self.loss_names, ref, outs, self.scales)]
                     for item, ref, mask in zip(self.feeds, self.reference, self.masks)
                     for outs in [self._run(item, fed, sessions)]]
-        return dict(zip(output_names(self._graph_with_inputs, self.outputs),
-                        (float(v) for v in np.mean(per_feed, axis=0))))
+        return dict(zip(self.output_names, (float(v) for v in np.mean(per_feed, axis=0))))
 
     def weights_of(self, picks) -> dict:
         """The database weights of a profile, {initializer: array}."""
