@@ -84,7 +84,9 @@ def measure_level_factors(prep, table, total_ms, max_runs: int | None = None) ->
 
     sites = [s for s in prep.all_sites if s.name in table.times]
     names = [s.name for s in sites]
-    units = sorted(tied_units(len(names), table.tied_groups(names)), key=min)
+    index = {n: i for i, n in enumerate(names)}
+    shared = [[index[n] for n in group] for group in graph.shared_weight_groups(sites)]   # one array, one level
+    units = sorted(tied_units(len(names), table.tied_groups(names) + shared), key=min)
     plan = designs(list(table.levels), units, len(names))
     if plan is None:
         return None

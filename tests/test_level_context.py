@@ -152,3 +152,40 @@ def test_a_run_budget_measures_the_dense_level_first_and_too_small_a_budget_noth
         assert context.measure_level_factors(prep, table, total_ms, max_runs=1) is None
     finally:
         prep.close()
+
+
+def test_sites_sharing_one_weight_move_together_in_every_design(tmp_path, monkeypatch):
+    """One array holds one sparsity: a design that moved only one of the nodes reading it would time a
+    file other than the one it describes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from spdy_onnx import api
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), n)
+             for n in ("w_shared", "w2", "w3")]
+    nodes = [helper.make_node("MatMul", ["x", "w_shared"], ["a"], name="first"),
+             helper.make_node("MatMul", ["a", "w_shared"], ["b"], name="second"),
+             helper.make_node("MatMul", ["b", "w2"], ["c"], name="third"),
+             helper.make_node("MatMul", ["c", "w3"], ["y"], name="fourth")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    prep = api.Prepared(path, runtime="table", batch_size=1, cores=1, input_shapes=None, exclude=None,
+                        include=None, min_weights=0, progress=False)
+    try:
+        names = [s.name for s in prep.all_sites]
+        assert names == ["first", "second", "third", "fourth"]
+        table = LatencyTable(levels=LEVELS, times={n: [1.0, 0.95, 0.8, 0.6, 0.4, 0.2] for n in names},
+                             dense_total_ms=5.0, runtime="table")
+        seen, plain = [], context.designs
+        monkeypatch.setattr(context, "designs", lambda *a: seen.append(plain(*a)) or seen[-1])
+        assert context.measure_level_factors(prep, table, lambda file: 5.0) is not None
+        (_, design), = seen
+        assert len(design) == 3
+        for _, mask in design:
+            assert mask[0] == mask[1]
+        assert not all(mask[0] == mask[2] for _, mask in design)      # the others still alternate
+    finally:
+        prep.close()
