@@ -36,8 +36,8 @@ MAX_SECONDS = 40.0
 def designs(levels: list[float], units: list[list[int]], n_sites: int):
     """(background level, [(level, boolean mask of the sites at that level)]) or None without a grid for it.
 
-    Units (fused groups whole, other sites alone) alternate between the level and the background; the
-    parity flips from one level to the next so both halves are covered."""
+    Units (fused groups and the sites sharing one weight whole, other sites alone) alternate between the
+    level and the background; the parity flips from one level to the next so both halves are covered."""
     sparse = [j for j, v in enumerate(levels) if v >= CONTEXT_BELOW]
     low = [j for j, v in enumerate(levels) if v < CONTEXT_BELOW]
     if not sparse or not low or len(units) < 2:
