@@ -146,14 +146,31 @@ def producer_node(model: onnx.ModelProto, output: str):
 
 # ops that turn scores into labels: nothing in the label says how far the scores moved
 LABEL_OPS = ("ArgMax", "ArgMin")
+THRESHOLD_OPS = ("Greater", "Less", "GreaterOrEqual", "LessOrEqual")   # a score against a fixed threshold
+
+
+def _fixed(model: onnx.ModelProto, made: dict, tensor: str) -> bool:
+    """Whether `tensor` is a constant (an initializer or a Constant node's output, through reshapes)."""
+    node, reached = _through_reshapes(model, tensor, made)
+    if node is not None:
+        return node.op_type == "Constant"
+    return reached in {t.name for t in model.graph.initializer}
+
+
+def _thresholded(model: onnx.ModelProto, made: dict, node) -> str | None:
+    """The score a comparison with a fixed threshold (a binary label, `sigmoid(x) > 0.5`) is taken from."""
+    if node.op_type not in THRESHOLD_OPS or len(node.input) != 2:
+        return None
+    varying = [t for t in node.input if not _fixed(model, made, t)]
+    return varying[0] if len(varying) == 1 else None
 
 
 def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
     """A copy whose graph outputs that say little about the weights are replaced by the tensors that do,
     and {output: (tensor compared instead, why)}:
-    - a label (an ArgMax of the class scores, also cast to float) by the scores: a label is piecewise
-      constant in the weights, so the search sees no difference between most profiles and the
-      correction has no gradient;
+    - a label (an ArgMax of the class scores, or a score compared with a fixed threshold, also cast to
+      float) by the scores: a label is piecewise constant in the weights, so the search sees no
+      difference between most profiles and the correction has no gradient;
     - a cache output (a KV cache's `present`: Concat of the past, from a graph input through ops no
       pruning changes, and what this step computed) by what this step computed: the past is copied
       through, and on a 31-token past it was 31/32 of the output's energy, hiding the new token's error."""
@@ -166,6 +183,9 @@ def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
             continue
         if node.op_type in LABEL_OPS and node.input:
             replaced[out.name] = (node.input[0], "a label (ArgMax): the scores it is taken from")
+        elif _thresholded(model, made, node):
+            replaced[out.name] = (_thresholded(model, made, node), f"a label ({node.op_type} than a fixed "
+                                                                 "threshold): the score it is taken from")
         elif node.op_type == "Concat":
             passed = [t for t in node.input if _weight_free(made, t, inputs)]
             computed = [t for t in node.input if t not in passed]

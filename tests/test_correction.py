@@ -192,6 +192,48 @@ def _ending_in_labels(model, as_float):
     return m
 
 
+def _ending_in_thresholds(model, constant_node):
+    """The same model whose only output is sigmoid(scores) > 0.5, cast to int64: binary labels."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    out = m.graph.output[0]
+    half = np.array(0.5, dtype=np.float32)
+    if constant_node:
+        m.graph.node.append(onnx.helper.make_node("Constant", [], ["half"], value=onnx.numpy_helper.from_array(half)))
+    else:
+        m.graph.initializer.append(onnx.numpy_helper.from_array(half, "half"))
+    m.graph.node.extend([onnx.helper.make_node("Sigmoid", [out.name], ["p"]),
+                         onnx.helper.make_node("Greater", ["p", "half"], ["yes"]),
+                         onnx.helper.make_node("Cast", ["yes"], ["label"], to=onnx.TensorProto.INT64)])
+    del m.graph.output[:]
+    m.graph.output.append(onnx.helper.make_tensor_value_info("label", onnx.TensorProto.INT64, [1, 10]))
+    return m
+
+
+@pytest.mark.parametrize("constant_node", [False, True])
+def test_a_model_that_outputs_thresholded_labels_is_scored_on_the_score(tmp_path, constant_node):
+    """A multi-label classifier exported with `sigmoid(x) > 0.5` as its output: 0/1 labels, piecewise
+    constant in the weights. The loss compares the sigmoid's probabilities instead."""
+    from spdy_onnx.evaluate import compared_tensors
+    rng = np.random.default_rng(1)
+    x = {"x": rng.standard_normal((24, 3, 8, 8)).astype(np.float32)}
+    model = _ending_in_thresholds(tiny.cnn(channels=16, size=8, classes=10), constant_node)
+    assert compared_tensors(model)[1]["label"][0] == "p"
+    path, data, table_path = _setup(tmp_path, model, x)
+    rep = _optimize(path, data, table_path, tmp_path / "o.onnx", correct_epochs=2, target=1.5, min_weights=0)
+    quality = rep["quality"]
+    assert quality["loss"] == "mse" and quality["calibration_loss"] > 0
+    assert quality["global_correction"]["tuned_sites"] >= 2
+    assert [o.name for o in onnx.load(tmp_path / "o.onnx").graph.output] == ["label"]
+    # a comparison of two computed tensors is no fixed threshold: left as it is
+    two = onnx.ModelProto()
+    two.CopyFrom(model)
+    for node in two.graph.node:
+        if node.op_type == "Greater":
+            node.input[1] = node.input[0]
+    assert compared_tensors(two)[1] == {}
+
+
 @pytest.mark.parametrize("as_float", [False, True])
 def test_a_model_that_outputs_labels_is_scored_on_the_scores_behind_them(tmp_path, as_float):
     """A classifier exported with ArgMax as its output: the labels are piecewise constant in the
