@@ -7,7 +7,9 @@ model's error (pruned minus dense embedding, held-out sentences) into what the p
 - flips: sentences whose probe prediction differs from the dense model's, and how many of those the
   dense model had right (a flip of a right one costs a point, of a wrong one gains it);
 - the error's mean squared norm, and its share along the probe's weight vector;
-- the correlation of pruned and dense probe logits.
+- the correlation of pruned and dense probe logits, the slope of one on the other and their mean
+  difference (a slope under 1 is a contraction toward the mean: boundary sentences move one way);
+- the spread ratio: the pruned embeddings' variance across sentences over the dense ones'.
 
     python benchmarks/accuracy.py --model minilm --targets 1.5 --strategies spdy,uniform \
         --keep-models kept --cache-dir CACHE ...
@@ -43,7 +45,10 @@ def split_errors(dense: np.ndarray, pruned: np.ndarray, labels: np.ndarray, coef
     return {"probe_acc": float(((lp > 0) == labels).mean()), "flips": int(flipped.sum()),
             "flips_of_right": int((flipped & dense_right).sum()), "err_sq": total, "along_probe": along,
             "along_share": along / total if total else 0.0, "logit_corr": float(np.corrcoef(ld, lp)[0, 1]),
-            "cos": float(np.mean(np.sum(pruned * dense, axis=1)))}
+            "cos": float(np.mean(np.sum(pruned * dense, axis=1))),
+            # a contraction toward the mean (slope under 1) moves boundary sentences one way, not at random
+            "logit_slope": float(np.polyfit(ld, lp, 1)[0]), "logit_shift": float(np.mean(lp - ld)),
+            "spread_ratio": float(np.sum(np.var(pruned, axis=0)) / np.sum(np.var(dense, axis=0)))}
 
 
 def main(argv=None) -> int:
@@ -61,13 +66,14 @@ def main(argv=None) -> int:
     print(f"MiniLM-L6, batch 1, DeepSparse on {args.cores} core(s); {task.describe()}; "
           f"dense probe {task.dense_metrics['probe_acc']:.1%}")
     print("| model | probe acc | cos to dense | flips vs dense (of them dense-right) | mean sq. error | "
-          "along probe (share) | logit corr |")
-    print("|---|---|---|---|---|---|---|")
+          "along probe (share) | logit corr | logit slope | logit shift | spread ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for path in args.models:
         pruned = Runner(path, engine="deepsparse", cores=args.cores).outputs(task.heldout, embed)
         r = split_errors(task.dense_emb, pruned, task.labels, coef, intercept)
         print(f"| {path.name} | {r['probe_acc']:.1%} | {r['cos']:.4f} | {r['flips']} ({r['flips_of_right']}) | "
-              f"{r['err_sq']:.4f} | {r['along_probe']:.5f} ({r['along_share']:.2%}) | {r['logit_corr']:.3f} |")
+              f"{r['err_sq']:.4f} | {r['along_probe']:.5f} ({r['along_share']:.2%}) | {r['logit_corr']:.3f} | "
+              f"{r['logit_slope']:.3f} | {r['logit_shift']:+.3f} | {r['spread_ratio']:.3f} |")
     return 0
 
 
