@@ -183,9 +183,9 @@ def compared_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
             continue
         if node.op_type in LABEL_OPS and node.input:
             replaced[out.name] = (node.input[0], "a label (ArgMax): the scores it is taken from")
-        elif _thresholded(model, made, node):
-            replaced[out.name] = (_thresholded(model, made, node), f"a label ({node.op_type} than a fixed "
-                                                                 "threshold): the score it is taken from")
+        elif score := _thresholded(model, made, node):
+            replaced[out.name] = (score, f"a label ({node.op_type} than a fixed threshold): the score it is "
+                                         "taken from")
         elif node.op_type == "Concat":
             passed = [t for t in node.input if _weight_free(made, t, inputs)]
             computed = [t for t in node.input if t not in passed]
