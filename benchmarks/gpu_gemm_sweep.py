@@ -16,6 +16,7 @@ import sys
 import time
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 SHAPES = [(384, 384), (1536, 384), (384, 1536), (768, 768), (3072, 768), (768, 3072),
           (4096, 4096), (16384, 4096), (4096, 16384)]

@@ -7,6 +7,7 @@ import argparse
 import os
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from spdy_onnx import api, graph, modelio  # noqa: E402
 from spdy_onnx.database import magnitude_database  # noqa: E402

@@ -25,7 +25,9 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")   # before onnxruntime is imported
+
+import numpy as np  # noqa: E402
 
 
 def _session(model_or_path, threads: int = 1):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import numpy as np  # noqa: E402
 

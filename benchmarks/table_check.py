@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import numpy as np  # noqa: E402
 import pruned_file  # noqa: E402

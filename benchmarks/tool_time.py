@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from spdy_onnx import api  # noqa: E402
 from spdy_onnx.errors import InfeasibleTarget, TargetMissed  # noqa: E402

@@ -13,6 +13,7 @@ import os
 # Must be set before deepsparse/sparsezoo are imported anywhere: otherwise the import makes
 # network calls with no timeout and can hang on a closed network.
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import contextlib
 import logging

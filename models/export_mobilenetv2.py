@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import argparse
 import logging

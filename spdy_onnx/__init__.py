@@ -4,6 +4,9 @@ import os
 # DeepSparse/SparseZoo phone home on import with no timeout; on a closed network that hangs forever.
 # This must run before anything imports them, so it sits at the very top of the package.
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+# onnxruntime (1.29 on) uploads usage events from Linux too, and writes a device id under ~/.cache and a
+# session file in TMPDIR. It reads this once, when it is imported: ort_session.py covers a late import.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
 

@@ -16,6 +16,10 @@ def _first_line(exc: Exception) -> str:
 def _session(model, *, optimize: bool = True, threads: int | None = None):
     """onnxruntime's own session, with its own errors."""
     import onnxruntime as ort
+    if os.environ.get("ORT_DISABLE_TELEMETRY") == "1" and hasattr(ort, "disable_telemetry_events"):
+        # imported before spdy_onnx set the variable, onnxruntime has started its telemetry: this stops
+        # what it would still send (the variable set in time, as spdy_onnx does, stops it all)
+        ort.disable_telemetry_events()
     opts = ort.SessionOptions()
     opts.log_severity_level = 4   # fatal only: its errors reach the user once, through the exception
     if not optimize:

@@ -1,4 +1,4 @@
-"""What a run leaves outside its own outputs: no folder in $TMPDIR, and under -q no engine banner.
+"""What a run leaves outside its own outputs: nothing in $TMPDIR, no telemetry, and under -q no engine banner.
 
 Each runs the CLI in a fresh interpreter: both happen once per process (PyTorch's torch._dynamo import,
 DeepSparse's first compile), so an earlier test in this process would hide them.
@@ -19,9 +19,22 @@ from spdy_onnx.tables import LatencyTable
 BANNER = "Copyright 2021-present / Neuralmagic"
 
 
-def _cli(*argv, env=None, timeout=300):
-    env = {**os.environ, "NM_DISABLE_ANALYTICS": "1", **(env or {})}
+def _env(extra=None) -> dict:
+    """This environment without the settings a run must make itself (CI exports ORT_DISABLE_TELEMETRY)."""
+    env = {**os.environ, "NM_DISABLE_ANALYTICS": "1", **(extra or {})}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    env.pop("ORT_DISABLE_TELEMETRY", None)
+    return env
+
+
+def _telemetry_files(tmpdir, home) -> list[str]:
+    """What onnxruntime's telemetry writes: a session file in $TMPDIR, a device id and a database under ~/.cache."""
+    found = [tmpdir / ".ses"] + sorted((home / ".cache" / "Microsoft").rglob("*"))
+    return [str(p) for p in found if p.is_file()]
+
+
+def _cli(*argv, env=None, timeout=300):
+    env = _env(env)
     return subprocess.run([sys.executable, "-m", "spdy_onnx", *map(str, argv)], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -35,15 +48,41 @@ def test_the_global_correction_leaves_no_torch_cache_folder_in_tmpdir(tmp_path):
     sites, _ = graph.find_sites(model)
     LatencyTable(levels=[0.0, 0.5, 0.7, 0.9], times={s.name: [1.0, 0.7, 0.45, 0.2] for s in sites},
                  dense_total_ms=4.5, runtime="table", meta={"cores": 1}).save(tmp_path / "table.json")
-    tmpdir = tmp_path / "tmp"
+    tmpdir, home = tmp_path / "tmp", tmp_path / "home"
     tmpdir.mkdir()
+    home.mkdir()
     done = _cli("optimize", tmp_path / "m.onnx", "--target", "2x", "--runtime", "table", "--latency-table",
                 tmp_path / "table.json", "--data", tmp_path / "calib.npz", "--correct-epochs", "1", "-o",
-                tmp_path / "out.onnx", "--cache-dir", tmp_path / "cache", "-q", env={"TMPDIR": str(tmpdir)})
+                tmp_path / "out.onnx", "--cache-dir", tmp_path / "cache", "-q",
+                env={"TMPDIR": str(tmpdir), "HOME": str(home)})
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "out.report.json").read_text())["quality"]["global_correction"]
-    # .ses: onnxruntime's telemetry session file, one fixed name that its import rewrites
-    assert sorted(p.name for p in tmpdir.iterdir() if p.name != ".ses") == []
+    assert sorted(p.name for p in tmpdir.iterdir()) == []
+    assert _telemetry_files(tmpdir, home) == []
+
+
+def test_onnxruntime_telemetry_is_off_once_spdy_onnx_is_imported(tmp_path):
+    """onnxruntime 1.29 and later send usage events from Linux and write a device id, unless
+    ORT_DISABLE_TELEMETRY=1 is set before it is imported; `import spdy_onnx` sets it. The same session made
+    without spdy_onnx shows what onnxruntime does on its own (no files: a build without telemetry)."""
+    onnx.save(tiny.mlp(width=64, depth=2, seq=4), tmp_path / "m.onnx")
+
+    def run(code: str, tag: str) -> list[str]:
+        tmpdir, home = tmp_path / f"tmp_{tag}", tmp_path / f"home_{tag}"
+        tmpdir.mkdir()
+        home.mkdir()
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.onnx")], capture_output=True, text=True,
+                              env=_env({"TMPDIR": str(tmpdir), "HOME": str(home)}), timeout=120)
+        assert done.returncode == 0, done.stderr
+        return _telemetry_files(tmpdir, home)
+
+    alone = run("import sys, onnxruntime as ort; ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])",
+                "alone")
+    if not alone:
+        pytest.skip("this onnxruntime writes no telemetry files; nothing to turn off")
+    assert run("import sys, spdy_onnx, onnxruntime as ort; ort.InferenceSession(sys.argv[1], "
+               "providers=['CPUExecutionProvider'])", "user") == []
+    assert run("import sys\nfrom spdy_onnx.ort_session import make_session\nmake_session(sys.argv[1])", "package") == []
 
 
 @pytest.mark.deepsparse
