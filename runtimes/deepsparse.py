@@ -175,8 +175,13 @@ class DeepSparseRuntime:
     checks_lowest_level = True    # profiling times a uniform file at the lowest sparse level (api.py)
 
     def __init__(self, cores: int | None = None, repeats: int | None = None, iterations: int = 20,
-                 rounds: int = 15, progress: bool = True, compile_threads: int | None = None, **_ignored):
+                 rounds: int = 15, progress: bool = True, compile_threads: int | None = None,
+                 compiles: int = 1, **_ignored):
         self.cores = int(cores) if cores else None
+        # engines compiled of each model in one `compare`, timed in turn and averaged: each compile runs
+        # at its own speed for its lifetime (MiniLM-L6's 2x draft against itself on two compiles: 3%
+        # standard deviation, benchmarks/results/draft_vs_corrected_minilm_2x_self12.txt)
+        self.compiles = max(1, int(compiles))
         self._warned_native = False
         # profiling compiles this many engines side by side before timing them one by one. 1 (the default)
         # compiles each in this thread: engines compiled in other threads timed up to 2x slow at random
@@ -470,30 +475,37 @@ class DeepSparseRuntime:
     def compare(self, baseline_path, candidate_path, *, batch_size, feeds) -> Comparison:
         inputs = [np.ascontiguousarray(a) for a in feeds.values()]
         # compiled one after the other in this thread, as they are timed: the guarantee's measurement is not
-        # the place to save two seconds (benchmarks/profile_time.py)
-        engines = [self._engine(baseline_path, batch_size), self._engine(candidate_path, batch_size)]
+        # the place to save two seconds (benchmarks/profile_time.py). With `compiles` > 1, each model has
+        # that many engines, alternated baseline/candidate
+        paths = [baseline_path, candidate_path] * self.compiles
+        engines = [self._engine(path, batch_size) for path in paths]
         outputs = []
         for engine in engines:  # warm-up, and a first estimate of one run's time
             for _ in range(3):
                 out = engine.run(inputs)
-            outputs.append([np.array(a, copy=True) for a in out])
+            if len(outputs) < 2:
+                outputs.append([np.array(a, copy=True) for a in out])
         t0 = time.perf_counter()
         engines[0].run(inputs)
         one = max(time.perf_counter() - t0, 1e-5)
-        iters = int(min(200, max(3, 0.25 / one)))
-        per_round = [[], []]
+        # each model's time per round stays 0.25 s, split between its engines
+        iters = int(min(200, max(3, 0.25 / self.compiles / one)))
+        per_engine = [[] for _ in engines]
         bar = tqdm(total=self.rounds, desc="benchmarking", unit="round", disable=not self.progress, leave=False)
         with ForeignLoad() as load:
             for r in range(self.rounds):
-                order = (0, 1) if r % 2 == 0 else (1, 0)  # ABBA: neither model always runs first
+                # ABBA: neither model always runs first
+                order = range(len(engines)) if r % 2 == 0 else range(len(engines) - 1, -1, -1)
                 for k in order:
                     t0 = time.perf_counter()
                     for _ in range(iters):
                         engines[k].run(inputs)
-                    per_round[k].append((time.perf_counter() - t0) * 1000.0 / iters)
+                    per_engine[k].append((time.perf_counter() - t0) * 1000.0 / iters)
                 bar.update(1)
         bar.close()
-        base, cand = np.array(per_round[0]), np.array(per_round[1])
+        # a round's time of a model is the mean over its engines: their compiles' speeds average out
+        base = np.mean(per_engine[0::2], axis=0)
+        cand = np.mean(per_engine[1::2], axis=0)
         ratios = base / cand
         if load.cores > BUSY_WARNING_CORES:
             log.warning("other processes used %.1f CPU cores while benchmarking: the speedup may be off",
@@ -509,5 +521,6 @@ class DeepSparseRuntime:
                           foreign_load_cores=load.cores,
                           extra={"engine": "deepsparse", "version": deepsparse.__version__,
                                  "cores": self.cores or os.cpu_count(), "batch_size": batch_size,
+                                 "compiles": self.compiles,
                                  "native_ops_share": None if native is None else float(native)},
                           outputs=outputs)

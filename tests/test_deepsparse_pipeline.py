@@ -116,6 +116,31 @@ def test_a_layernorm_model_is_written_in_ops_the_engine_runs_natively(tmp_path, 
     assert any("hands the rest to onnxruntime" in r.getMessage() for r in caplog.records)
 
 
+def test_compare_with_two_compiles_times_two_engines_of_each_model(mlp_path, tmp_path, monkeypatch):
+    """The runtime's `compiles` option: each model compiled that many times, all timed, the outputs checked
+    still the baseline's and the candidate's own (not a second engine of the baseline)."""
+    from spdy_onnx.passes.prune import magnitude_prune, write_weights
+    from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime
+    model = onnx.load(mlp_path)
+    sites, _ = graph.find_sites(model)
+    weights = graph.read_weights(model, sites)
+    pruned_path = tmp_path / "pruned.onnx"
+    onnx.save(write_weights(model, {s.weight: magnitude_prune(weights[s.name], 0.9) for s in sites}), pruned_path)
+    rt = DeepSparseRuntime(cores=1, rounds=3, progress=False, compiles=2)
+    compiled = []
+    real = DeepSparseRuntime._engine
+    monkeypatch.setattr(DeepSparseRuntime, "_engine", lambda self, path, b: compiled.append(path) or real(self, path, b))
+    x = np.random.default_rng(0).standard_normal((1, 64, 512)).astype(np.float32)
+    c = rt.compare(str(mlp_path), str(pruned_path), batch_size=1, feeds={"x": x})
+    assert compiled == [str(mlp_path), str(pruned_path)] * 2
+    assert c.extra["compiles"] == 2 and c.baseline_ms > 0 and c.candidate_ms > 0
+    ref = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+           for p in (mlp_path, pruned_path)]
+    assert np.abs(ref[0] - ref[1]).max() > 1e-2      # the two models differ, so a mix-up would show
+    for got, want in zip(c.outputs, ref):
+        np.testing.assert_allclose(got[0], want, rtol=1e-3, atol=1e-3)
+
+
 def test_latency_table_is_cached_and_keyed(mlp_path, cache_dir, monkeypatch):
     prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
                         include=None, min_weights=0, progress=False, runtime_options={"repeats": 1})
