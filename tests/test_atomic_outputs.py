@@ -266,7 +266,9 @@ def _run_to_be_stopped(tmp_path, started: str):
     import subprocess
     import time
     model = tmp_path / "m.onnx"
-    onnx.save(tiny.mlp(width=256, depth=4, seq=16), model)
+    # large enough to pay at 1.5x on these engines: a smaller one was refused as infeasible within a second
+    # of profiling on an AVX-512 machine, before the signal could land
+    onnx.save(tiny.mlp(width=512, depth=4, seq=64), model)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch), "NM_DISABLE_ANALYTICS": "1"}
@@ -293,6 +295,8 @@ def test_sigterm_and_sighup_unwind_like_ctrl_c(tmp_path, signame, status):
     proc, scratch = _run_to_be_stopped(tmp_path, "spdy-onnx-*")
     proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
+    if proc.returncode in (0, 2, 3) and "interrupted" not in err.decode():
+        pytest.skip("the run ended on its own before the signal landed")
     assert proc.returncode == status, err.decode()[-2000:]
     assert "interrupted" in err.decode() and "Traceback" not in err.decode()
     assert not list(scratch.glob("spdy-onnx-*"))

@@ -666,3 +666,21 @@ def test_a_missed_run_leaves_an_earlier_model_with_its_own_report(scripted, mode
     assert json.loads((tmp_path / "o.report.json").read_text())["target"] == 2.0
     assert json.loads((tmp_path / "o.missed.report.json").read_text())["status"] == "missed"
     assert "o.missed.report.json" in str(missed.value)
+
+
+
+@pytest.mark.parametrize("slow,warned", [(1.10, True), (1.02, False)])
+def test_a_deciding_measurement_with_a_slowed_dense_model_is_flagged(slow, warned):
+    """Load from outside the machine shows in no process count, but the dense model runs slower than the
+    run saw it: the report says so when the deciding measurement's dense time is 5% over the fastest."""
+    table = LatencyTable(levels=LEVELS, times={"a": [1.0, 0.8, 0.5, 0.25]}, dense_total_ms=1.5, runtime="scripted",
+                         meta={"cores": 1})
+    first = Comparison(baseline_ms=30.0, candidate_ms=15.0, rounds=15, iterations_per_round=10)
+    last = Comparison(baseline_ms=30.0 * slow, candidate_ms=15.0 * slow, rounds=15, iterations_per_round=10)
+    attempts = [{"attempt": 1, "measurement": first.to_json()}, {"attempt": 2, "measurement": last.to_json()}]
+    flagged = [w for w in api._noise_warnings(table, last, attempts) if "dense model ran" in w]
+    assert bool(flagged) == warned
+    if warned:
+        assert "10% slower" in flagged[0] and "33.00 ms against 30.00 ms" in flagged[0]
+    # the fastest measurement deciding is never flagged, however slow the others were
+    assert not [w for w in api._noise_warnings(table, first, attempts) if "dense model ran" in w]
