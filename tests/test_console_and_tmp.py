@@ -20,10 +20,13 @@ BANNER = "Copyright 2021-present / Neuralmagic"
 
 
 def _env(extra=None) -> dict:
-    """This environment without the settings a run must make itself (CI exports ORT_DISABLE_TELEMETRY)."""
+    """This environment without the settings a run must make itself (CI exports ORT_DISABLE_TELEMETRY), and
+    without the CI markers that turn onnxruntime's telemetry off on their own."""
     env = {**os.environ, "NM_DISABLE_ANALYTICS": "1", **(extra or {})}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env.pop("ORT_DISABLE_TELEMETRY", None)
+    for name in ("CI", "GITHUB_ACTIONS", "TF_BUILD"):   # onnxruntime sends nothing where these are set
+        env.pop(name, None)
     return env
 
 
