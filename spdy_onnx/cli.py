@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="the model to compare against (e.g. the dense original)")
     p.add_argument("--rounds", type=int, default=15,
                    help="interleaved rounds, at least 3 for a median and its spread (default: %(default)s)")
+    p.add_argument("--measurements", type=int, default=1,
+                   help="fresh measurements (new compiles of both models, one after the other); the median "
+                        "speedup is reported with all of them. On a shared machine one measurement can land "
+                        "10%% or more off (default: %(default)s)")
     _common(p, batch_is="measure at")
 
     p = sub.add_parser("sites", help="list the prunable sites and what is excluded by default")
@@ -323,7 +327,8 @@ def _run(args) -> int:
             from spdy_onnx.api import benchmark
             c = benchmark(args.model, baseline=args.baseline, runtime=args.runtime, batch_size=args.batch_size,
                           cores=args.cores, input_shapes=args.input_shape, progress=progress,
-                          runtime_options={"rounds": _at_least(3, args.rounds, "--rounds")})
+                          runtime_options={"rounds": _at_least(3, args.rounds, "--rounds")},
+                          measurements=_at_least(1, args.measurements, "--measurements"))
             print(f"{'model':50s} {'median ms':>10s}")
             if args.baseline:
                 print(f"{args.baseline[-50:]:50s} {c.baseline_ms:10.3f}")
@@ -333,6 +338,10 @@ def _run(args) -> int:
                       f"{c.ratio_p25:.3f}, p75 {c.ratio_p75:.3f}); "
                       f"{c.rounds} interleaved rounds x {c.iterations_per_round} runs; "
                       f"batch {c.extra.get('batch_size')}, cores {c.extra.get('cores')}")
+                every = c.extra.get("measured_speedups", [])
+                if len(every) > 1:
+                    print(f"the median of {len(every)} fresh measurements: "
+                          f"{', '.join(f'{v:.3f}x' for v in every)} (in the order measured)")
             if c.foreign_load_cores > 0.5:
                 print(f"warning: other processes used {c.foreign_load_cores:.1f} cores meanwhile")
             for warning in c.extra.get("warnings", []):

@@ -684,3 +684,30 @@ def test_a_deciding_measurement_with_a_slowed_dense_model_is_flagged(slow, warne
         assert "10% slower" in flagged[0] and "33.00 ms against 30.00 ms" in flagged[0]
     # the fastest measurement deciding is never flagged, however slow the others were
     assert not [w for w in api._noise_warnings(table, first, attempts) if "dense model ran" in w]
+
+
+class QueuedRuntime(ScriptedRuntime):
+    """Speedups handed out in a given order, one per measurement."""
+    queue: list = []
+
+    def compare(self, baseline_path, candidate_path, **kw):
+        return Comparison(baseline_ms=10.0, candidate_ms=10.0 / type(self).queue.pop(0), rounds=3,
+                          iterations_per_round=1)
+
+
+def test_benchmark_reports_the_median_of_fresh_measurements(monkeypatch, model_path, capsys):
+    """One measurement can fall in a stretch of outside load; `--measurements N` measures N times afresh and
+    reports the median, with every figure in the order measured."""
+    monkeypatch.setitem(REGISTRY, "queued", (__name__, "QueuedRuntime", None))
+    monkeypatch.setattr(QueuedRuntime, "queue", [2.1, 1.7, 2.0, 9.9])
+    assert main(["benchmark", str(model_path), "--baseline", str(model_path), "--runtime", "queued",
+                 "--measurements", "3", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup 2.000x" in out
+    assert "the median of 3 fresh measurements: 2.100x, 1.700x, 2.000x" in out
+    assert QueuedRuntime.queue == [9.9]                      # three measured, no more
+    # an even count reports the lower middle one: the conservative side
+    monkeypatch.setattr(QueuedRuntime, "queue", [2.1, 1.7, 2.0, 1.9])
+    c = api.benchmark(model_path, baseline=model_path, runtime="queued", progress=False, measurements=4)
+    assert round(c.speedup, 3) == 1.9 and len(c.extra["measured_speedups"]) == 4
+    assert main(["benchmark", str(model_path), "--runtime", "queued", "--measurements", "0", "-q"]) != 0
