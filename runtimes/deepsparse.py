@@ -178,9 +178,9 @@ class DeepSparseRuntime:
                  rounds: int = 15, progress: bool = True, compile_threads: int | None = None,
                  compiles: int = 1, **_ignored):
         self.cores = int(cores) if cores else None
-        # engines compiled of each model in one `compare`, timed in turn and averaged: each compile runs
-        # at its own speed for its lifetime (MiniLM-L6's 2x draft against itself on two compiles: 3%
-        # standard deviation, benchmarks/results/draft_vs_corrected_minilm_2x_self12.txt)
+        # engines compiled of each model in one `compare`, timed in turn and averaged. Two did not steady
+        # MiniLM-L6's measured speedup (benchmarks/results/compiles_per_measurement_minilm_2x.txt): its
+        # spread came in stretches of load from outside the machine, which slow every engine alike
         self.compiles = max(1, int(compiles))
         self._warned_native = False
         # profiling compiles this many engines side by side before timing them one by one. 1 (the default)

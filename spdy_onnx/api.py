@@ -1126,7 +1126,7 @@ def _noise_warnings(table, comparison, attempts=()) -> list[str]:
         out.append(f"the dense model ran {comparison.baseline_ms / min(dense_ms) - 1:.0%} slower in the deciding "
                    f"measurement than in this run's fastest ({comparison.baseline_ms:.2f} ms against "
                    f"{min(dense_ms):.2f} ms): the machine was busy with work it cannot see, which moves the "
-                   "speedup either way; check it with `spdy-onnx benchmark` on a quieter machine")
+                   "speedup either way; check it with `spdy-onnx benchmark --measurements 5`")
     if table.meta.get("foreign_load_cores", 0) > NOISY_CORES:
         out.append(f"other processes used {table.meta['foreign_load_cores']:.1f} cores while profiling")
     if comparison is not None:
