@@ -1012,8 +1012,8 @@ def standing_measurements(attempts: list[dict]) -> list[tuple[dict, float]]:
 NOISY_CORES = 0.5
 NOISY_SPREAD = 1.10
 # a deciding measurement whose dense model ran this much slower than in the run's fastest measurement is
-# flagged: on a shared host, load from other machines slowed MiniLM-L6's dense model by 4-12% and its
-# pruned file by 11-26% in the same measurements (benchmarks/results/compiles_per_measurement_minilm_2x.txt)
+# flagged: on a shared host, load from other machines slowed MiniLM-L6's dense model by 3-12% and its
+# pruned file by 13-26% in the same measurements (benchmarks/results/compiles_per_measurement_minilm_2x.txt)
 DENSE_DISTURBED = 0.05
 # the aim never goes below this share of the required gain: at an aim of 1.0 the profile is all dense
 # (a ShuffleNet-like net whose draft measured 1.89x for 1.12x predicted was aimed at 0.98x)
