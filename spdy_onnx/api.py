@@ -1226,6 +1226,8 @@ def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=Non
     import onnx
 
     from spdy_onnx.passes.metadata import get_metadata
+    if measurements < 1:   # before any compile
+        raise SpdyError(f"measurements must be >= 1, got {measurements}")
     try:
         meta = get_metadata(onnx.load(str(model_path), load_external_data=False)) or {}
     except Exception:   # unreadable: Prepared gives the error
@@ -1251,8 +1253,6 @@ def benchmark(model_path, *, baseline=None, runtime="deepsparse", batch_size=Non
             for prep in ([base] if base else []) + [cand]:
                 prep.runtime.check_runs(prep.dense_static(), batch_size=prep.batch_size, feeds=feeds,
                                         name=prep.path.name)
-        if measurements < 1:
-            raise SpdyError(f"measurements must be >= 1, got {measurements}")
         every = []
         for _ in range(measurements):
             comparison = cand.runtime.compare(str(base_path), str(cand.dense_static()), batch_size=cand.batch_size,

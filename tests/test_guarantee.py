@@ -7,7 +7,7 @@ import tiny
 
 from spdy_onnx import api
 from spdy_onnx.cli import EXIT_MISSED, main
-from spdy_onnx.errors import TargetMissed
+from spdy_onnx.errors import SpdyError, TargetMissed
 from spdy_onnx.runtimes import REGISTRY, Comparison
 from spdy_onnx.tables import LatencyTable
 
@@ -711,3 +711,11 @@ def test_benchmark_reports_the_median_of_fresh_measurements(monkeypatch, model_p
     c = api.benchmark(model_path, baseline=model_path, runtime="queued", progress=False, measurements=4)
     assert round(c.speedup, 3) == 1.9 and len(c.extra["measured_speedups"]) == 4
     assert main(["benchmark", str(model_path), "--runtime", "queued", "--measurements", "0", "-q"]) != 0
+
+
+def test_benchmark_refuses_a_bad_measurement_count_before_compiling(monkeypatch, model_path):
+    monkeypatch.setitem(REGISTRY, "queued", (__name__, "QueuedRuntime", None))
+    monkeypatch.setattr(QueuedRuntime, "queue", [2.0])
+    with pytest.raises(SpdyError, match="measurements must be >= 1"):
+        api.benchmark(model_path, baseline=model_path, runtime="queued", progress=False, measurements=0)
+    assert QueuedRuntime.queue == [2.0]
