@@ -133,6 +133,8 @@ def main(argv=None):
     p.add_argument("--calib-rows", type=int, default=1024, help="how many probe-train rows are calibration data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--cap", default=None, metavar="REGEX:SPARSITY",
+                   help="adds spdy-capped: SPDY's search with the sites matching REGEX held at or under SPARSITY")
     p.add_argument("--spread", type=int, default=0,
                    help="also score the K lowest-loss distinct profiles of SPDY's search within 3%% of the aim's "
                         "time: how far the probe moves among profiles the label-free loss can hardly tell apart")
@@ -186,7 +188,18 @@ def main(argv=None):
     def budget(aim):
         return table.dense_total_ms / aim - table.fixed_ms(names)
 
-    searched = ("spdy", "probe-logit", "oracle")
+    searched = ("spdy", "spdy-capped", "probe-logit", "oracle")
+    capped_times = times
+    if args.cap:
+        import re
+        pattern, _, limit = args.cap.rpartition(":")
+        capped_times = times.copy()
+        over = np.asarray(table.levels) > float(limit) + 1e-9
+        hit = [i for i, n in enumerate(names) if re.search(pattern, n)]
+        capped_times[np.ix_(hit, np.flatnonzero(over))] = 1e6   # never within a budget
+        print(f"spdy-capped: {len(hit)} sites held at or under {float(limit):.0%}", flush=True)
+        if "spdy-capped" not in wanted:
+            wanted.append("spdy-capped")
     n_w = np.array([s.n_weights for s in sites], dtype=np.float64)
 
     def predicted_of(picks):
@@ -207,8 +220,8 @@ def main(argv=None):
                     ch.evaluator = ProbeLoss(oracle_set, base.evaluator.weights_of, w, b,
                                              None if strategy == "probe-logit" else train_labels[lo:hi])
                 else:
-                    ch = chooser(strategy)
-                picks = ch.choose(times, budget(aim))
+                    ch = chooser("spdy" if strategy == "spdy-capped" else strategy)
+                picks = ch.choose(capped_times if strategy == "spdy-capped" else times, budget(aim))
                 seconds = time.perf_counter() - t0
                 logit = test_set.embeddings(base.evaluator.weights_of(picks)) @ w + b
                 ok = (logit > 0) == (heldout_labels == 1)
