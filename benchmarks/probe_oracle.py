@@ -135,6 +135,8 @@ def main(argv=None):
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--cap", default=None, metavar="REGEX:SPARSITY",
                    help="adds spdy-capped: SPDY's search with the sites matching REGEX held at or under SPARSITY")
+    p.add_argument("--band", type=int, default=None, metavar="K",
+                   help="adds spdy-band: SPDY's search with every site within K grid levels of uniform's level")
     p.add_argument("--spread", type=int, default=0,
                    help="also score the K lowest-loss distinct profiles of SPDY's search within 3%% of the aim's "
                         "time: how far the probe moves among profiles the label-free loss can hardly tell apart")
@@ -188,7 +190,9 @@ def main(argv=None):
     def budget(aim):
         return table.dense_total_ms / aim - table.fixed_ms(names)
 
-    searched = ("spdy", "spdy-capped", "probe-logit", "oracle")
+    searched = ("spdy", "spdy-capped", "spdy-band", "probe-logit", "oracle")
+    if args.band is not None and "spdy-band" not in wanted:
+        wanted.append("spdy-band")
     capped_times = times
     if args.cap:
         import re
@@ -220,8 +224,15 @@ def main(argv=None):
                     ch.evaluator = ProbeLoss(oracle_set, base.evaluator.weights_of, w, b,
                                              None if strategy == "probe-logit" else train_labels[lo:hi])
                 else:
-                    ch = chooser("spdy" if strategy == "spdy-capped" else strategy)
-                picks = ch.choose(capped_times if strategy == "spdy-capped" else times, budget(aim))
+                    ch = chooser("spdy" if strategy in ("spdy-capped", "spdy-band") else strategy)
+                these_times = capped_times if strategy == "spdy-capped" else times
+                if strategy == "spdy-band":   # a trust region around uniform's level at the target
+                    u = int(strategies.Uniform(sites=sites, levels=list(table.levels), database=database)
+                            .choose(times, budget(target))[0])
+                    these_times = times.copy()
+                    far = np.abs(np.arange(times.shape[1]) - u) > args.band
+                    these_times[:, far] = 1e6
+                picks = ch.choose(these_times, budget(aim))
                 seconds = time.perf_counter() - t0
                 logit = test_set.embeddings(base.evaluator.weights_of(picks)) @ w + b
                 ok = (logit > 0) == (heldout_labels == 1)
