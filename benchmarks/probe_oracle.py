@@ -11,7 +11,9 @@ correction) on sentences no search saw:
   - probe-logit: the mean squared change of the dense probe's logit, on probe-train sentences that are
                  not calibration sentences (no labels, but the probe: a task-aware, label-free loss);
   - oracle:      the probe's cross-entropy against the true labels on those sentences (labels used);
-  - uniform, global-magnitude: the baselines, as `optimize` chooses them.
+  - uniform, global-magnitude: the baselines, as `optimize` chooses them;
+  - spdy-pooled: 1 - cosine of each calibration sentence's embedding to dense (label-free, no probe);
+  - spdy-capped (--cap), spdy-band (--band): SPDY's search with some levels ruled out.
 
 If the oracle's profile is no better on held-out sentences than uniform's at the same predicted speed,
 no choice of levels beats the baselines there, whatever the loss. No engine is run: speeds are the
@@ -69,12 +71,13 @@ class Embedder:
 
 
 class ProbeLoss:
-    """The search's evaluator interface (loss, is_cached, evaluations, sites) over a probe's view."""
+    """The search's evaluator interface (loss, is_cached, evaluations, sites) over sentence embeddings:
+    1 - cosine to dense (w None), the probe's logit change (labels None), or its cross-entropy."""
 
     def __init__(self, embedder: Embedder, weights_of, w: np.ndarray, b: float, labels: np.ndarray | None):
         self.embedder, self.weights_of, self.w, self.b, self.labels = embedder, weights_of, w, b, labels
         self.sites = embedder.ev.sites
-        self.dense_logit = embedder.dense @ w + b
+        self.dense_logit = None if w is None else embedder.dense @ w + b
         self._memo: dict[tuple, float] = {}
         self.evaluations = 0
 
@@ -84,12 +87,14 @@ class ProbeLoss:
     def loss(self, picks) -> float:
         key = tuple(int(j) for j in picks)
         if key not in self._memo:
-            logit = self.embedder.embeddings(self.weights_of(key)) @ self.w + self.b
-            if self.labels is None:     # how far the probe's logit moved
-                value = float(np.mean((logit - self.dense_logit) ** 2))
+            emb = self.embedder.embeddings(self.weights_of(key))
+            if self.w is None:          # how far each sentence's embedding turned (no probe, no labels)
+                value = float(np.mean(1.0 - np.sum(emb * self.embedder.dense, axis=1)))
+            elif self.labels is None:   # how far the probe's logit moved
+                value = float(np.mean((emb @ self.w + self.b - self.dense_logit) ** 2))
             else:                       # the probe's cross-entropy against the labels
                 sign = np.where(self.labels == 1, 1.0, -1.0)
-                value = float(np.mean(np.logaddexp(0.0, -sign * logit)))
+                value = float(np.mean(np.logaddexp(0.0, -sign * (emb @ self.w + self.b))))
             self._memo[key] = value
             self.evaluations += 1
         return self._memo[key]
@@ -130,6 +135,9 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=150.0, help="search budget of every search, in seconds")
     p.add_argument("--oracle-samples", type=int, default=128,
                    help="probe-train sentences (after the calibration ones) the probe losses are computed on")
+    p.add_argument("--pooled-samples", type=int, default=32,
+                   help="calibration sentences the label-free pooled loss (spdy-pooled: 1 - cosine of each "
+                        "sentence's embedding to dense) is computed on")
     p.add_argument("--calib-rows", type=int, default=1024, help="how many probe-train rows are calibration data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
@@ -190,7 +198,10 @@ def main(argv=None):
     def budget(aim):
         return table.dense_total_ms / aim - table.fixed_ms(names)
 
-    searched = ("spdy", "spdy-capped", "spdy-band", "probe-logit", "oracle")
+    searched = ("spdy", "spdy-capped", "spdy-band", "spdy-pooled", "probe-logit", "oracle")
+    pooled_set = None
+    if "spdy-pooled" in wanted:
+        pooled_set = Embedder(prep, sites, database, load(d / "minilm_calib.npz", slice(0, args.pooled_samples)))
     if args.band is not None and "spdy-band" not in wanted:
         wanted.append("spdy-band")
     capped_times = times
@@ -217,12 +228,15 @@ def main(argv=None):
         for strategy in [s for s in wanted if s not in searched] + [s for s in wanted if s in searched]:
             for aim in (aims if strategy in searched else [target]):
                 t0 = time.perf_counter()
-                if strategy in ("probe-logit", "oracle"):
+                if strategy in ("probe-logit", "oracle", "spdy-pooled"):
                     ch = search.SpdySearch(search_budget=f"{args.seconds}s", seed=args.seed, progress=False,
                                            prior="auto", sites=sites, levels=list(table.levels),
                                            database=database, groups=groups, evaluator=None)
-                    ch.evaluator = ProbeLoss(oracle_set, base.evaluator.weights_of, w, b,
-                                             None if strategy == "probe-logit" else train_labels[lo:hi])
+                    if strategy == "spdy-pooled":
+                        ch.evaluator = ProbeLoss(pooled_set, base.evaluator.weights_of, None, 0.0, None)
+                    else:
+                        ch.evaluator = ProbeLoss(oracle_set, base.evaluator.weights_of, w, b,
+                                                 None if strategy == "probe-logit" else train_labels[lo:hi])
                 else:
                     ch = chooser("spdy" if strategy in ("spdy-capped", "spdy-band") else strategy)
                 these_times = capped_times if strategy == "spdy-capped" else times
