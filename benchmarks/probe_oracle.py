@@ -27,8 +27,8 @@ table's predictions (`spdy-onnx profile -o table.json`, or a cached table).
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -40,12 +40,10 @@ import numpy as np  # noqa: E402
 from spdy_onnx import api, calibrate, evaluate, graph, search, strategies  # noqa: E402
 from spdy_onnx.tables import LatencyTable, write_json_atomic  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import embed, load_npz  # noqa: E402
+
 STRATEGIES = ("spdy", "probe-logit", "oracle", "uniform", "global-magnitude")
-
-
-def load(path, rows=None) -> dict:
-    with np.load(path) as z:
-        return {k: (z[k] if rows is None else z[k][rows]) for k in z.files}
 
 
 class Embedder:
@@ -58,13 +56,8 @@ class Embedder:
         self.dense = self._pool(self.ev.reference)
 
     def _pool(self, outputs) -> np.ndarray:
-        rows = []
-        for outs, mask in zip(outputs, self.ev.masks):
-            hidden = outs[0][0]
-            m = mask[0].astype(np.float32)[:, None]
-            pooled = (hidden * m).sum(0) / max(m.sum(), 1e-9)
-            rows.append(pooled / max(np.linalg.norm(pooled), 1e-12))
-        return np.stack(rows).astype(np.float32)
+        # the accuracy benchmark's embedding, over each sentence's cut length
+        return np.stack([embed(outs[0], {"attention_mask": mask}) for outs, mask in zip(outputs, self.ev.masks)])
 
     def embeddings(self, weights: dict) -> np.ndarray:
         return self._pool([self.ev._run(item, weights) for item in self.ev.feeds])
@@ -100,8 +93,9 @@ class ProbeLoss:
         return self._memo[key]
 
 
-def mcnemar(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
-    """Sentences right only with a, right only with b, and the exact two-sided p of the difference."""
+def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
+    """Sentences right only with a, right only with b, and the exact (binomial) two-sided p of the
+    difference; accuracy.py's mcnemar is the normal approximation, which its committed tables used."""
     from scipy.stats import binomtest
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
@@ -172,9 +166,9 @@ def main(argv=None):
 
     base = chooser("uniform")              # builds (or reads) the database every strategy shares
     database = base.database
-    train = load(d / "minilm_probe_train.npz")
+    train = load_npz(d / "minilm_probe_train.npz")
     train_labels = train.pop("labels")
-    heldout = load(d / "minilm_heldout.npz")
+    heldout = load_npz(d / "minilm_heldout.npz")
     heldout_labels = heldout.pop("labels")
     lo, hi = args.calib_rows, args.calib_rows + args.oracle_samples
     if hi > len(train_labels):
@@ -201,7 +195,7 @@ def main(argv=None):
     searched = ("spdy", "spdy-capped", "spdy-band", "spdy-pooled", "probe-logit", "oracle")
     pooled_set = None
     if "spdy-pooled" in wanted:
-        pooled_set = Embedder(prep, sites, database, load(d / "minilm_calib.npz", slice(0, args.pooled_samples)))
+        pooled_set = Embedder(prep, sites, database, load_npz(d / "minilm_calib.npz", args.pooled_samples))
     if args.band is not None and "spdy-band" not in wanted:
         wanted.append("spdy-band")
     capped_times = times
@@ -286,7 +280,7 @@ def main(argv=None):
             if theirs is None or other == r["strategy"]:
                 cells.append("-")
                 continue
-            _, _, pv = mcnemar(mine, theirs)
+            _, _, pv = mcnemar_exact(mine, theirs)
             cells.append(f"{100 * (mine.mean() - theirs.mean()):+.1f} ({pv:.2g})")
         print(f"| {r['target']:g}x | {r['aim']:g}x | {r['strategy']} | {r['predicted']:.3f}x | {r['sparsity']:.0%} | "
               f"{r['calib_loss']:.4f} | {r['probe_logit_mse']:.4f} | {r['logit_shift']:+.3f} | {r['probe_acc']:.1%} | {cells[0]} | {cells[1]} |")

@@ -668,7 +668,6 @@ def test_a_missed_run_leaves_an_earlier_model_with_its_own_report(scripted, mode
     assert "o.missed.report.json" in str(missed.value)
 
 
-
 @pytest.mark.parametrize("slow,warned", [(1.10, True), (1.02, False)])
 def test_a_deciding_measurement_with_a_slowed_dense_model_is_flagged(slow, warned):
     """Load from outside the machine shows in no process count, but the dense model runs slower than the
