@@ -60,7 +60,15 @@ class Embedder:
         return np.stack([embed(outs[0], {"attention_mask": mask}) for outs, mask in zip(outputs, self.ev.masks)])
 
     def embeddings(self, weights: dict) -> np.ndarray:
-        return self._pool([self.ev._run(item, weights) for item in self.ev.feeds])
+        return self._pool(self.outputs(weights))
+
+    def outputs(self, weights: dict) -> list:
+        """Each sentence's graph outputs for these weights (the first is last_hidden_state, cut length)."""
+        return [self.ev._run(item, weights) for item in self.ev.feeds]
+
+    def token_states(self, outputs) -> list[np.ndarray]:
+        """Each sentence's real-token rows of last_hidden_state, (tokens, hidden)."""
+        return [outs[0][0][np.asarray(mask[0], dtype=bool)] for outs, mask in zip(outputs, self.ev.masks)]
 
 
 class ProbeLoss:
