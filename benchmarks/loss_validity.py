@@ -86,9 +86,24 @@ def read_profiles(paths: list[str]) -> list[dict]:
     return out
 
 
+def ranks(values) -> np.ndarray:
+    """0-based ranks, tied values sharing their mean rank (what Spearman's correlation needs)."""
+    v = np.asarray(values, dtype=np.float64)
+    out = np.empty(len(v))
+    out[np.argsort(v, kind="mergesort")] = np.arange(len(v))
+    for u in np.unique(v):
+        out[v == u] = out[v == u].mean()
+    return out
+
+
 def spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-    return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
+    """Spearman's rank correlation; NaN for fewer than three values or a constant one."""
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = ranks(a), ranks(b)
+    if np.ptp(ra) == 0 or np.ptp(rb) == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def speed_class(predicted: float) -> str:

@@ -71,3 +71,12 @@ def test_two_runs_profiles_of_one_strategy_and_speed_keep_apart_names(tmp_path):
     b.write_text(json.dumps({"rows": again}))
     names = [p["name"] for p in loss_validity.read_profiles([str(a), str(b)])]
     assert names == ["spdy@2.161", "spdy@2.161 (second)"]
+
+
+def test_spearman_shares_tied_ranks_and_matches_a_count_by_hand():
+    np.testing.assert_allclose(loss_validity.ranks([3.0, 1.0, 3.0, 2.0]), [2.5, 0.0, 2.5, 1.0])
+    # ranks (0, 1, 2, 3) against (1, 0, 3, 2): d^2 sums to 4, so rho = 1 - 6*4 / (4 * 15) = 0.6
+    assert loss_validity.spearman([1, 2, 3, 4], [20, 10, 40, 30]) == pytest.approx(0.6)
+    assert loss_validity.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(loss_validity.spearman([1, 2], [1, 2]))
+    assert np.isnan(loss_validity.spearman([1, 1, 1], [1, 2, 3]))
