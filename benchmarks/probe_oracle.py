@@ -27,6 +27,7 @@ table's predictions (`spdy-onnx profile -o table.json`, or a cached table).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -104,10 +105,12 @@ class ProbeLoss:
 def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
     """Sentences right only with a, right only with b, and the exact (binomial) two-sided p of the
     difference; accuracy.py's mcnemar is the normal approximation, which its committed tables used."""
-    from scipy.stats import binomtest
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
-    p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-    return only_a, only_b, float(p)
+    n = only_a + only_b
+    if n == 0:
+        return only_a, only_b, 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
+    return only_a, only_b, float(min(1.0, 2 * tail / 2 ** n))
 
 
 def score_spread(evaluator, times, budget, k, test_set, w, b, labels) -> list[dict]:

@@ -1,4 +1,5 @@
-"""The helpers of benchmarks/loss_validity.py: the whitened error and the profiles read from probe_oracle."""
+"""Helpers of the probe benchmarks (loss_validity, probe_oracle, probe_sensitivity): whitened errors, ranks,
+profiles read from result files, exact McNemar and gaps to the baselines of one speed."""
 import json
 import sys
 from pathlib import Path
@@ -80,3 +81,28 @@ def test_spearman_shares_tied_ranks_and_matches_a_count_by_hand():
     assert loss_validity.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert np.isnan(loss_validity.spearman([1, 2], [1, 2]))
     assert np.isnan(loss_validity.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_exact_mcnemar_counts_and_p_match_the_binomial_by_hand():
+    import probe_oracle
+    a = np.array([True] * 7 + [False] * 3 + [True] * 5)
+    b = np.array([False] * 7 + [True] * 3 + [True] * 5)
+    only_a, only_b, p = probe_oracle.mcnemar_exact(a, b)
+    # 7 against 3 of 10 discordant: two-sided p = 2 * (1 + 10 + 45 + 120) / 1024
+    assert (only_a, only_b) == (7, 3) and p == pytest.approx(2 * 176 / 1024)
+    assert probe_oracle.mcnemar_exact(a, a)[2] == 1.0
+
+
+def test_gaps_compare_each_profile_with_the_baselines_of_its_speed_only():
+    import probe_sensitivity
+    profiles = [{"name": "uniform@2.161", "predicted": 2.161}, {"name": "spdy@2.161", "predicted": 2.161},
+                {"name": "spdy@2.000", "predicted": 2.0}, {"name": "global-magnitude@2.004", "predicted": 2.004}]
+    right = {"uniform@2.161": np.array([1, 1, 1, 0], bool), "spdy@2.161": np.array([1, 0, 1, 0], bool),
+             "spdy@2.000": np.array([1, 1, 1, 1], bool), "global-magnitude@2.004": np.array([0, 1, 1, 1], bool)}
+    gaps = probe_sensitivity.baseline_gaps(right, profiles)
+    assert set(gaps["spdy@2.161"]) == {"uniform@2.161"}
+    assert gaps["spdy@2.161"]["uniform@2.161"][0] == pytest.approx(-25.0)
+    assert set(gaps["spdy@2.000"]) == {"global-magnitude@2.004"}
+    assert gaps["spdy@2.000"]["global-magnitude@2.004"][0] == pytest.approx(25.0)
+    assert "global-magnitude@2.004" not in gaps       # no other baseline at its speed
+    assert "uniform@2.161" not in gaps
