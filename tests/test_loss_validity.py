@@ -95,8 +95,8 @@ def test_exact_mcnemar_counts_and_p_match_the_binomial_by_hand():
 
 def test_gaps_compare_each_profile_with_the_baselines_of_its_speed_only():
     import probe_sensitivity
-    profiles = [{"name": "uniform@2.161", "predicted": 2.161}, {"name": "spdy@2.161", "predicted": 2.161},
-                {"name": "spdy@2.000", "predicted": 2.0}, {"name": "global-magnitude@2.004", "predicted": 2.004}]
+    profiles = [probe_sensitivity.profile_item({"name": n, "predicted": v}) for n, v in
+                [("uniform@2.161", 2.161), ("spdy@2.161", 2.161), ("spdy@2.000", 2.0), ("global-magnitude@2.004", 2.004)]]
     right = {"uniform@2.161": np.array([1, 1, 1, 0], bool), "spdy@2.161": np.array([1, 0, 1, 0], bool),
              "spdy@2.000": np.array([1, 1, 1, 1], bool), "global-magnitude@2.004": np.array([0, 1, 1, 1], bool)}
     gaps = probe_sensitivity.baseline_gaps(right, profiles)
@@ -106,3 +106,11 @@ def test_gaps_compare_each_profile_with_the_baselines_of_its_speed_only():
     assert gaps["spdy@2.000"]["global-magnitude@2.004"][0] == pytest.approx(25.0)
     assert "global-magnitude@2.004" not in gaps       # no other baseline at its speed
     assert "uniform@2.161" not in gaps
+
+
+def test_kept_files_are_grouped_by_their_target(tmp_path):
+    import probe_sensitivity
+    item = probe_sensitivity.file_item(tmp_path / "minilm.global-magnitude.2x.onnx")
+    assert (item["name"], item["strategy"], item["group"]) == ("minilm.global-magnitude.2x", "global-magnitude", "2x")
+    with pytest.raises(SystemExit, match="expected a name like"):
+        probe_sensitivity.file_item(tmp_path / "pruned.onnx")
