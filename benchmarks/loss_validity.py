@@ -125,6 +125,19 @@ def summarise(profiles: list[dict]) -> dict:
     return out
 
 
+def open_database(models_dir: Path, table_path, cache_dir):
+    """MiniLM-L6 prepared on the table runtime, its sites in the table, and a uniform chooser whose database
+    and evaluator (weights_of) are the ones probe_oracle.py's runs used (read from cache_dir)."""
+    prep = api.Prepared(models_dir / "minilm-l6.onnx", runtime="table", batch_size=1, cores=1, input_shapes=None,
+                        exclude=None, include=None, min_weights=graph.DEFAULT_MIN_WEIGHTS, progress=False)
+    table = LatencyTable.load(table_path)
+    sites = [s for s in prep.sites if s.name in table.times]
+    base = strategies.make_chooser("uniform", prep=prep, sites=sites, table=table,
+                                   data=str(models_dir / "minilm_calib.npz"), samples=None, reconstruct="obs",
+                                   loss="auto", search_budget="10s", seed=0, cache_dir=cache_dir, progress=False)
+    return prep, sites, base
+
+
 def print_tables(profiles: list[dict], fixes: dict, header: str) -> dict:
     """The tables of a run (also of a saved one, --reprint); returns the per-speed summary."""
     print(header)
@@ -176,13 +189,7 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     d = args.models_dir
-    prep = api.Prepared(d / "minilm-l6.onnx", runtime="table", batch_size=1, cores=1, input_shapes=None,
-                        exclude=None, include=None, min_weights=graph.DEFAULT_MIN_WEIGHTS, progress=False)
-    table = LatencyTable.load(args.table)
-    sites = [s for s in prep.sites if s.name in table.times]
-    base = strategies.make_chooser("uniform", prep=prep, sites=sites, table=table, data=str(d / "minilm_calib.npz"),
-                                   samples=None, reconstruct="obs", loss="auto", search_budget="10s", seed=0,
-                                   cache_dir=args.cache_dir, progress=False)
+    prep, sites, base = open_database(d, args.table, args.cache_dir)
     database = base.database
     calib = load_npz(d / "minilm_calib.npz")
     if args.first + args.samples > len(next(iter(calib.values()))):

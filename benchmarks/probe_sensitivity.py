@@ -14,7 +14,7 @@ compared with the baselines of its target.
 
     python benchmarks/probe_sensitivity.py --models-dir out --table benchmarks/results/minilm_epyc_s30.table.json \\
         --cache-dir cache --profiles uniform@2.161,spdy@2.161,spdy@2.000,probe-logit@2.000,global-magnitude@2.004,\\
-spdy-band@2.161,uniform@1.689,spdy@1.500,global-magnitude@1.519 benchmarks/results/loss_validity_minilm.json
+spdy-band@2.161,uniform@1.689,spdy@1.689,spdy@1.500,global-magnitude@1.519 benchmarks/results/loss_validity_minilm.json
     python benchmarks/probe_sensitivity.py --models-dir out --cache-dir cache --files kept/minilm.*.2x.onnx
 """
 from __future__ import annotations
@@ -31,12 +31,11 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import numpy as np  # noqa: E402
 
-from spdy_onnx import api, graph, strategies  # noqa: E402
-from spdy_onnx.tables import LatencyTable, write_json_atomic  # noqa: E402
+from spdy_onnx.tables import write_json_atomic  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import load_npz  # noqa: E402
-from loss_validity import read_profiles, speed_class  # noqa: E402
+from loss_validity import open_database, read_profiles, speed_class  # noqa: E402
 from probe_oracle import Embedder, mcnemar_exact  # noqa: E402
 
 BASELINES = ("uniform", "global-magnitude")
@@ -79,13 +78,7 @@ def profile_item(prof: dict) -> dict:
 def profile_embeddings(args, items: list[dict]) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, str]:
     """Held-out embeddings of dense and of each profile's database weights (onnxruntime, weights as inputs)."""
     d = args.models_dir
-    prep = api.Prepared(d / "minilm-l6.onnx", runtime="table", batch_size=1, cores=1, input_shapes=None,
-                        exclude=None, include=None, min_weights=graph.DEFAULT_MIN_WEIGHTS, progress=False)
-    table = LatencyTable.load(args.table)
-    sites = [s for s in prep.sites if s.name in table.times]
-    base = strategies.make_chooser("uniform", prep=prep, sites=sites, table=table, data=str(d / "minilm_calib.npz"),
-                                   samples=None, reconstruct="obs", loss="auto", search_budget="10s", seed=0,
-                                   cache_dir=args.cache_dir, progress=False)
+    prep, sites, base = open_database(d, args.table, args.cache_dir)
     heldout = load_npz(d / "minilm_heldout.npz")
     labels = heldout.pop("labels")
     test_set = Embedder(prep, sites, base.database, heldout)
