@@ -46,7 +46,7 @@ from spdy_onnx.tables import LatencyTable, write_json_atomic  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import load_npz  # noqa: E402
-from probe_oracle import Embedder  # noqa: E402
+from probe_oracle import Embedder, dense_train_embeddings  # noqa: E402
 
 LOSSES = ("tokens-nmse", "pooled-cos", "pooled-shift", "pooled-white", "tokens-white")
 SHRINK = 0.1
@@ -195,10 +195,8 @@ def main(argv=None):
     if args.first + args.samples > len(next(iter(calib.values()))):
         raise SystemExit("--first + --samples runs past the calibration sentences")
     fresh_data = {k: v[args.first:args.first + args.samples] for k, v in calib.items()}
-    fresh = Embedder(prep, sites, database, fresh_data)
-    # the search's own loss (the evaluator SPDY builds, `--loss auto`) on the fresh sentences
-    own = evaluate.Evaluator(prep.calibration_model, sites, database, fresh_data, loss="auto", specs=prep.specs,
-                             eval_samples=args.samples)
+    # an evaluator with the search's own loss (`--loss auto`) on the fresh sentences
+    fresh = Embedder(prep, sites, database, fresh_data, loss="auto")
     cov_set = Embedder(prep, sites, database, load_npz(d / "minilm_calib.npz", args.cov_samples))
     pooled_inverse = whitener(cov_set.dense)
     dense_states = fresh.token_states(fresh.ev.reference)
@@ -208,12 +206,18 @@ def main(argv=None):
     profiles = read_profiles(args.results)
     print(f"{len(profiles)} profiles; fresh sentences {args.first}-{args.first + args.samples - 1}, "
           f"covariance of {args.cov_samples} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    ev = fresh.ev
+    shifts = {}   # each profile's mean change of the output tokens on the fresh sentences (--mean-fix)
     for prof in profiles:
-        weights = base.evaluator.weights_of(prof["picks"])
-        states = fresh.token_states(fresh.outputs(weights))
+        outputs = fresh.outputs(base.evaluator.weights_of(prof["picks"]))
+        states = fresh.token_states(outputs)
+        shifts[prof["name"]] = np.concatenate(states).mean(axis=0) - np.concatenate(dense_states).mean(axis=0)
         emb = pooled(states)
         err = emb - dense_pooled
-        prof["tokens-nmse"] = float(own.loss_of_weights(weights))
+        # what the search's evaluator computes for a candidate (Evaluator.loss), from these outputs
+        prof["tokens-nmse"] = float(np.mean([
+            evaluate.combined_loss(ev.loss_names, ref, outs, mask, ev.scales, ev.output_weights)
+            for ref, outs, mask in zip(ev.reference, outputs, ev.masks)]))
         prof["pooled-cos"] = float(np.mean(1.0 - np.sum(emb * dense_pooled, axis=1)))
         prof["pooled-shift"] = float(np.linalg.norm(err.mean(axis=0)))
         prof["pooled-white"] = quadratic(err, pooled_inverse)
@@ -229,18 +233,15 @@ def main(argv=None):
         heldout = load_npz(d / "minilm_heldout.npz")
         labels = heldout.pop("labels")
         test_set = Embedder(prep, sites, database, heldout)
-        cached = Path(args.cache_dir or ".") / f"probe_oracle_train_dense_{prep.digest[:16]}.npy"
-        train_dense = np.load(cached) if cached.exists() else Embedder(prep, sites, database, train).dense
+        train_dense = dense_train_embeddings(prep, sites, database, train, args.cache_dir)
         probe = LogisticRegression(C=1.0, max_iter=5000, random_state=0).fit(train_dense, train_labels)
         w, b = probe.coef_[0].astype(np.float64), float(probe.intercept_[0])
         dense_logit = test_set.dense @ w + b
-        calib_tokens = np.concatenate(dense_states)
         for prof in profiles:
             if prof["name"] not in wanted:
                 continue
-            weights = base.evaluator.weights_of(prof["picks"])
-            shift = np.concatenate(fresh.token_states(fresh.outputs(weights))).mean(axis=0) - calib_tokens.mean(axis=0)
-            states = test_set.token_states(test_set.outputs(weights))
+            shift = shifts[prof["name"]]
+            states = test_set.token_states(test_set.outputs(base.evaluator.weights_of(prof["picks"])))
             row = {}
             for kind, emb in (("as is", pooled(states)), ("mean shift removed", pooled([s - shift for s in states]))):
                 logit = emb @ w + b

@@ -51,8 +51,8 @@ class Embedder:
     """Sentence embeddings (mean over real tokens, L2-normalised) of a fixed set of sentences for any
     weights, through the evaluator's weights-as-inputs sessions cut to each sentence's length."""
 
-    def __init__(self, prep, sites, database, data: dict):
-        self.ev = evaluate.Evaluator(prep.calibration_model, sites, database, data, loss="mse", specs=prep.specs,
+    def __init__(self, prep, sites, database, data: dict, loss: str = "mse"):
+        self.ev = evaluate.Evaluator(prep.calibration_model, sites, database, data, loss=loss, specs=prep.specs,
                                      eval_samples=calibrate.n_samples(data))
         self.dense = self._pool(self.ev.reference)
 
@@ -100,6 +100,18 @@ class ProbeLoss:
             self._memo[key] = value
             self.evaluations += 1
         return self._memo[key]
+
+
+def dense_train_embeddings(prep, sites, database, train: dict, cache_dir) -> np.ndarray:
+    """Dense embeddings of every probe-train sentence, the probes' fit (a few minutes on one core), cached
+    in cache_dir by the model's digest."""
+    cached = Path(cache_dir or ".") / f"probe_oracle_train_dense_{prep.digest[:16]}.npy"
+    if cached.exists():
+        return np.load(cached)
+    dense = Embedder(prep, sites, database, train).dense
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cached, dense)
+    return dense
 
 
 def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
@@ -187,13 +199,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     oracle_set = Embedder(prep, sites, database, {k: v[lo:hi] for k, v in train.items()})
     test_set = Embedder(prep, sites, database, heldout)
-    cached = Path(args.cache_dir or ".") / f"probe_oracle_train_dense_{prep.digest[:16]}.npy"
-    if cached.exists():
-        train_dense = np.load(cached)
-    else:   # dense embeddings of all probe-train sentences: the probe's fit (a few minutes on one core)
-        train_dense = Embedder(prep, sites, database, train).dense
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cached, train_dense)
+    train_dense = dense_train_embeddings(prep, sites, database, train, args.cache_dir)
     print(f"dense embeddings: {time.perf_counter() - t0:.0f} s", flush=True)
     probe = LogisticRegression(C=1.0, max_iter=5000, random_state=args.seed).fit(train_dense, train_labels)
     w, b = probe.coef_[0].astype(np.float64), float(probe.intercept_[0])

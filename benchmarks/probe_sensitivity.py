@@ -36,7 +36,7 @@ from spdy_onnx.tables import write_json_atomic  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import load_npz  # noqa: E402
 from loss_validity import open_database, read_profiles, speed_class  # noqa: E402
-from probe_oracle import Embedder, mcnemar_exact  # noqa: E402
+from probe_oracle import Embedder, dense_train_embeddings, mcnemar_exact  # noqa: E402
 
 BASELINES = ("uniform", "global-magnitude")
 
@@ -84,8 +84,7 @@ def profile_embeddings(args, items: list[dict]) -> tuple[dict, np.ndarray, np.nd
     test_set = Embedder(prep, sites, base.database, heldout)
     train = load_npz(d / "minilm_probe_train.npz")
     train_labels = train.pop("labels")
-    cached = Path(args.cache_dir or ".") / f"probe_oracle_train_dense_{prep.digest[:16]}.npy"
-    train_dense = np.load(cached) if cached.exists() else Embedder(prep, sites, base.database, train).dense
+    train_dense = dense_train_embeddings(prep, sites, base.database, train, args.cache_dir)
     embeddings = {"dense": test_set.dense}
     for item in items:
         embeddings[item["name"]] = test_set.embeddings(base.evaluator.weights_of(item["picks"]))
