@@ -150,6 +150,43 @@ def report(levels, runs, names, rows):
               f"within a pass {logs.std(axis=1).mean():.3f}, across passes per profile {logs.std(axis=0).mean():.3f}")
 
 
+def combined_table(runs, names, levels):
+    """(site times, dense total, fixed time) from these runs together, as profiling builds it: slowness
+    gauged over all of them at once, medians per level."""
+    factors = slowness_factors([r["level"] for r in runs], [r["total"] for r in runs],
+                               [sum(r["sites"][n] for n in names) for r in runs],
+                               fused=any(r.get("fused") for r in runs))
+    return pass_table(runs, names, levels, factors)
+
+
+def combine_report(levels, runs, names, rows):
+    """Is a second pass worth its time? For every pass, the table of that pass alone, of that pass with
+    the dense model run once more (the next pass's dense run: what profiling does by default), and of that
+    pass with the whole next pass, each against the profiles measured end to end."""
+    passes = sorted({r["repeat"] for r in runs})
+    variants = {"one pass": [], "one pass + dense again": [], "two passes": []}
+    for k in passes:
+        nxt = passes[(passes.index(k) + 1) % len(passes)]
+        own = [r for r in runs if r["repeat"] == k]
+        dense_next = [r for r in runs if r["repeat"] == nxt and r["level"] == 0.0]
+        whole_next = [r for r in runs if r["repeat"] == nxt]
+        for label, group in (("one pass", own), ("one pass + dense again", own + dense_next),
+                             ("two passes", own + whole_next)):
+            table = combined_table(group, names, levels)
+            variants[label].append([row["measured"] / predicted(table, row["picks"]) for row in rows])
+    print("\nmeasured / predicted, per table kind (one table per starting pass; the next pass wraps around):")
+    print("\n| table | measured / predicted, range | sd of its log within a table | mean abs log | mean log |")
+    print("|---|---|---|---|---|")
+    out = {}
+    for label, ratios in variants.items():
+        logs = np.log(np.array(ratios))
+        out[label] = {"ratios": ratios, "sd_within": float(logs.std(axis=1).mean()),
+                      "mean_abs_log": float(np.abs(logs).mean()), "mean_log": float(logs.mean())}
+        print(f"| {label} | {np.exp(logs.min()):.3f}-{np.exp(logs.max()):.3f} | {logs.std(axis=1).mean():.3f} | "
+              f"{np.abs(logs).mean():.3f} | {logs.mean():+.3f} |")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -159,6 +196,8 @@ def main(argv=None):
     p.add_argument("--aims", default="1.5,2,2.5", help="aims of the DP profiles measured end to end")
     p.add_argument("--out", default=None, help="also write every run and measurement as JSON")
     p.add_argument("--replay", default=None, help="an earlier --out file: report it again, no engine")
+    p.add_argument("--combine", action="store_true",
+                   help="also compare tables of one pass, one pass with a second dense run, and two passes")
     args = p.parse_args(argv)
 
     prep = api.Prepared(args.model, runtime="deepsparse", batch_size=args.batch_size, cores=args.cores,
@@ -189,8 +228,12 @@ def main(argv=None):
             with open(args.out, "w") as fh:
                 json.dump({"levels": levels, "runs": runs, "profiles": rows}, fh, indent=1)
     report(levels, runs, names, rows)
+    if args.combine:
+        combine_report(levels, runs, names, rows)
+    where = ("a replay: no engine ran; the runs and measurements are the file's" if args.replay
+             else f"DeepSparse, {prep.runtime.fingerprint().get('cpu')}")
     print(f"\nmodel {os.path.basename(args.model)} | batch {args.batch_size} | cores {args.cores} | "
-          f"DeepSparse, {prep.runtime.fingerprint().get('cpu')} | {time.perf_counter() - t0:.0f} s")
+          f"{where} | {time.perf_counter() - t0:.0f} s")
     prep.close()
 
 

@@ -54,9 +54,8 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-AUTO_REPEATS = 2
-SECOND_REPEAT_LIMIT_S = 150.0   # no second pass after a first one this long (BERT-base: one pass about 4.5 min)
-STEADY_SPREAD = 0.02            # nor when the dense model, re-measured first, is within this of the first pass
+AUTO_REPEATS = 2                # by default the second of them runs the dense level only
+STEADY_SPREAD = 0.02            # a dense re-run within this of the first needs no third
 DENSE_AGAIN = -1.0              # a third dense run, journaled under its own key (the median of three is robust)
 DENSE_OUTLIER_SPREAD = 0.25     # two dense runs further apart than this get a third
 # A run's slowness is gauged by the layers outside the sites, used only when they take at least this share of
@@ -187,8 +186,7 @@ class DeepSparseRuntime:
         # compiles each in this thread: engines compiled in other threads timed up to 2x slow at random
         # (benchmarks/profile_time.py), and the table's dense column divides every prediction
         self.compile_threads = max(1, min(MAX_COMPILE_THREADS, int(compile_threads or 1)))
-        # None: two repeats, unless one pass over the levels already took SECOND_REPEAT_LIMIT_S, or the dense
-        # model re-measured first in the second pass agrees with the first within STEADY_SPREAD
+        # None: one pass over the levels, then the dense level again (see `measure`); N: N whole passes
         self.repeats = None if repeats is None else max(1, int(repeats))
         self.iterations = max(2, int(iterations))
         self.rounds = max(3, int(rounds))
@@ -340,13 +338,14 @@ class DeepSparseRuntime:
         journal = Journal(checkpoint)
         done = {(e.get("repeat"), e.get("level")): e for e in journal.read()
                 if isinstance(e.get("times"), dict) and isinstance(e.get("total"), (int, float))}
+        auto = self.repeats is None
         planned = self.repeats or AUTO_REPEATS
+        expected_runs = len(order) + 2 if auto else planned * len(order)
         if done:
-            log.info("resuming profiling: %d of %d runs already measured", len(done), planned * len(order))
-        bar = tqdm(total=planned * len(order), desc="profiling", unit="run", disable=not self.progress,
+            log.info("resuming profiling: %d of about %d runs already measured", len(done), expected_runs)
+        bar = tqdm(total=expected_runs, desc="profiling", unit="run", disable=not self.progress,
                    leave=False)
         repeats_done = 0
-        auto = self.repeats is None
 
         def run(rep, key, engine=None):
             """One profiling run (or its journal entry), recorded."""
@@ -366,29 +365,18 @@ class DeepSparseRuntime:
 
         with ForeignLoad() as load:
             for rep in range(planned):
-                long_pass = auto and rep == 1 and time.perf_counter() - t_first > SECOND_REPEAT_LIMIT_S
-                if long_pass:
-                    # a big model: compiling it once per level dominates; the end-to-end measurements of
-                    # the guarantee step, not the table, decide whether a target is met. The dense level is
-                    # still re-run (median of up to three): its total divides every predicted speedup and
-                    # sets the time the solver cannot prune, so one slow moment there skews the whole
-                    # table (BERT-base size: a table 36% optimistic took three drafts to correct)
-                    log.info("profiling: one pass over the levels took %.0f s; one repeat only for the "
-                             "sparse levels (--repeats 2 forces a second)", time.perf_counter() - t_first)
-                if rep == 0:
-                    t_first = time.perf_counter()
+                # by default (auto) the sparse levels are run once and only the dense level again: a second
+                # pass over every level did not make the table predict measured speedups better (MiniLM-L6,
+                # BERT-base size, MobileNetV2: sd of log(measured / predicted) within a table 0.031-0.066
+                # with two passes, 0.032-0.059 with one; benchmarks/table_noise.py --combine) and cost
+                # MiniLM-L6 about 45 s. The dense level is re-run (median of up to three): its total divides
+                # every predicted speedup and sets the time the solver cannot prune, so one slow moment
+                # there skews the whole table (BERT-base size: a table 36% optimistic took three drafts)
+                dense_only = auto and rep == 1
                 repeats_done += 1
                 # alternate the order of levels between repeats so drift does not bias one end of the grid
                 this_pass = order if rep % 2 == 0 else order[::-1]
-                if long_pass:
-                    chunks = [[0.0], [DENSE_AGAIN]]
-                elif auto and rep == 1:
-                    # the dense level first: if it agrees with the first pass, the machine is steady and
-                    # the rest of the second pass would buy little (MiniLM-L6: 0.05% apart, 45 s saved)
-                    this_pass = [0.0] + [lvl for lvl in this_pass if lvl != 0.0]
-                    chunks = [this_pass[:1]] + _chunks(this_pass[1:], self.compile_threads)
-                else:
-                    chunks = _chunks(this_pass, self.compile_threads)
+                chunks = [[0.0], [DENSE_AGAIN]] if dense_only else _chunks(this_pass, self.compile_threads)
                 steady = False
                 for chunk in chunks:
                     todo = [lvl for lvl in chunk if (rep, lvl) not in done]
@@ -397,21 +385,19 @@ class DeepSparseRuntime:
                         todo, self.compile_threads)))
                     for key in chunk:
                         run(rep, key, engines.pop(key, None))
-                        if auto and rep == 1 and key == 0.0 and len(totals) == 2 and \
+                        if dense_only and key == 0.0 and len(totals) == 2 and \
                                 abs(totals[1] - totals[0]) <= STEADY_SPREAD * min(totals):
-                            log.info("profiling: the dense model re-measured within %.1f%% of the first pass; "
-                                     "one repeat for the other levels (--repeats 2 forces a second)",
+                            log.info("profiling: the dense model re-measured within %.1f%% of the first run",
                                      100 * abs(totals[1] - totals[0]) / min(totals))
-                            repeats_done = 1
                             steady = True
                             break
                     engines.clear()
                     if steady:
                         break
-                if long_pass:
+                if dense_only:
                     if not steady:
-                        log.info("profiling: the dense model re-measured %.1f%% and %.1f%% off the first "
-                                 "pass; its median of three is used", *(100 * (t / totals[0] - 1) for t in totals[1:]))
+                        log.info("profiling: the dense model re-measured %s off its first run; the median of "
+                                 "three is used", " and ".join(f"{100 * (t / totals[0] - 1):+.1f}%" for t in totals[1:]))
                     repeats_done = 1
                     break
             if len(totals) == 2 and abs(totals[1] - totals[0]) > DENSE_OUTLIER_SPREAD * min(totals):

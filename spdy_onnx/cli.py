@@ -41,9 +41,8 @@ def _table_opts(p):
                         "default: closer predictions for profiles "
                         "that keep sites dense, no accuracy gain measured (README, How it works)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="profiling repeats per level; medians are kept (default: 2, or 1 when one pass over "
-                        "the levels takes more than 150 s, or when the dense model re-measured at the start "
-                        "of the second pass lands within 2%% of the first)")
+                   help="profiling passes over the levels; medians are kept (default: one pass, then the "
+                        "dense model again, a third time when the two runs are more than 2%% apart)")
 
 
 def build_parser() -> argparse.ArgumentParser:

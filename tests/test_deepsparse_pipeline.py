@@ -192,7 +192,7 @@ def test_a_stale_cached_table_is_measured_again(mlp_path, cache_dir, monkeypatch
         prep.close()
 
 
-def test_a_slow_first_pass_or_a_steady_dense_rerun_skips_the_second_repeat_of_the_sparse_levels(mlp_path, monkeypatch):
+def test_by_default_only_the_dense_level_is_run_again_and_repeats_forces_whole_passes(mlp_path, monkeypatch):
     from spdy_onnx.runtimes import deepsparse as ds_runtime
     prep = api.Prepared(mlp_path, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
                         include=None, min_weights=0, progress=False)
@@ -211,31 +211,24 @@ def test_a_slow_first_pass_or_a_steady_dense_rerun_skips_the_second_repeat_of_th
         table = ds_runtime.DeepSparseRuntime(cores=1, progress=False, **kw).measure(
             str(prep.dense_static()), prep.sites, levels=[0.0, 0.5, 0.9], batch_size=1,
             feeds=modelio.example_inputs(prep.specs), aliases=graph.output_aliases(prep.model, prep.all_sites))
-        return table.meta["repeats"], list(analysed)
+        return table.meta["repeats"], table.meta["dense_runs"], list(analysed)
 
     try:
-        monkeypatch.setattr(ds_runtime, "SECOND_REPEAT_LIMIT_S", 0.0)
-        monkeypatch.setattr(ds_runtime, "STEADY_SPREAD", 10.0)
-        slow = profile()                                             # only the dense level again
-        monkeypatch.setattr(ds_runtime, "STEADY_SPREAD", -1.0)
-        slow_noisy = profile()                                       # the dense level twice more
-        monkeypatch.setattr(ds_runtime, "STEADY_SPREAD", 0.02)
-        forced = profile(repeats=2)
-        monkeypatch.setattr(ds_runtime, "SECOND_REPEAT_LIMIT_S", 1e9)
-        monkeypatch.setattr(ds_runtime, "STEADY_SPREAD", -1.0)       # never steady: the whole second pass
-        noisy = profile()
-        monkeypatch.setattr(ds_runtime, "STEADY_SPREAD", 10.0)       # always steady: only the dense re-run
+        monkeypatch.setattr(ds_runtime, "STEADY_SPREAD", 10.0)      # the re-run agrees: no third
         steady = profile()
+        monkeypatch.setattr(ds_runtime, "STEADY_SPREAD", -1.0)      # never agrees: a third decides
+        noisy = profile()
+        forced = profile(repeats=2)                                 # whole passes, order alternated
+        single = profile(repeats=1)
     finally:
         prep.close()
-    assert slow == (1, [0.0, 0.5, 0.9, 0.0])
-    assert slow_noisy == (1, [0.0, 0.5, 0.9, 0.0, 0.0])
-    assert forced == (2, [0.0, 0.5, 0.9, 0.9, 0.5, 0.0])
-    assert noisy == (2, [0.0, 0.5, 0.9, 0.0, 0.9, 0.5])
-    assert steady == (1, [0.0, 0.5, 0.9, 0.0])
+    assert steady == (1, 2, [0.0, 0.5, 0.9, 0.0])
+    assert noisy == (1, 3, [0.0, 0.5, 0.9, 0.0, 0.0])
+    assert forced == (2, 2, [0.0, 0.5, 0.9, 0.9, 0.5, 0.0])
+    assert single == (1, 1, [0.0, 0.5, 0.9])
 
 
-def _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, spike: float, **settings):
+def _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, spike: float, repeats=None, **settings):
     """Profile the MLP for real, with the first dense run made `spike` times slower (a busy moment) and
     the runtime module's `settings` patched. Returns (the table, the dense runs' real totals)."""
     from spdy_onnx.runtimes import deepsparse as ds_runtime
@@ -261,7 +254,7 @@ def _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, spike: float, **
     for name, value in settings.items():
         monkeypatch.setattr(ds_runtime, name, value)
     try:
-        table = ds_runtime.DeepSparseRuntime(cores=1, progress=False).measure(
+        table = ds_runtime.DeepSparseRuntime(cores=1, progress=False, repeats=repeats).measure(
             str(prep.dense_static()), prep.sites, levels=[0.0, 0.5, 0.9], batch_size=1,
             feeds=modelio.example_inputs(prep.specs), aliases=graph.output_aliases(prep.model, prep.all_sites))
     finally:
@@ -273,17 +266,17 @@ def _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, spike: float, **
 def test_two_dense_runs_far_apart_get_a_third(mlp_path, monkeypatch, spike, third):
     """With two passes the dense total was the mean of two runs: one 3x slow moment (a text CNN: 75 ms
     against 1.3 ms) refused a target the model met at 2.05x. Runs far apart get a third; the median wins."""
-    # a whole second pass, no long-pass rule
-    table, dense_runs = _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, spike, STEADY_SPREAD=-1.0)
+    # two whole passes (--repeats 2)
+    table, dense_runs = _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, spike, repeats=2)
     assert len(dense_runs) == (3 if third else 2) and table.meta["dense_runs"] == len(dense_runs)
     if third:
         assert table.dense_total_ms < 1.5 * max(dense_runs)        # not pulled halfway to the spike
 
 
-def test_a_slow_dense_run_in_a_long_pass_is_outvoted(mlp_path, monkeypatch):
+def test_a_slow_dense_run_is_outvoted_by_default(mlp_path, monkeypatch):
     """One slow moment during the dense run divides every predicted speedup; the median of three dense
     runs drops it."""
-    table, dense_runs = _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, 3.0, SECOND_REPEAT_LIMIT_S=0.0)
+    table, dense_runs = _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, 3.0)
     assert len(dense_runs) == 3 and table.meta["repeats"] == 1 and table.meta["dense_runs"] == 3
     # the median of three (each run divided by its slowness when the tiny MLP's few layers outside the
     # sites are enough to gauge it: about 5% of its time, so either way here)
