@@ -242,9 +242,9 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
             raise CorrectionUnsupported("the compared outputs do not depend differentiably on the weights")
         opt.zero_grad(set_to_none=True)
         value.backward()
-        for p, m in zip(params, masks):
-            if m is not None and p.grad is not None:
-                p.grad.mul_(m)
+        # the gradients at the zeros are not masked: Adam works element by element, so they move only
+        # those entries' own moments, and the weights are zeroed again below (a mask multiply per
+        # weight saved, the kept weights' steps unchanged to the bit)
         opt.step()
         with torch.no_grad():
             for p, m in zip(params, masks):
