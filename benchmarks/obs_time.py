@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
-import numpy as np
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")   # before deepsparse is imported (for its CPU name)
 
-from spdy_onnx import blas, obs
-from spdy_onnx.levels import log_density_grid
+import numpy as np  # noqa: E402
+
+from spdy_onnx import blas, obs  # noqa: E402
+from spdy_onnx.levels import log_density_grid  # noqa: E402
+from spdy_onnx.runtimes.deepsparse import cpu_name  # noqa: E402
 
 
 def time_site(rows: int, cols: int, levels: list[float], rng) -> dict:
@@ -57,13 +59,7 @@ def main(argv=None):
         r = time_site(rows, cols, levels, rng)
         print(f"| {r['shape']} | {r['cholesky_s']:.2f} | {r['sweep_s']:.2f} | {r['refit_s']:.2f} | "
               f"{r['refit_gflop']:.0f} | {r['refit_gflops_per_s']:.0f} |", flush=True)
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    print(f"\n{len(levels)} levels | BLAS: {blas.backend()} | {cpu}, {os.cpu_count()} CPUs")
+    print(f"\n{len(levels)} levels | BLAS: {blas.backend()} | {cpu_name()}, {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

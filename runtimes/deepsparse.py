@@ -375,8 +375,8 @@ class DeepSparseRuntime:
                 dense_only = auto and rep == 1
                 repeats_done += 1
                 # alternate the order of levels between repeats so drift does not bias one end of the grid
-                this_pass = order if rep % 2 == 0 else order[::-1]
-                chunks = [[0.0], [DENSE_AGAIN]] if dense_only else _chunks(this_pass, self.compile_threads)
+                chunks = [[0.0], [DENSE_AGAIN]] if dense_only else \
+                    _chunks(order if rep % 2 == 0 else order[::-1], self.compile_threads)
                 steady = False
                 for chunk in chunks:
                     todo = [lvl for lvl in chunk if (rep, lvl) not in done]
