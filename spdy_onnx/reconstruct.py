@@ -69,10 +69,13 @@ class StoredDatabase:
 # 1,024 sentences, 0.892 with 2,048; benchmarks/results/correction_data_minilm_1.6x.txt); on a
 # BERT-base-size encoder every 1,024 more sentences would add about 90 s of Hessians to a 20-minute budget.
 HESSIAN_SAMPLES = 1024
+# OBS dampening, as a share of H's mean diagonal (SparseGPT's 1%); read at call time, so that
+# benchmarks/obs_damping.py can compare values without a parameter on every caller
+DEFAULT_DAMP = 0.01
 
 
 def build_database(prep, sites, sources: dict, levels: list[float], data: dict, *, method: str = "obs",
-                   pattern: str = "unstructured", cache_dir=None, progress: bool = True, damp: float = 0.01,
+                   pattern: str = "unstructured", cache_dir=None, progress: bool = True, damp: float | None = None,
                    timings: dict | None = None):
     """The database for `sites`: magnitude (in memory, no data needed) or OBS (on disk, cached).
     `timings`, when given, receives hessians_s and reconstruction_s of the sites built now."""
@@ -84,6 +87,7 @@ def build_database(prep, sites, sources: dict, levels: list[float], data: dict, 
     if method != "obs":
         raise ValueError(f"unknown reconstruction method {method}")
     data = {k: v[:HESSIAN_SAMPLES] for k, v in data.items()}
+    damp = DEFAULT_DAMP if damp is None else damp
     # Gemm transA sites had the transposed Hessian until it was fixed: their databases are keyed apart,
     # and every other model's cached database stays valid
     fixed = {"trans_a": sorted(s.name for s in sites if s.trans_a)} if any(s.trans_a for s in sites) else {}
