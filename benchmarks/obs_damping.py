@@ -56,25 +56,28 @@ def main(argv=None) -> int:
     task = task_class(args.models_dir, dense, engine="deepsparse", cores=args.cores, cache=cache / "accuracy",
                       heldout=None, seed=args.seed)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="spdy-damp-") as work:
-        for strategy in args.strategies.split(","):
-            for speedup in (float(s) for s in args.speedups.split(",")):
-                for damp in (float(d) for d in args.damps.split(",")):
-                    reconstruct.DEFAULT_DAMP = damp
-                    out = Path(work) / f"{strategy}_{speedup}_{damp}.onnx"
-                    t0 = time.perf_counter()
-                    kwargs = {} if args.correct_epochs is None else {"correct_epochs": args.correct_epochs}
-                    rep = api.optimize(str(dense), target=speedup, margin=0.0, runtime="table",
-                                       latency_table=args.latency_table, data=str(args.models_dir / calib_name),
-                                       strategy=strategy, batch_size=batch, search_budget=args.search_budget,
-                                       cache_dir=cache, seed=args.seed, output=out, progress=False, **kwargs)
-                    metrics = {k: v for k, v in task.evaluate(out).items() if not isinstance(v, (list, str))}
-                    rows.append({"strategy": strategy, "speedup": speedup, "damp": damp,
-                                 "predicted": rep["predicted_speedup"], "sparsity": rep["weighted_mean_sparsity"],
-                                 "calib_loss": rep["quality"].get("calibration_loss"),
-                                 "seconds": time.perf_counter() - t0, **metrics})
-                    print(json.dumps(rows[-1]), flush=True)
-    reconstruct.DEFAULT_DAMP = 0.01
+    default_damp = reconstruct.DEFAULT_DAMP
+    try:
+        with tempfile.TemporaryDirectory(prefix="spdy-damp-") as work:
+            for strategy in args.strategies.split(","):
+                for speedup in (float(s) for s in args.speedups.split(",")):
+                    for damp in (float(d) for d in args.damps.split(",")):
+                        reconstruct.DEFAULT_DAMP = damp
+                        out = Path(work) / f"{strategy}_{speedup}_{damp}.onnx"
+                        t0 = time.perf_counter()
+                        kwargs = {} if args.correct_epochs is None else {"correct_epochs": args.correct_epochs}
+                        rep = api.optimize(str(dense), target=speedup, margin=0.0, runtime="table",
+                                           latency_table=args.latency_table, data=str(args.models_dir / calib_name),
+                                           strategy=strategy, batch_size=batch, search_budget=args.search_budget,
+                                           cache_dir=cache, seed=args.seed, output=out, progress=False, **kwargs)
+                        metrics = {k: v for k, v in task.evaluate(out).items() if not isinstance(v, (list, str))}
+                        rows.append({"strategy": strategy, "speedup": speedup, "damp": damp,
+                                     "predicted": rep["predicted_speedup"], "sparsity": rep["weighted_mean_sparsity"],
+                                     "calib_loss": rep["quality"].get("calibration_loss"),
+                                     "seconds": time.perf_counter() - t0, **metrics})
+                        print(json.dumps(rows[-1]), flush=True)
+    finally:
+        reconstruct.DEFAULT_DAMP = default_damp
     print(f"\n{args.model}, batch {batch}, table {args.latency_table}, search budget {args.search_budget}, "
           f"seed {args.seed}, correction epochs {args.correct_epochs if args.correct_epochs is not None else 'default'}; "
           f"{task.describe()}")
