@@ -377,6 +377,32 @@ def test_padding_tokens_are_left_out_of_hessians_and_losses():
     assert calibrate.token_mask({"x": x[:1]}) is None
 
 
+@pytest.mark.parametrize("case", ["plain", "stacked", "cross"])
+def test_sparse_refit_matches_the_dense_one(monkeypatch, case):
+    """The refit of sparse masks on the kept weights alone (a sparse product) gives the dense GEMM path's
+    weights: the same conjugate-gradient iterates, for a plain refit, stacked levels and the sequential
+    correction's cross term."""
+    w, x, h = _layer_problem(rows=24, cols=80)
+    h[7, :] = h[:, 7] = 0.0                          # a dead input
+    chol, dead = obs.inverse_cholesky(h)
+    p = obs.prune_levels(w, chol, dead, [0.9, 0.95])
+    stack = p.reshape(-1, w.shape[1]) if case == "stacked" else p[0]
+    cross = None
+    if case == "cross":
+        rng = np.random.default_rng(3)
+        xp = x + 0.1 * rng.standard_normal(x.shape)
+        cross = x.T @ xp / x.shape[0]
+        h = xp.T @ xp / x.shape[0]
+    monkeypatch.setattr(obs, "_ON_KEPT", False)
+    dense = obs.refine(w, stack, h, cross=cross)
+    monkeypatch.setattr(obs, "_ON_KEPT", True)
+    monkeypatch.setattr(obs, "SPARSE_REFIT_DENSITY", 1.0)
+    sparse = obs.refine(w, stack, h, cross=cross)
+    np.testing.assert_array_equal(sparse == 0, stack == 0)
+    np.testing.assert_allclose(sparse, dense, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(sparse, stack)            # the refit moved the kept weights
+
+
 def test_levels_swept_together_match_one_at_a_time(monkeypatch):
     """The stacked sweep (all levels at once, in chunks) gives each level's own single sweep."""
     w, _, h = _layer_problem(rows=24, cols=80)

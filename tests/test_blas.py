@@ -70,3 +70,21 @@ def test_subtract_product_in_place_on_a_column_view(backend, dtype):
     blas.subtract_product(whole[:, 12:], a, b[:, 12:])      # the view's rows are strided in `whole`
     tol = 1e-4 if dtype == np.float32 else 1e-10
     np.testing.assert_allclose(whole, expected, rtol=tol, atol=tol)
+
+
+def test_kept_product_reads_the_product_at_the_kept_entries(backend):
+    """The refit's sparse product: (P @ B) at P's kept entries, with rows that keep nothing and a B in
+    numpy's own (not 64-byte aligned) memory."""
+    rng = np.random.default_rng(4)
+    rows, k = 9, 31
+    mask = rng.random((rows, k)) < 0.15
+    mask[3] = False                                   # a row with no kept weight
+    mask[5, :] = True                                 # a row that keeps everything
+    b = rng.standard_normal((k + 1, k)).astype(np.float32)[1:]   # an offset view
+    kept = np.flatnonzero(mask.ravel())
+    product = blas.KeptProduct(kept, (rows, k), b)
+    for _ in range(2):                                # the same structure, new values
+        x = rng.standard_normal(kept.size).astype(np.float32)
+        p = np.zeros((rows, k), dtype=np.float32)
+        p.ravel()[kept] = x
+        np.testing.assert_allclose(product(x), (p @ b).ravel()[kept], rtol=1e-5, atol=1e-5)

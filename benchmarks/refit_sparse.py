@@ -1,0 +1,83 @@
+"""Does the sparse product pay in the refit of the kept weights? Per level of the default grid, the
+refit's time with dense GEMMs and with the sparse x dense product on the kept weights alone
+(spdy_onnx/obs.py: SPARSE_REFIT_DENSITY decides which runs), the two results' relative error
+difference, and the whole database step (best_reconstruction_levels) both ways.
+
+Why: the refit is most of the OBS database's time on BERT-size weights (benchmarks/obs_time.py), and at
+85% sparsity and beyond most of a dense GEMM multiplies zeros. Random weights and a Hessian from random
+rows with uneven feature scales: the timing depends on the shapes and the mask's density. Not a test
+(tests/test_accuracy_core.py checks that the two paths agree).
+
+    python benchmarks/refit_sparse.py --shapes 768x3072,3072x768,768x768
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")   # before deepsparse is imported (for its CPU name)
+
+import numpy as np  # noqa: E402
+
+from spdy_onnx import blas, obs  # noqa: E402
+from spdy_onnx.levels import log_density_grid  # noqa: E402
+from spdy_onnx.runtimes.deepsparse import cpu_name  # noqa: E402
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="768x3072,3072x768,768x768",
+                   help="weight shapes rows x cols (outputs x inputs): BERT-base's down, up and attention")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    levels = [lvl for lvl in log_density_grid() if lvl > 0]
+    print(f"sparse path at density <= {obs.SPARSE_REFIT_DENSITY} | BLAS: {blas.backend()} | "
+          f"{cpu_name()}, {os.cpu_count()} CPUs\n")
+    print("| shape (out x in) | level | dense GEMM refit s | sparse refit s | ratio | error sparse / dense |")
+    print("|---|---|---|---|---|---|")
+    totals = []
+    for shape in args.shapes.split(","):
+        rows, cols = (int(v) for v in shape.lower().split("x"))
+        x = rng.standard_normal((4 * cols, cols)).astype(np.float32)
+        x *= np.exp(rng.standard_normal(cols)).astype(np.float32)
+        h = blas.gram(x).astype(np.float64) / x.shape[0]
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        chol, dead = obs.inverse_cholesky(h)
+        swept = obs.prune_levels(w, chol, dead, levels)
+        obs.refine(w, swept[-1], h)                 # first-call costs (thread pools, MKL) out of the table
+        for j, lvl in enumerate(levels):
+            try:
+                obs._ON_KEPT = False
+                dense, t_dense = timed(obs.refine, w, swept[j], h)
+                obs._ON_KEPT = True
+                obs.SPARSE_REFIT_DENSITY, saved = 1.0, obs.SPARSE_REFIT_DENSITY
+                sparse, t_sparse = timed(obs.refine, w, swept[j], h)
+            finally:
+                obs._ON_KEPT = True
+                obs.SPARSE_REFIT_DENSITY = saved
+            ratio = obs.reconstruction_error(w, sparse, h) / obs.reconstruction_error(w, dense, h)
+            print(f"| {shape} | {lvl:.3f} | {t_dense:.3f} | {t_sparse:.3f} | {t_dense / t_sparse:.2f}x | "
+                  f"{ratio:.6f} |", flush=True)
+        try:
+            obs._ON_KEPT = False
+            _, t_off = timed(obs.best_reconstruction_levels, w, h, chol, dead, levels)
+        finally:
+            obs._ON_KEPT = True
+        _, t_on = timed(obs.best_reconstruction_levels, w, h, chol, dead, levels)
+        totals.append((shape, t_off, t_on))
+    print("\n| shape | database step, dense GEMMs only s | with the sparse path s | saved |")
+    print("|---|---|---|---|")
+    for shape, t_off, t_on in totals:
+        print(f"| {shape} | {t_off:.2f} | {t_on:.2f} | {100 * (1 - t_on / t_off):.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
