@@ -88,3 +88,17 @@ def test_kept_product_reads_the_product_at_the_kept_entries(backend):
         p = np.zeros((rows, k), dtype=np.float32)
         p.ravel()[kept] = x
         np.testing.assert_allclose(product(x), (p @ b).ravel()[kept], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_wide_gram_in_panels_is_exact_and_symmetric(backend, dtype):
+    """Inputs wide enough for the panelled gram (and a width the panels do not divide), on views."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((700, 389)).astype(dtype)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for view in (x, x[:, ::-1], np.asfortranarray(x), x[::2]):
+        got = blas.gram(view)
+        assert got.dtype == dtype and got.shape == (389, 389)
+        np.testing.assert_array_equal(got, got.T)
+        ref = view.astype(np.float64).T @ view.astype(np.float64)
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
