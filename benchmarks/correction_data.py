@@ -11,7 +11,8 @@ the accuracy benchmark's MiniLM task (probe accuracy and cosine to dense on the 
     python benchmarks/correction_data.py --models-dir out --latency-table minilm.table.json \
         --speedup 1.6 --runs 1024x1,2048x1,1024x2,4096x1,1024x1:lr=1e-3
 
-A run is SAMPLESxEPOCHS, optionally with :loss=NAME (the correction's loss; default: the search's) and
+A run is SAMPLESxEPOCHS, optionally with :loss=NAME (the correction's loss; default: the search's),
+:layers=W (the sites' own output errors in the training loss at weight W, correct.LAYER_WEIGHT) and
 :lr=LR. `--loss` sets the loss the profile is chosen with (spdy-onnx's --loss).
 
 The latency table is any MiniLM-L6 table `spdy-onnx profile` wrote. The profile's database and search
@@ -41,7 +42,7 @@ from spdy_onnx.passes.prune import write_weights  # noqa: E402
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-OPTIONS = {"loss": ("loss", str), "lr": ("lr", float)}
+OPTIONS = {"loss": ("loss", str), "lr": ("lr", float), "layers": ("layer_weight", float)}
 
 
 def parse_runs(text: str) -> list[tuple[int, int, dict]]:

@@ -15,7 +15,8 @@ and each correction variant tunes those same draft weights.
         --speedups 1.1,1.25 --strategies spdy,uniform --runs default,lr=1e-4,samples=128
 
 A run is `default` (the correction as `optimize` runs it) or options joined by ':' — lr=LR,
-epochs=E, samples=N (training views per epoch), val (judge the epochs on --validation-views augmented
+epochs=E, samples=N (training views per epoch), layers=W (the sites' own output errors in the training loss
+at weight W, correct.LAYER_WEIGHT), val (judge the epochs on --validation-views augmented
 views of the held-out photos, as `optimize --validation-data` does, instead of a slice of the calibration
 views). A `val` run has seen the held-out photos (to choose an epoch, not to train): only the 20 labelled
 images judge it cleanly.
@@ -42,7 +43,7 @@ from accuracy import MobileNetTask, load_npz  # noqa: E402
 from spdy_onnx import api, correct, graph  # noqa: E402
 from spdy_onnx.passes.prune import write_weights  # noqa: E402
 
-OPTIONS = {"lr": float, "epochs": int, "samples": int}
+OPTIONS = {"lr": float, "epochs": int, "samples": int, "layers": float}
 
 
 def parse_runs(text: str) -> list[tuple[str, dict]]:
@@ -65,10 +66,11 @@ def parse_runs(text: str) -> list[tuple[str, dict]]:
 
 
 def correct_weights(dense, sites, draft, calib, *, loss, batch_size, seed, lr=correct.DEFAULT_LR,
-                    epochs=correct.DEFAULT_EPOCHS, samples=correct.MAX_TRAIN_SAMPLES, validation=None):
+                    epochs=correct.DEFAULT_EPOCHS, samples=correct.MAX_TRAIN_SAMPLES, validation=None, layers=None):
     """The correction of `draft` with these settings, without a time limit (the profile's own, not the hour's)."""
     return correct.global_correction(dense, sites, draft, calib, loss=loss, batch_size=batch_size, epochs=epochs,
-                                     lr=lr, max_samples=samples, max_seconds=None, seed=seed, validation=validation)
+                                     lr=lr, max_samples=samples, max_seconds=None, seed=seed, validation=validation,
+                                     layer_weight=layers)
 
 
 def heldout_photo_views(models_dir: Path, n: int, seed: int) -> dict:

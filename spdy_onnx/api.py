@@ -511,8 +511,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
              use_cache: bool = True, strategy: str = "spdy", data=None, samples: int | None = None,
              reconstruct: str = "obs", loss: str = "auto", search_budget=None, eval_samples: int | None = None,
              seed: int = 0, max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = False,
-             correct_epochs: int = DEFAULT_CORRECT_EPOCHS, correct_budget=None, progress: bool = True,
-             runtime_options: dict | None = None, search_prior: str = "auto", level_context: bool = False,
+             correct_epochs: int = DEFAULT_CORRECT_EPOCHS, correct_budget=None, correct_layers: float = 0.0,
+             progress: bool = True, runtime_options: dict | None = None, search_prior: str = "auto", level_context: bool = False,
              validation_data=None) -> dict:
     """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report.
 
@@ -555,6 +555,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     if correct_epochs < 0:
         raise SpdyError(f"correction epochs must be >= 0, got {correct_epochs}")
     correct_seconds = parse_seconds(correct_budget, what="--correct-budget")
+    if not (isinstance(correct_layers, (int, float)) and math.isfinite(correct_layers) and correct_layers >= 0):
+        raise SpdyError(f"--correct-layers must be a number >= 0, got {correct_layers}")
     from spdy_onnx.search import parse_budget
     parse_budget(search_budget)   # a bad budget fails here, not after profiling
     if validation_data is not None and data is None:
@@ -566,7 +568,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
             ("--samples", samples is not None), ("--reconstruct", reconstruct != "obs"), ("--loss", loss != "auto"),
             ("--search-budget", search_budget is not None), ("--eval-samples", eval_samples is not None),
             ("--search-prior", search_prior != "auto"), ("--refit", refit),
-            ("--correct-epochs", correct_epochs != DEFAULT_CORRECT_EPOCHS), ("--correct-budget", correct_budget is not None))
+            ("--correct-epochs", correct_epochs != DEFAULT_CORRECT_EPOCHS), ("--correct-budget", correct_budget is not None),
+            ("--correct-layers", correct_layers != 0))
             if given]
         if ignored:
             log.warning("%s only appl%s with calibration data (--data): ignored", ", ".join(ignored),
@@ -588,7 +591,8 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
                          strategy=strategy, data=data, samples=samples, reconstruct=reconstruct, loss=loss,
                          search_budget=search_budget, eval_samples=eval_samples, seed=seed,
                          max_attempts=max_attempts, margin=margin, refit=refit, correct_epochs=correct_epochs,
-                         correct_seconds=correct_seconds, progress=progress, search_prior=search_prior,
+                         correct_seconds=correct_seconds, correct_layers=correct_layers, progress=progress,
+                         search_prior=search_prior,
                          level_context=level_context, t_start=t_start, validation_data=validation_data,
                          missed_report_path=None if report else output.with_name(output.stem + ".missed.report.json"))
     finally:
@@ -598,7 +602,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
 def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_table_path, cache_dir, use_cache,
               strategy, data, samples, reconstruct, loss, search_budget, eval_samples, seed, max_attempts, margin, refit,
               correct_epochs, correct_seconds, progress, t_start, search_prior="auto", level_context=False,
-              validation_data=None, missed_report_path=None) -> dict:
+              correct_layers=0.0, validation_data=None, missed_report_path=None) -> dict:
     """`missed_report_path`: where a missed run's report goes when a file from an earlier run is at the
     output path, so that the model there keeps the report that describes it."""
     from spdy_onnx import strategies  # the accuracy side: calibration, database, search
@@ -660,7 +664,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         strategy, prep=prep, sites=sites, table=table, data=data, samples=samples, reconstruct=reconstruct,
         loss=loss, search_budget=search_budget, eval_samples=eval_samples, seed=seed, cache_dir=cache_dir,
         progress=progress, refit=refit, correct_epochs=correct_epochs, correct_seconds=correct_seconds,
-        search_prior=search_prior, validation=validation)
+        correct_layers=correct_layers, search_prior=search_prior, validation=validation)
     phases["calibration_s"] = time.perf_counter() - t0
 
     attempts = []

@@ -43,6 +43,11 @@ MAX_HOLDOUT = 32
 # Validation data (--validation-data) is the user's own held-back set: more of it is worth the forward
 # passes (an epoch's check, no gradients), because it is the only evidence the correction generalises.
 MAX_VALIDATION_BATCHES = 128
+# Weight of the pruned sites' own outputs in the training loss (SPDY's global AdaPrune matches every
+# layer's output, not only the model's): the mean normalised squared error of each site's output
+# (after its bias) against the dense model's, added to the output loss. The held-back check still
+# judges the output loss alone. 0 trains on the output loss only.
+LAYER_WEIGHT = 0.0
 
 
 def available() -> bool:
@@ -88,8 +93,8 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
                       loss: str, batch_size: int, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
                       max_samples: int = MAX_TRAIN_SAMPLES, max_seconds: float | None = DEFAULT_SECONDS,
                       seed: int = 0, schedule: str = "cosine", progress: bool = False,
-                      validation: dict | None = None, loss_scales: list | None = None
-                      ) -> tuple[dict[str, np.ndarray], dict]:
+                      validation: dict | None = None, loss_scales: list | None = None,
+                      layer_weight: float | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Tuned copies of `weights` ({initializer: array}, pruned) and of the sites' biases; and a summary.
 
     The result is the epoch with the lowest loss on held-back samples, or no change: a random slice of
@@ -100,8 +105,10 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     `model` is the dense model, `data` the calibration samples, `loss` 'mse' (masked to real tokens
     when the feed has an attention mask), 'kl' or 'kl-probs', or one of them per compared output joined by '+'
     (the evaluator's `loss_name`: every floating-point output counts); `loss_scales` the evaluator's
-    per-output MSE normalisers (`scales`), so that both minimise the same loss. Returns the weights to write (site weights and bias
-    initializers) and {'loss_before', 'loss_after', 'epochs_run', 'best_epoch', 'seconds', ...}.
+    per-output MSE normalisers (`scales`), so that both minimise the same loss. `layer_weight`
+    (default LAYER_WEIGHT) adds the sites' own output errors to the training loss. Returns the weights
+    to write (site weights and bias initializers) and {'loss_before', 'loss_after', 'epochs_run',
+    'best_epoch', 'seconds', ...}.
     """
     import torch
 
@@ -109,8 +116,12 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     from spdy_onnx.runtimes.torch_onnx import GraphExecutor, matrix_to_weight
 
     t_start = time.perf_counter()
+    layer_weight = LAYER_WEIGHT if layer_weight is None else float(layer_weight)
     train, hold = _split(data, batch_size, seed, validation)
     train = train[: max(1, max_samples // batch_size)]
+    layers = _layer_tensors(model, [s for s in sites if s.weight in weights]) if layer_weight > 0 else []
+    if layers:
+        model = calibrate._with_outputs(model, layers)   # requested outputs survive ORT's graph optimisations
     pruned = write_weights(model, weights)
 
     # the dense model's outputs come from onnxruntime: three times faster than a PyTorch forward here.
@@ -118,7 +129,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     # verified to give the same outputs (spdy_onnx.shorten): one session/executor per length
     dense_session = make_session(model)
     dense_inputs = [i.name for i in dense_session.get_inputs()]
-    dense_outputs = compared_outputs(dense_session)
+    dense_outputs = [o for o in compared_outputs(dense_session) if o not in set(layers)]
     loss_names = loss.split("+")
     if len(loss_names) == 1:
         loss_names *= len(dense_outputs)
@@ -214,15 +225,18 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
         with torch.set_grad_enabled(grad):
             outs = executor.forward({k: feed[k] for k in executor.input_names})
         by_name = dict(zip(executor.output_names, outs))
-        return [by_name[name] for name in dense_outputs]
+        return [by_name[name] for name in dense_outputs + (layers if grad else [])]
 
-    def dense_output_of(item):
+    def dense_output_of(item, with_layers: bool = False):
         n, feed = item
-        refs = ort_run(dense_sessions[n], dense_outputs, {k: feed[k] for k in dense_inputs})
+        refs = ort_run(dense_sessions[n], dense_outputs + (layers if with_layers else []),
+                       {k: feed[k] for k in dense_inputs})
         return [torch.from_numpy(np.array(r, dtype=np.float32)) for r in refs]
 
     def targets(feeds):
-        return [dense_output_of(f) for f in feeds]
+        # with layer outputs the targets are made step by step: a CNN's feature maps for every
+        # training batch would not fit in memory
+        return [None if layers else dense_output_of(f) for f in feeds]
 
     def masks_of(feeds):
         out = []
@@ -237,7 +251,15 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
         return values[0] if len(values) == 1 else sum(w * v for w, v in zip(shares, values))
 
     def train_step(opt, feed, ref, mask):
-        value = loss_of(run(feed, True), ref, mask)
+        ys = run(feed, True)
+        if layers:
+            ref = dense_output_of(feed, with_layers=True)
+            out_n = len(dense_outputs)
+            value = loss_of(ys[:out_n], ref[:out_n], mask)
+            layer_loss = sum(torch_loss("mse", y, r, mask) for y, r in zip(ys[out_n:], ref[out_n:]))
+            value = value + layer_weight * layer_loss / len(layers)
+        else:
+            value = loss_of(ys, ref, mask)
         if not value.requires_grad:   # every compared output passes an ArgMax, a Round, a comparison
             raise CorrectionUnsupported("the compared outputs do not depend differentiably on the weights")
         opt.zero_grad(set_to_none=True)
@@ -281,7 +303,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
         left = max(0.0, max_seconds - (time.perf_counter() - t_start))
         train = train[:_samples_in_time(train, hold, left, epochs, dense_output_of,
                                         lambda f: run(f, False), step_seconds, cost=cost, probe=probe)]
-    train_ref, hold_ref = targets(train), targets(hold)
+    train_ref, hold_ref = targets(train), [dense_output_of(f) for f in hold]
     train_mask, hold_mask = masks_of(train), masks_of(hold)
 
     def held_loss() -> float:
@@ -357,8 +379,32 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
                "train_batches": len(train), "held_back_batches": len(hold), "lr": lr, "out_of_time": out_of_time,
                "held_back": "validation data" if validation is not None else "calibration slice",
                "tuned_sites": sum(1 for s in slots if s[0] == "weight"),
+               "layer_weight": layer_weight, "layer_outputs": len(layers),
                "seconds": time.perf_counter() - t_start}
     return result, summary
+
+
+def _layer_tensors(model: onnx.ModelProto, sites) -> list[str]:
+    """Each site's output as the PyTorch executor computes it: after the bias Add it fuses into the
+    site (a 1-D constant), so that naming it as an output keeps the fusion and the bias stays tunable."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+    consts = {i.name: len(i.dims) for i in model.graph.initializer}
+    consts.update({n.output[0]: 1 for n in model.graph.node if n.op_type == "Constant"})   # rank unknown: allow
+    graph_outputs = {o.name for o in model.graph.output}
+    out = []
+    for s in sites:
+        tensor = s.output
+        users = consumers.get(tensor, [])
+        if s.op_type == "MatMul" and len(users) == 1 and users[0].op_type == "Add" and tensor not in graph_outputs:
+            other = [t for t in users[0].input if t != tensor]
+            if len(other) == 1 and consts.get(other[0]) == 1:
+                tensor = users[0].output[0]
+        if tensor not in graph_outputs and tensor not in out:
+            out.append(tensor)
+    return out
 
 
 def torch_loss(kind: str, y, ref, mask=None, scale: float | None = None):

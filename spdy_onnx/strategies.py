@@ -174,7 +174,7 @@ NO_DATA = ("NO CALIBRATION DATA (--data): accuracy is NOT being protected. The w
 
 def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, loss, search_budget, seed,
                  cache_dir, progress, eval_samples: int | None = None, refit: bool = False, correct_epochs: int = 0,
-                 correct_seconds: float | None = None, search_prior: str = "auto",
+                 correct_seconds: float | None = None, correct_layers: float = 0.0, search_prior: str = "auto",
                  validation: dict | None = None) -> Chooser:
     """The strategy's chooser, with the corrections asked for. `data` is the calibration data's path, or
     the samples already loaded by calibrate.load_data; `validation` (loaded samples) is what
@@ -201,7 +201,7 @@ def make_chooser(strategy, *, prep, sites, table, data, samples, reconstruct, lo
                 prep.calibration_model, sites, weights, evaluator.data, loss=evaluator.loss_name,
                 batch_size=prep.batch_size, epochs=correct_epochs,
                 max_seconds=correct_seconds or correct.DEFAULT_SECONDS, seed=seed, progress=progress,
-                validation=validation, loss_scales=evaluator.scales)
+                validation=validation, loss_scales=evaluator.scales, layer_weight=correct_layers)
     return chooser
 
 

@@ -749,3 +749,35 @@ def test_the_reported_loss_of_a_corrected_decoder_is_the_weighted_one(tmp_path):
     assert list(per_output) == [o.name for o in model.graph.output]
     values = list(per_output.values())
     assert q["calibration_loss"] == pytest.approx(0.5 * values[0] + 0.5 * float(np.mean(values[1:])), rel=1e-6)
+
+
+def test_the_sites_own_outputs_can_join_the_training_loss(mlp_setup, tmp_path):
+    """With --correct-layers W > 0 every pruned site's output (after its fused bias) is matched to the
+    dense one as well: the biases stay tunable, the zeros stay, and the training differs from the
+    output-only correction's while the held-back check still judges the output loss."""
+    path, data, table_path = mlp_setup
+    model = onnx.load(path)
+    sites, _ = graph.find_sites(model)
+    tensors = correct._layer_tensors(model, sites)
+    adds = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "Add"}
+    assert len(tensors) == len(sites)
+    assert all(t == adds.get(s.output, s.output) for s, t in zip(sites, tensors))
+    assert any(t != s.output for s, t in zip(sites, tensors))   # the MLP's biases: the Add's output
+
+    plain = _optimize(path, data, table_path, tmp_path / "plain.onnx", correct_epochs=2)
+    layered = _optimize(path, data, table_path, tmp_path / "layered.onnx", correct_epochs=2, correct_layers=1.0)
+    summary = layered["quality"]["global_correction"]
+    assert summary["layer_outputs"] == len(sites) and summary["layer_weight"] == 1.0
+    assert plain["quality"]["global_correction"]["layer_outputs"] == 0
+    assert summary["best_epoch"] >= 1 and summary["loss_after"] < summary["loss_before"]
+    a, b = _inits(tmp_path / "plain.onnx"), _inits(tmp_path / "layered.onnx")
+    for s in sites:
+        np.testing.assert_array_equal(a[s.weight] == 0, b[s.weight] == 0)
+        assert not np.allclose(a[s.weight], b[s.weight])
+    dense = _inits(path)
+    biases = [n for n in b if n.startswith("b")]
+    assert biases and any(not np.array_equal(dense[n], b[n]) for n in biases)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(SpdyError, match="--correct-layers"):
+            _optimize(path, data, table_path, tmp_path / "bad.onnx", correct_layers=bad)
+    assert not (tmp_path / "bad.onnx").exists()
