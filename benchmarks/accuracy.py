@@ -373,6 +373,8 @@ def main(argv=None):
                    help="batch size to time at (default: per model, MiniLM 1, MobileNetV2 16)")
     p.add_argument("--correct-epochs", type=int, default=None,
                    help="optimize's global correction epochs (default: optimize's default)")
+    p.add_argument("--correct-layers", type=float, default=None, metavar="W",
+                   help="optimize's --correct-layers for every strategy (default: optimize's, off)")
     p.add_argument("--loss", choices=["auto", "kl", "mse"], default=None,
                    help="optimize's --loss for every strategy (its search and its global correction)")
     p.add_argument("--search-prior", choices=["auto", "shape", "losses"], default=None,
@@ -513,6 +515,8 @@ def run_one(name, onnx_path, calib, table_path, task, *, strategy, target, args,
             extra["search_prior"] = args.search_prior
         if args.loss is not None:
             extra["loss"] = args.loss
+        if args.correct_layers is not None:
+            extra["correct_layers"] = args.correct_layers
         rep = api.optimize(onnx_path, target=target, data=str(calib), strategy=strategy, cores=args.cores,
                            batch_size=batch, cache_dir=cache_dir, search_budget=args.search_budget, seed=args.seed,
                            latency_table=str(table_path), output=out, report=report, progress=False,
@@ -590,6 +594,7 @@ def render_table(name, info, task, rows, args) -> str:
         + (f", --reconstruct {args.reconstruct}" if args.reconstruct else "")
         + (f", --search-prior {args.search_prior}" if args.search_prior else "")
         + (f", --loss {args.loss}" if args.loss else "")
+        + (f", --correct-layers {args.correct_layers:g}" if getattr(args, "correct_layers", None) else "")
         + (f", --exclude {' '.join(args.exclude)}" if getattr(args, "exclude", None) else "")
         + (f", {args.eval_samples} samples per search evaluation" if args.eval_samples else "") + ".",
         "",

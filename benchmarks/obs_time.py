@@ -44,18 +44,23 @@ def time_site(rows: int, cols: int, levels: list[float], rng) -> dict:
             "refit_gflop": gemms / 1e9, "refit_gflops_per_s": gemms / 1e9 / (t3 - t2)}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_shapes(argv, description: str):
+    """(weight shapes as (rows, cols), a seeded generator, the default grid's sparse levels) from the
+    command line shared by the database timing scripts."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="768x3072,3072x768,768x768",
                    help="weight shapes rows x cols (outputs x inputs): BERT-base's down, up and attention")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    rng = np.random.default_rng(args.seed)
-    levels = [lvl for lvl in log_density_grid() if lvl > 0]
+    shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes.split(",")]
+    return shapes, np.random.default_rng(args.seed), [lvl for lvl in log_density_grid() if lvl > 0]
+
+
+def main(argv=None):
+    shapes, rng, levels = parse_shapes(argv, __doc__)
     print(f"| shape (out x in) | inverse Cholesky s | OBS sweep s | refit s | refit GFLOP | refit GFLOP/s |")
     print("|---|---|---|---|---|---|")
-    for shape in args.shapes.split(","):
-        rows, cols = (int(v) for v in shape.lower().split("x"))
+    for rows, cols in shapes:
         r = time_site(rows, cols, levels, rng)
         print(f"| {r['shape']} | {r['cholesky_s']:.2f} | {r['sweep_s']:.2f} | {r['refit_s']:.2f} | "
               f"{r['refit_gflop']:.0f} | {r['refit_gflops_per_s']:.0f} |", flush=True)

@@ -12,7 +12,6 @@ rows with uneven feature scales: the timing depends on the shapes and the mask's
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -21,8 +20,9 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")   # before deepsparse is impo
 import numpy as np  # noqa: E402
 
 from spdy_onnx import blas, obs  # noqa: E402
-from spdy_onnx.levels import log_density_grid  # noqa: E402
 from spdy_onnx.runtimes.deepsparse import cpu_name  # noqa: E402
+
+from obs_time import parse_shapes  # noqa: E402  (benchmarks/ is on sys.path when a script in it runs)
 
 
 def timed(fn, *args, **kwargs):
@@ -32,20 +32,14 @@ def timed(fn, *args, **kwargs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="768x3072,3072x768,768x768",
-                   help="weight shapes rows x cols (outputs x inputs): BERT-base's down, up and attention")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    rng = np.random.default_rng(args.seed)
-    levels = [lvl for lvl in log_density_grid() if lvl > 0]
+    shapes, rng, levels = parse_shapes(argv, __doc__)
     print(f"sparse path at density <= {obs.SPARSE_REFIT_DENSITY} | BLAS: {blas.backend()} | "
           f"{cpu_name()}, {os.cpu_count()} CPUs\n")
     print("| shape (out x in) | level | dense GEMM refit s | sparse refit s | ratio | error sparse / dense |")
     print("|---|---|---|---|---|---|")
     totals = []
-    for shape in args.shapes.split(","):
-        rows, cols = (int(v) for v in shape.lower().split("x"))
+    for rows, cols in shapes:
+        shape = f"{rows}x{cols}"
         x = rng.standard_normal((4 * cols, cols)).astype(np.float32)
         x *= np.exp(rng.standard_normal(cols)).astype(np.float32)
         h = blas.gram(x).astype(np.float64) / x.shape[0]
