@@ -226,7 +226,9 @@ def timing_batch(data: dict, specs: dict) -> dict:
 
 # --- activations -> Hessians -------------------------------------------------------------------
 
-def _with_outputs(model: onnx.ModelProto, extra_outputs: list[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, extra_outputs: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs these tensors (the activation capture, the correction's
+    layer targets); onnxruntime keeps requested outputs through its graph optimisations."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
@@ -323,7 +325,7 @@ def hessians(model: onnx.ModelProto, sites, data: dict, batch_size: int, *,
     from spdy_onnx import shorten   # shorten imports this module
 
     inputs = sorted({s.input for s in sites})
-    captured = _with_outputs(model, inputs)
+    captured = with_outputs(model, inputs)
     sess = make_session(captured, optimize=False)
     out_names = [o.name for o in sess.get_outputs()]
     groups: dict[tuple, list] = {}

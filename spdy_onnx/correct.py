@@ -121,7 +121,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     train = train[: max(1, max_samples // batch_size)]
     layers = _layer_tensors(model, [s for s in sites if s.weight in weights]) if layer_weight > 0 else []
     if layers:
-        model = calibrate._with_outputs(model, layers)   # requested outputs survive ORT's graph optimisations
+        model = calibrate.with_outputs(model, layers)   # requested outputs survive ORT's graph optimisations
     pruned = write_weights(model, weights)
 
     # the dense model's outputs come from onnxruntime: three times faster than a PyTorch forward here.

@@ -223,7 +223,7 @@ def test_hessians_on_cut_feeds_match_the_hessians_at_full_length(monkeypatch, ma
     else:
         assert short_runs <= 2           # only the checks of the two copies, which refused them
     # by hand, at full length: the real-token rows of each site's input
-    sess = make_session(calibrate._with_outputs(model, sorted({s.input for s in sites})), optimize=False)
+    sess = make_session(calibrate.with_outputs(model, sorted({s.input for s in sites})), optimize=False)
     names = [o.name for o in sess.get_outputs()]
     for site in sites:
         rows = []
