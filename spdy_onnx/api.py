@@ -557,6 +557,9 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
     correct_seconds = parse_seconds(correct_budget, what="--correct-budget")
     if not (isinstance(correct_layers, (int, float)) and math.isfinite(correct_layers) and correct_layers >= 0):
         raise SpdyError(f"--correct-layers must be a number >= 0, got {correct_layers}")
+    if correct_layers and correct_epochs == 0 and data is not None:
+        log.warning("--correct-layers weighs a term of the global correction, which --correct-epochs 0 turns "
+                    "off: ignored")
     from spdy_onnx.search import parse_budget
     parse_budget(search_budget)   # a bad budget fails here, not after profiling
     if validation_data is not None and data is None:

@@ -751,7 +751,7 @@ def test_the_reported_loss_of_a_corrected_decoder_is_the_weighted_one(tmp_path):
     assert q["calibration_loss"] == pytest.approx(0.5 * values[0] + 0.5 * float(np.mean(values[1:])), rel=1e-6)
 
 
-def test_the_sites_own_outputs_can_join_the_training_loss(mlp_setup, tmp_path):
+def test_the_sites_own_outputs_can_join_the_training_loss(mlp_setup, tmp_path, caplog):
     """With --correct-layers W > 0 every pruned site's output (after its fused bias) is matched to the
     dense one as well: the biases stay tunable, the zeros stay, and the training differs from the
     output-only correction's while the held-back check still judges the output loss."""
@@ -777,6 +777,9 @@ def test_the_sites_own_outputs_can_join_the_training_loss(mlp_setup, tmp_path):
     dense = _inits(path)
     biases = [n for n in b if n.startswith("b")]
     assert biases and any(not np.array_equal(dense[n], b[n]) for n in biases)
+    caplog.set_level("WARNING")
+    _optimize(path, data, table_path, tmp_path / "off.onnx", correct_epochs=0, correct_layers=5.0)
+    assert "--correct-layers" in caplog.text and "ignored" in caplog.text
     for bad in (-1.0, float("nan")):
         with pytest.raises(SpdyError, match="--correct-layers"):
             _optimize(path, data, table_path, tmp_path / "bad.onnx", correct_layers=bad)
