@@ -12,7 +12,7 @@ the accuracy benchmark's MiniLM task (probe accuracy and cosine to dense on the 
         --speedup 1.6 --runs 1024x1,2048x1,1024x2,4096x1,1024x1:lr=1e-3
 
 A run is SAMPLESxEPOCHS, optionally with :loss=NAME (the correction's loss; default: the search's),
-:layers=W (the sites' own output errors in the training loss at weight W, correct.LAYER_WEIGHT) and
+:layers=W (the sites' own output errors in the training loss at weight W, optimize's --correct-layers) and
 :lr=LR. `--loss` sets the loss the profile is chosen with (spdy-onnx's --loss).
 
 The latency table is any MiniLM-L6 table `spdy-onnx profile` wrote. The profile's database and search

@@ -16,7 +16,7 @@ and each correction variant tunes those same draft weights.
 
 A run is `default` (the correction as `optimize` runs it) or options joined by ':' — lr=LR,
 epochs=E, samples=N (training views per epoch), layers=W (the sites' own output errors in the training loss
-at weight W, correct.LAYER_WEIGHT), val (judge the epochs on --validation-views augmented
+at weight W, optimize's --correct-layers), val (judge the epochs on --validation-views augmented
 views of the held-out photos, as `optimize --validation-data` does, instead of a slice of the calibration
 views). A `val` run has seen the held-out photos (to choose an epoch, not to train): only the 20 labelled
 images judge it cleanly.
@@ -66,7 +66,7 @@ def parse_runs(text: str) -> list[tuple[str, dict]]:
 
 
 def correct_weights(dense, sites, draft, calib, *, loss, batch_size, seed, lr=correct.DEFAULT_LR,
-                    epochs=correct.DEFAULT_EPOCHS, samples=correct.MAX_TRAIN_SAMPLES, validation=None, layers=None):
+                    epochs=correct.DEFAULT_EPOCHS, samples=correct.MAX_TRAIN_SAMPLES, validation=None, layers=0.0):
     """The correction of `draft` with these settings, without a time limit (the profile's own, not the hour's)."""
     return correct.global_correction(dense, sites, draft, calib, loss=loss, batch_size=batch_size, epochs=epochs,
                                      lr=lr, max_samples=samples, max_seconds=None, seed=seed, validation=validation,

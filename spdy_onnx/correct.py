@@ -43,11 +43,6 @@ MAX_HOLDOUT = 32
 # Validation data (--validation-data) is the user's own held-back set: more of it is worth the forward
 # passes (an epoch's check, no gradients), because it is the only evidence the correction generalises.
 MAX_VALIDATION_BATCHES = 128
-# Weight of the pruned sites' own outputs in the training loss (SPDY's global AdaPrune matches every
-# layer's output, not only the model's): the mean normalised squared error of each site's output
-# (after its bias) against the dense model's, added to the output loss. The held-back check still
-# judges the output loss alone. 0 trains on the output loss only.
-LAYER_WEIGHT = 0.0
 
 
 def available() -> bool:
@@ -94,7 +89,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
                       max_samples: int = MAX_TRAIN_SAMPLES, max_seconds: float | None = DEFAULT_SECONDS,
                       seed: int = 0, schedule: str = "cosine", progress: bool = False,
                       validation: dict | None = None, loss_scales: list | None = None,
-                      layer_weight: float | None = None) -> tuple[dict[str, np.ndarray], dict]:
+                      layer_weight: float = 0.0) -> tuple[dict[str, np.ndarray], dict]:
     """Tuned copies of `weights` ({initializer: array}, pruned) and of the sites' biases; and a summary.
 
     The result is the epoch with the lowest loss on held-back samples, or no change: a random slice of
@@ -106,7 +101,10 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     when the feed has an attention mask), 'kl' or 'kl-probs', or one of them per compared output joined by '+'
     (the evaluator's `loss_name`: every floating-point output counts); `loss_scales` the evaluator's
     per-output MSE normalisers (`scales`), so that both minimise the same loss. `layer_weight`
-    (default LAYER_WEIGHT) adds the sites' own output errors to the training loss. Returns the weights
+    (--correct-layers) adds the sites' own output errors to the training loss, as SPDY's global
+    AdaPrune matches every layer: W times the mean normalised squared error of each pruned site's
+    output (after its bias) against the dense model's; the held-back check still judges the output
+    loss alone. Returns the weights
     to write (site weights and bias initializers) and {'loss_before', 'loss_after', 'epochs_run',
     'best_epoch', 'seconds', ...}.
     """
@@ -116,7 +114,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     from spdy_onnx.runtimes.torch_onnx import GraphExecutor, matrix_to_weight
 
     t_start = time.perf_counter()
-    layer_weight = LAYER_WEIGHT if layer_weight is None else float(layer_weight)
+    layer_weight = float(layer_weight)
     train, hold = _split(data, batch_size, seed, validation)
     train = train[: max(1, max_samples // batch_size)]
     layers = _layer_tensors(model, [s for s in sites if s.weight in weights]) if layer_weight > 0 else []
@@ -129,7 +127,7 @@ def global_correction(model: onnx.ModelProto, sites, weights: dict[str, np.ndarr
     # verified to give the same outputs (spdy_onnx.shorten): one session/executor per length
     dense_session = make_session(model)
     dense_inputs = [i.name for i in dense_session.get_inputs()]
-    dense_outputs = [o for o in compared_outputs(dense_session) if o not in set(layers)]
+    dense_outputs = [o for o in compared_outputs(dense_session) if o not in layers]
     loss_names = loss.split("+")
     if len(loss_names) == 1:
         loss_names *= len(dense_outputs)

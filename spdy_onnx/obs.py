@@ -211,8 +211,8 @@ def _refine_kept(v, mask, hd, inv_diag, target, iters):
     kept = np.flatnonzero(mask.ravel())
     if kept.size == 0:
         return v * mask
-    row_of = kept // k
     product = blas.KeptProduct(kept, (rows, k), hd)
+    row_of = product.rows
     x = v.ravel()[kept]
     d = inv_diag[kept % k]
 
