@@ -71,6 +71,36 @@ def main(argv=None):
     print("|---|---|---|---|")
     for shape, t_off, t_on in totals:
         print(f"| {shape} | {t_off:.2f} | {t_on:.2f} | {100 * (1 - t_on / t_off):.0f}% |")
+    if blas.backend() == "torch":
+        print("\n" + alignment_check(rng, *shapes[0], levels[-1]))
+
+
+def _at_alignment(a: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of float32 `a` whose data starts `offset` bytes past a 64-byte boundary."""
+    buf = np.empty(a.size + 32, dtype=np.float32)
+    shift = ((offset - buf.ctypes.data) % 64) // 4
+    out = buf[shift:shift + a.size].reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 64 == offset
+    return out
+
+
+def alignment_check(rng, rows: int, cols: int, level: float) -> str:
+    """Why blas.KeptProduct copies H into torch's memory: one product at `level` with H at a 64-byte
+    boundary and at 16 bytes past one (where numpy's allocator can leave it)."""
+    import torch
+    x = rng.standard_normal((4 * cols, cols)).astype(np.float32)
+    h = (x.T @ x / x.shape[0]).astype(np.float32)
+    kept = np.flatnonzero(rng.random(rows * cols) >= level)
+    values = rng.standard_normal(kept.size).astype(np.float32)
+    product = blas.KeptProduct(kept, (rows, cols), h)
+    times = {}
+    for offset in (0, 16):
+        product.b = torch.from_numpy(_at_alignment(h, offset))
+        product(values)
+        times[offset] = min(timed(product, values)[1] for _ in range(5))
+    return (f"one sparse product, {rows}x{cols} at {level:.3f}: H 64-byte aligned {1000 * times[0]:.1f} ms, "
+            f"16 bytes off {1000 * times[16]:.1f} ms ({times[16] / times[0]:.1f}x)")
 
 
 if __name__ == "__main__":

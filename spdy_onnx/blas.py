@@ -53,8 +53,8 @@ def gram(x: np.ndarray) -> np.ndarray:
 
     On torch, in column panels: each panel's products with itself and the columns after it, mirrored,
     so about 5/8 of the full product's arithmetic (torch has no symmetric rank-k update). On the AMD
-    EPYC this took a 2,604 x 3,072 float32 gram from 254 to 164 ms and a 10,416 x 768 one from 62 to
-    44 ms (8 and 4 panels); the Hessians of every site are made of these.
+    EPYC this took a 2,604 x 3,072 float32 gram from 253 to 155 ms and a 10,416 x 768 one from 60 to
+    43 ms (8 and 4 panels; benchmarks/gram_panels.py); the Hessians of every site are made of these.
     """
     torch = _torch()
     x = np.asarray(x)
@@ -119,8 +119,8 @@ class KeptProduct:
 
     For a least-squares refit on a mask: at 85% sparsity and beyond most of a dense GEMM multiplies
     zeros, and MKL's sparse x dense product (torch's CSR) does the same work in a fraction of the time
-    (BERT-base's shapes, the AMD EPYC: 1.1-4x faster from 84.6% to 97%; slower under about 80%,
-    benchmarks/refit_sparse.py). numpy without torch: the dense product of the scattered matrix.
+    (BERT-base's shapes, the AMD EPYC: 1.4-3.9x faster from 88.3% to 97%, about even at 84.6%, slower
+    under about 80%; benchmarks/refit_sparse.py). numpy without torch: the dense product of the scattered matrix.
     """
 
     def __init__(self, kept: np.ndarray, shape: tuple[int, int], b: np.ndarray):
@@ -136,8 +136,8 @@ class KeptProduct:
         self.crow = torch.from_numpy(crow)
         self.cols = torch.from_numpy(self.kept % self.shape[1])
         self.take = torch.from_numpy(self.kept)
-        # a copy in torch's own (64-byte aligned) memory: MKL's sparse product ran 5x slower on the
-        # 16-byte alignment numpy gave this matrix
+        # a copy in torch's own (64-byte aligned) memory: MKL's sparse product ran 4.9x slower on the
+        # 16-byte alignment numpy gave this matrix (the last line of benchmarks/refit_sparse.py)
         self.b = _as_tensor(torch, np.asarray(b)).clone()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

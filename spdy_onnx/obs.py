@@ -52,8 +52,8 @@ def prune(w: np.ndarray, hinv_chol: np.ndarray, dead: np.ndarray, sparsity: floa
 STACK_BYTES = 256 << 20         # levels swept together while their stacked copies of W fit in this
 REFINE_STACK_BYTES = 32 << 20   # levels refit together while their stacked copies of W fit in this
 # masks at most this dense are refit on their kept weights with a sparse product (_refine_kept): on the
-# AMD EPYC it beat the dense GEMM from 84.6% sparsity (density 0.154) on BERT-base's three shapes and
-# lost at 79.8% on two of them (benchmarks/refit_sparse.py)
+# AMD EPYC it beat the dense GEMM from 88.3% sparsity on BERT-base's three shapes, was about even at
+# 84.6% (density 0.154: 0.89-1.43x) and lost at 79.8% on two of them (benchmarks/refit_sparse.py)
 SPARSE_REFIT_DENSITY = 0.16
 _ON_KEPT = True                 # tests turn the sparse path off to compare it with the dense one
 
