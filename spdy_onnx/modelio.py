@@ -255,9 +255,16 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node or not model.opset_import:
         raise SpdyError(f"{path} is not a valid ONNX model (no graph nodes or no opset)")
     if model.ir_version > onnx.IR_VERSION:
-        raise SpdyError(
-            f"{path.name} has ONNX IR version {model.ir_version}; the installed onnx {onnx.__version__} reads IR "
-            f"version <= {onnx.IR_VERSION} (the pin DeepSparse 1.8 needs): re-export with an older opset")
+        newer = newer_ir_feature(model) if model.ir_version == onnx.IR_VERSION + 1 else f"IR version {model.ir_version}"
+        if newer is not None:
+            raise SpdyError(
+                f"{path.name} has ONNX IR version {model.ir_version} and uses {newer}; the installed onnx "
+                f"{onnx.__version__} reads IR version <= {onnx.IR_VERSION} (the pin DeepSparse 1.8 needs): re-export "
+                "with an older opset")
+        log.warning("%s has ONNX IR version %d but uses nothing that version added (4-bit types, function "
+                    "overloads): read, and written, as IR version %d, which the installed onnx %s and DeepSparse "
+                    "read", path.name, model.ir_version, onnx.IR_VERSION, onnx.__version__)
+        model.ir_version = onnx.IR_VERSION
     _drop_mark(model)  # only we set it, and only in memory
     external_files = _check_external_data(model, path.parent)
     if external_files:
@@ -278,6 +285,39 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         check_model(model, str(path))
         _check_tensor_data(model, str(path))
     return model
+
+
+_KNOWN_TYPES = max(onnx.TensorProto.DataType.values())
+_TYPE_ATTRIBUTES = ("to", "dtype", "output_dtype")
+
+
+def newer_ir_feature(model: onnx.ModelProto) -> str | None:
+    """What in `model` the installed onnx cannot represent, or None: a field its protobuf does not know
+    (function overloads, a function's value_info: IR version 10), or a data type it does not know (4-bit
+    integers: IR version 10). A model with neither reads the same at the installed IR version."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    def walk(message, where: str) -> str | None:
+        if len(UnknownFieldSet(message)):
+            return f"a field the installed onnx does not know in a {type(message).__name__} ({where})"
+        if isinstance(message, onnx.TensorProto):   # its data is not walked: raw_data would be copied
+            return f"data type {message.data_type} ({where})" if message.data_type > _KNOWN_TYPES else None
+        if isinstance(message, onnx.TypeProto.Tensor) and message.elem_type > _KNOWN_TYPES:
+            return f"data type {message.elem_type} ({where})"
+        if isinstance(message, onnx.AttributeProto) and message.name in _TYPE_ATTRIBUTES \
+                and message.type == onnx.AttributeProto.INT and message.i > _KNOWN_TYPES:
+            return f"data type {message.i} ({where})"
+        for field, value in message.ListFields():
+            if field.message_type is None:
+                continue
+            name = getattr(message, "name", "") or where
+            for item in (value if hasattr(value, "extend") else [value]):
+                found = walk(item, printable(name, 60))
+                if found:
+                    return found
+        return None
+
+    return walk(model, "the model")
 
 
 def _set_mark(model: onnx.ModelProto, files: list[str]) -> None:
@@ -307,9 +347,44 @@ def loaded_with_external_data(model: onnx.ModelProto) -> bool:
     return _mark(model) is not None
 
 
+def _tensor_bytes_bound(t: onnx.TensorProto) -> int:
+    """At least the serialised size of a tensor, without serialising it (a varint takes up to 10 bytes)."""
+    typed = len(t.float_data) * 4 + len(t.double_data) * 8 + (len(t.int32_data) + len(t.int64_data)
+                                                              + len(t.uint64_data)) * 10
+    strings = sum(len(x) + 10 for x in t.string_data)
+    return len(t.raw_data) + typed + strings + 64 + len(t.name.encode()) + 11 * len(t.dims) \
+        + sum(len(e.key.encode()) + len(e.value.encode()) + 32 for e in t.external_data) + len(t.doc_string.encode())
+
+
+def _fields_bound(message, skip: str) -> int:
+    """At least the serialised size of `message`'s set fields other than `skip`."""
+    total = 0
+    for field, value in message.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):   # repeated
+            total += sum((v.ByteSize() if hasattr(v, "ByteSize") else len(str(v).encode())) + 16 for v in value)
+        elif hasattr(value, "ByteSize"):
+            total += value.ByteSize() + 16
+        else:
+            total += len(value if isinstance(value, bytes) else str(value).encode()) + 16
+    return total
+
+
+def over_two_gb(model: onnx.ModelProto) -> bool:
+    """model.ByteSize() > TWO_GB, without serialising the weights unless the answer is close: upb's
+    ByteSize encodes the whole model (0.2 s for MiniLM-L6, 2 s for BERT-base size, per call). The
+    weights count by their bytes (an upper bound) and everything else by its own ByteSize."""
+    bound = sum(_tensor_bytes_bound(t) for t in model.graph.initializer) + 4096
+    bound += _fields_bound(model, "graph") + _fields_bound(model.graph, "initializer")
+    if bound <= TWO_GB:
+        return False
+    return model.ByteSize() > TWO_GB
+
+
 def check_model(model: onnx.ModelProto, name: str = "model") -> None:
     try:
-        if model.ByteSize() > TWO_GB:
+        if over_two_gb(model):
             return  # the in-memory checker refuses >2GB protos; load_model checks those by path
         onnx.checker.check_model(model)
     except Exception as exc:  # ValidationError, and protobuf/size errors from the checker
@@ -353,7 +428,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     if any(True for _ in _external_tensors(model)):
         raise SpdyError(f"cannot write {path}: the model still refers to external data that was not loaded")
     read_from = _mark(model)
-    external = read_from is not None or model.ByteSize() > TWO_GB
+    external = read_from is not None or over_two_gb(model)
     data_name = path.name + ".data"
     data_path = folder / data_name
     if external and read_from:

@@ -46,7 +46,10 @@ def test_optimize_writes_valid_model_with_measured_speedup(mlp_path, tmp_path, c
                 "batch_size", "cores"):
         assert key in rep
     assert rep["level_factors"] == {}     # level factors are opt-in (--level-context)
-    assert rep["lowest_level_check"]["level"] == 0.5 and rep["lowest_level_check"]["measured"] > 0
+    check = rep["lowest_level_check"]
+    # measured, unless the table (timed on this noisy machine) promised no saving there at all
+    assert check["level"] == 0.5 and (check["measured"] > 0 if check["measured"] is not None
+                                      else check["predicted"] <= 1.0 and not check["applied"])
     on_disk = json.loads((tmp_path / "out.report.json").read_text())
     assert on_disk["measured_speedup"] == rep["measured_speedup"]
     # what the engine returned while it was timed matches onnxruntime, for the dense and the written file

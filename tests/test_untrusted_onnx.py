@@ -150,6 +150,56 @@ def test_graph_failing_checker(work, capsys):
     assert "input 'never_produced' of node: name: relu_0 OpType: Relu is not output of any previous" in msg
 
 
+def test_ir_version_10_without_its_features_is_read_and_written_as_9(work, capsys):
+    """Recent exporters write IR version 10 (onnx 1.16) for graphs that use nothing it added."""
+    model = mlp()
+    model.ir_version = onnx.IR_VERSION + 1
+    path = work / "m.onnx"
+    path.write_bytes(model.SerializeToString())   # onnx.save would refuse the version itself
+    table = table_for(mlp(), work / "t.json")
+    out = work / "out.onnx"
+    code = main([str(a) for a in ("optimize", path, "--target", "1.5x", "--runtime", "table",
+                                  "--latency-table", table, "-o", out)])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err
+    assert "read, and written, as IR version" in err
+    assert onnx.load(str(out)).ir_version == onnx.IR_VERSION
+
+
+def _with_unknown_node_field(model) -> bytes:
+    """The model with field 8 (IR 10's NodeProto.overload) on its first node."""
+    node = model.graph.node[0]
+    node.ParseFromString(node.SerializeToString() + bytes([0x42, 0x03]) + b"abc")
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("feature", ["int4 initializer", "int4 cast", "function overload", "ir 11"])
+def test_ir_version_newer_features_are_one_error(work, capsys, feature):
+    model = mlp()
+    model.ir_version = onnx.IR_VERSION + 1
+    if feature == "int4 initializer":
+        q = onnx.TensorProto(name="q", data_type=22, dims=[4], raw_data=b"\x12\x34")   # onnx 1.14 has no INT4
+        model.graph.initializer.append(q)
+        match = "data type 22"
+    elif feature == "int4 cast":
+        node = model.graph.node[0]
+        node.attribute.append(helper.make_attribute("to", 22))
+        match = "data type 22"
+    elif feature == "function overload":
+        data = _with_unknown_node_field(model)
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+        match = "does not know in a NodeProto"
+    else:
+        model.ir_version = onnx.IR_VERSION + 2
+        match = f"IR version {onnx.IR_VERSION + 2}"
+    path = work / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    table = table_for(mlp(), work / "t.json")
+    msg = expect_one_error(capsys, work, lambda: optimize(capsys, path, table), match)
+    assert "re-export with an older opset" in msg
+
+
 def test_name_that_is_not_utf8_text(work, capsys):
     """protobuf hands back bytes for such a name; every later use of it would crash."""
     data = mlp().SerializeToString()
