@@ -175,8 +175,12 @@ class DeepSparseRuntime:
 
     def __init__(self, cores: int | None = None, repeats: int | None = None, iterations: int = 20,
                  rounds: int = 15, progress: bool = True, compile_threads: int | None = None,
-                 compiles: int = 1, **_ignored):
+                 compiles: int = 1, isolate: bool = True, **_ignored):
         self.cores = int(cores) if cores else None
+        # end-to-end runs (measurements, analyses of drafts) in a child process (runtimes/engine_worker.py),
+        # where an engine crash on a pruned file is one error; profiling stays here (the dense model is
+        # first run once in a child, check_runs)
+        self.isolate = bool(isolate)
         # engines compiled of each model in one `compare`, timed in turn and averaged. Two did not steady
         # MiniLM-L6's measured speedup (benchmarks/results/compiles_per_measurement_minilm_2x.txt): its
         # spread came in stretches of load from outside the machine, which slow every engine alike
@@ -439,14 +443,34 @@ class DeepSparseRuntime:
         inputs = [np.ascontiguousarray(a) for a in feeds.values()]
         return float(self._analyse(model_path, inputs, batch_size, 0.0)["average_total_time"])
 
+    def analyse_here(self, model_path, *, batch_size, feeds) -> dict:
+        """The engine's per-layer analysis of a file as it is (its own zeros, nothing imposed)."""
+        inputs = [np.ascontiguousarray(a) for a in feeds.values()]
+        return self._analyse(model_path, inputs, batch_size, 0.0)
+
+    def _in_child(self, method: str, what: str, on_progress=None, **kwargs):
+        from spdy_onnx.runtimes.engine_worker import WORKER, EngineCrashed
+        options = {"cores": self.cores, "rounds": self.rounds, "compiles": self.compiles,
+                   "iterations": self.iterations}
+        try:
+            return WORKER.call(method, {"runtime": options, **kwargs}, on_progress=on_progress)
+        except EngineCrashed as exc:
+            raise SpdyError(f"DeepSparse {deepsparse.__version__} crashed ({exc.how}) compiling or running {what} "
+                            "(this run's copies of the model) in a child process: the engine cannot run that "
+                            "file") from None
+
     def fused_sites(self, model_path, *, batch_size, feeds, aliases) -> list[list[str]]:
         """Sites the engine runs as one kernel in this file, as it is (its own zeros, nothing imposed).
 
         A mixed file can fuse sites that no profiling run (every site at one level) fused: on MobileNetV2
         a draft with blocks 4-5 sparse and blocks 6-7 dense ran block 5's project and block 6's expand as
         one kernel, and those blocks ran slower than dense (benchmarks/draft_fusion.py)."""
-        inputs = [np.ascontiguousarray(a) for a in feeds.values()]
-        return self.fused(self._analyse(model_path, inputs, batch_size, 0.0)["layer_info"], aliases)
+        if self.isolate:
+            analysis = self._in_child("analyse", os.path.basename(str(model_path)), model_path=str(model_path),
+                                      batch_size=batch_size, feeds=dict(feeds))
+        else:
+            analysis = self.analyse_here(model_path, batch_size=batch_size, feeds=feeds)
+        return self.fused(analysis["layer_info"], aliases)
 
     # --- end-to-end, interleaved ---------------------------------------------------------------
 
@@ -459,6 +483,28 @@ class DeepSparseRuntime:
                             f"{str(exc).strip().splitlines()[0]}") from None
 
     def compare(self, baseline_path, candidate_path, *, batch_size, feeds) -> Comparison:
+        if self.isolate:
+            bar = tqdm(total=self.rounds, desc="benchmarking", unit="round", disable=not self.progress, leave=False)
+            try:
+                what = " and ".join(os.path.basename(str(p)) for p in (baseline_path, candidate_path))
+                result = self._in_child("compare", what, on_progress=bar.update, baseline_path=str(baseline_path),
+                                        candidate_path=str(candidate_path), batch_size=batch_size, feeds=dict(feeds))
+            finally:
+                bar.close()
+        else:
+            result = self.compare_here(baseline_path, candidate_path, batch_size=batch_size, feeds=feeds)
+        if result.foreign_load_cores > BUSY_WARNING_CORES:
+            log.warning("other processes used %.1f CPU cores while benchmarking: the speedup may be off",
+                        result.foreign_load_cores)
+        native = result.extra.get("native_ops_share")
+        if native is not None and native < NATIVE_WARNING and not self._warned_native:
+            self._warned_native = True
+            log.warning("DeepSparse runs only %.0f%% of this model's ops itself and hands the rest to "
+                        "onnxruntime, between its own pieces; sparsity gains less there", 100 * native)
+        return result
+
+    def compare_here(self, baseline_path, candidate_path, *, batch_size, feeds, on_round=None) -> Comparison:
+        """`compare` in this process; `on_round()` after each round (else a progress bar of its own)."""
         inputs = [np.ascontiguousarray(a) for a in feeds.values()]
         # compiled one after the other in this thread, as they are timed: the guarantee's measurement is not
         # the place to save two seconds (benchmarks/profile_time.py). With `compiles` > 1, each model has
@@ -477,7 +523,8 @@ class DeepSparseRuntime:
         # each model's time per round stays 0.25 s, split between its engines
         iters = int(min(200, max(3, 0.25 / self.compiles / one)))
         per_engine = [[] for _ in engines]
-        bar = tqdm(total=self.rounds, desc="benchmarking", unit="round", disable=not self.progress, leave=False)
+        bar = tqdm(total=self.rounds, desc="benchmarking", unit="round", leave=False,
+                   disable=not self.progress or on_round is not None)
         with ForeignLoad() as load:
             for r in range(self.rounds):
                 # ABBA: neither model always runs first
@@ -488,19 +535,14 @@ class DeepSparseRuntime:
                         engines[k].run(inputs)
                     per_engine[k].append((time.perf_counter() - t0) * 1000.0 / iters)
                 bar.update(1)
+                if on_round is not None:
+                    on_round()
         bar.close()
         # a round's time of a model is the mean over its engines: their compiles' speeds average out
         base = np.mean(per_engine[0::2], axis=0)
         cand = np.mean(per_engine[1::2], axis=0)
         ratios = base / cand
-        if load.cores > BUSY_WARNING_CORES:
-            log.warning("other processes used %.1f CPU cores while benchmarking: the speedup may be off",
-                        load.cores)
         native = getattr(engines[1], "fraction_of_supported_ops", None)
-        if native is not None and native < NATIVE_WARNING and not self._warned_native:
-            self._warned_native = True
-            log.warning("DeepSparse runs only %.0f%% of this model's ops itself and hands the rest to "
-                        "onnxruntime, between its own pieces; sparsity gains less there", 100 * native)
         return Comparison(baseline_ms=float(np.median(base)), candidate_ms=float(np.median(cand)),
                           rounds=self.rounds, iterations_per_round=iters,
                           ratio_p25=float(np.percentile(ratios, 25)), ratio_p75=float(np.percentile(ratios, 75)),

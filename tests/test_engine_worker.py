@@ -1,0 +1,95 @@
+"""End-to-end engine runs in a child process: a crash there is one error, and the next run starts a new child."""
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tiny
+
+pytest.importorskip("deepsparse")
+
+from spdy_onnx.cli import main  # noqa: E402
+from spdy_onnx.errors import SpdyError  # noqa: E402
+from spdy_onnx.runtimes import engine_worker  # noqa: E402
+from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime  # noqa: E402
+
+pytestmark = pytest.mark.deepsparse
+
+# a child that reads one request and dies the way DeepSparse 1.8 does on a segfault: its handler names
+# the signal on stderr after a register dump, and the process ends
+CRASHING = ("import os, pickle, signal, sys\n"
+            "pickle.load(sys.stdin.buffer)\n"
+            "sys.stderr.write('RAX = 0000\\nReceived signal: Segmentation fault (signal addr: 0)\\n')\n"
+            "sys.stderr.flush()\n"
+            "os.kill(os.getpid(), signal.SIGSEGV)\n")
+
+
+@pytest.fixture
+def mlp_file(tmp_path) -> Path:
+    path = tmp_path / "mlp.onnx"
+    onnx.save(tiny.mlp(width=256, depth=2, seq=16), str(path))
+    return path
+
+
+def _feeds():
+    return {"x": np.random.default_rng(0).standard_normal((1, 16, 256)).astype(np.float32)}
+
+
+def test_a_crashing_child_is_one_error_naming_the_signal(monkeypatch, mlp_file):
+    monkeypatch.setattr(engine_worker, "WORKER", engine_worker.Worker(CRASHING))
+    rt = DeepSparseRuntime(cores=1, rounds=3, progress=False)
+    with pytest.raises(SpdyError, match=r"crashed \(Segmentation fault\) compiling or running mlp.onnx and mlp.onnx"):
+        rt.compare(str(mlp_file), str(mlp_file), batch_size=1, feeds=_feeds())
+    engine_worker.WORKER.close()
+
+
+def test_benchmark_through_the_cli_reports_the_crash_on_one_line(monkeypatch, mlp_file, capsys):
+    monkeypatch.setattr(engine_worker, "WORKER", engine_worker.Worker(CRASHING))
+    code = main(["benchmark", str(mlp_file), "--baseline", str(mlp_file), "--cores", "1", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "RAX" not in err
+    errors = [line for line in err.splitlines() if line.startswith("spdy-onnx: error")]
+    assert len(errors) == 1 and "crashed (Segmentation fault)" in errors[0]
+    engine_worker.WORKER.close()
+
+
+def test_the_child_measures_like_this_process_and_is_started_again_after_dying(mlp_file):
+    worker = engine_worker.WORKER
+    rt = DeepSparseRuntime(cores=1, rounds=3, progress=False)
+    first = rt.compare(str(mlp_file), str(mlp_file), batch_size=1, feeds=_feeds())
+    assert worker.proc is not None and worker.proc.poll() is None   # kept for the next request
+    pid = worker.proc.pid
+    assert pid != os.getpid()
+    here = DeepSparseRuntime(cores=1, rounds=3, progress=False, isolate=False).compare(
+        str(mlp_file), str(mlp_file), batch_size=1, feeds=_feeds())
+    # the same model against itself, and the engine's outputs handed back whole
+    assert 0.5 < first.speedup < 2.0 and first.rounds == 3
+    for got, want in zip(first.outputs, here.outputs):
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    os.kill(pid, signal.SIGKILL)
+    worker.proc.wait()
+    again = rt.compare(str(mlp_file), str(mlp_file), batch_size=1, feeds=_feeds())
+    assert again.rounds == 3 and worker.proc.pid != pid
+
+
+def test_the_child_ends_when_this_process_lets_it_go(mlp_file):
+    worker = engine_worker.Worker()
+    worker.call("analyse", {"runtime": {"cores": 1}, "model_path": str(mlp_file), "batch_size": 1,
+                            "feeds": _feeds()})
+    proc = worker.proc
+    proc.stdin.close()   # what our exit does to its end of the pipe
+    assert proc.wait(timeout=30) == 0
+    worker.close()
+
+
+def test_the_engines_errors_in_the_child_stay_one_line(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    rt = DeepSparseRuntime(cores=1, rounds=3, progress=False)
+    with pytest.raises(SpdyError) as info:
+        rt.compare(str(bad), str(bad), batch_size=1, feeds=_feeds())
+    assert "could not compile bad.onnx" in str(info.value) and "\n" not in str(info.value)
+    assert sys.exc_info()[0] is None
