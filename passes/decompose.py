@@ -1,5 +1,5 @@
 """Rewrite ops DeepSparse 1.8 does not run natively into the primitive ops older exporters emit:
-LayerNormalization (opset 17+) and HardSwish (opset 14+).
+LayerNormalization (opset 17+), HardSwish (opset 14+) and HardSigmoid.
 
 DeepSparse 1.8 does not run LayerNormalization natively: it hands the op to onnxruntime, which cuts the
 graph into pieces at every normalisation, and a sparse model gains less (MiniLM-L6
@@ -10,8 +10,9 @@ runs natively. The rewrite is exact up to float rounding, and the file written i
 so the graph deployed is the graph measured.
 
 HardSwish is worse: with one in the graph DeepSparse runs none of the ops itself (conv, HardSwish, conv
-at opset 14: 0% native; with HardSwish(x) written as x * HardSigmoid(x, 1/6, 1/2), exactly the same
-function and what torch's opset-13 export writes, 75%; tests/test_graph_and_passes.py).
+at opset 14: 0% native). HardSigmoid, which torch's opset-13 export writes for it (x * HardSigmoid(x)),
+is not native either (75% of that graph). Written as Mul, Add and Clip, both run natively (100%;
+tests/test_graph_and_passes.py).
 """
 from __future__ import annotations
 
@@ -57,27 +58,63 @@ def _fresh_names(model: onnx.ModelProto):
     return fresh
 
 
-def decompose_hardswish(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy of `model` with every HardSwish in the main graph written as x * HardSigmoid(x) (alpha 1/6,
-    beta 1/2: the definition of HardSwish), and how many were rewritten."""
-    if not any(n.op_type == "HardSwish" and n.domain in ("", "ai.onnx") for n in model.graph.node):
-        return model, 0
+def _clip_01(node_input: str, output: str, name: str, opset: int, fresh, inits: list) -> onnx.NodeProto:
+    """Clip(node_input, 0, 1): bounds as inputs from opset 11, as attributes before."""
+    if opset < 11:
+        return helper.make_node("Clip", [node_input], [output], name=name, min=0.0, max=1.0)
+    lo, hi = fresh(f"{name}/zero"), fresh(f"{name}/one")
+    inits += [numpy_helper.from_array(np.array(0.0, dtype=np.float32), lo),
+              numpy_helper.from_array(np.array(1.0, dtype=np.float32), hi)]
+    return helper.make_node("Clip", [node_input, lo, hi], [output], name=name)
+
+
+def decompose_hard_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """A copy of `model` with every float32 HardSwish and HardSigmoid in the main graph written as Mul,
+    Add and Clip (HardSwish(x) = x * Clip(x / 6 + 1/2, 0, 1); HardSigmoid(x) = Clip(alpha x + beta, 0, 1)),
+    and how many of each were rewritten. Nodes whose input rank is unknown are left alone.
+
+    The constants are shaped [1] * rank of the input: DeepSparse 1.8 folds a Mul and an Add that follow a
+    Conv into the conv's bias, and with rank-0 constants its compiler then fails ("Bias width does not
+    match the number of output channels")."""
+    ops = ("HardSwish", "HardSigmoid")
+    if not any(n.op_type in ops and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model, {}
+    opset = default_opset(model)
+    types, ranks = _types_and_ranks(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     fresh = _fresh_names(out)
-    nodes, count = [], 0
+    nodes, inits, counts = [], [], {}
     for node in out.graph.node:
-        if not (node.op_type == "HardSwish" and node.domain in ("", "ai.onnx")):
+        x = node.input[0] if node.input else ""
+        if not (node.op_type in ops and node.domain in ("", "ai.onnx")) or x not in ranks \
+                or types.get(x) != onnx.TensorProto.FLOAT:
             nodes.append(node)
             continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "HardSwish":
+            alpha, beta = 1.0 / 6.0, 0.5
+        else:
+            alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
         base = node.name or node.output[0]
-        gate = fresh(f"{base}/gate")
-        nodes += [helper.make_node("HardSigmoid", [node.input[0]], [gate], name=gate, alpha=1.0 / 6.0, beta=0.5),
-                  helper.make_node("Mul", [node.input[0], gate], [node.output[0]], name=fresh(f"{base}/mul"))]
-        count += 1
+        shape = [1] * ranks[x]
+        k, q = fresh(f"{base}/alpha"), fresh(f"{base}/beta")
+        inits += [numpy_helper.from_array(np.full(shape, alpha, dtype=np.float32), k),
+                  numpy_helper.from_array(np.full(shape, beta, dtype=np.float32), q)]
+        scaled, shifted = fresh(f"{base}/scaled"), fresh(f"{base}/shifted")
+        gate = fresh(f"{base}/gate") if node.op_type == "HardSwish" else node.output[0]
+        nodes += [helper.make_node("Mul", [x, k], [scaled], name=fresh(f"{base}/mul_alpha")),
+                  helper.make_node("Add", [scaled, q], [shifted], name=fresh(f"{base}/add_beta")),
+                  _clip_01(shifted, gate, fresh(f"{base}/clip"), opset, fresh, inits)]
+        if node.op_type == "HardSwish":
+            nodes.append(helper.make_node("Mul", [x, gate], [node.output[0]], name=fresh(f"{base}/mul")))
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if not counts:
+        return model, {}
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    return out, count
+    out.graph.initializer.extend(inits)
+    return out, counts
 
 
 def decompose_layernorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

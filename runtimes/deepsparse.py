@@ -224,18 +224,18 @@ class DeepSparseRuntime:
                             f"up to opset {MAX_ML_OPSET}")
 
     def native_graph(self, model):
-        """LayerNormalization (opset 17+) and HardSwish (opset 14+) written as primitive ops: DeepSparse
-        hands LayerNormalization to onnxruntime, which splits the engine's graph at every normalisation,
-        and runs none of a graph with HardSwish itself (passes/decompose.py).
+        """LayerNormalization (opset 17+), HardSwish (opset 14+) and HardSigmoid written as primitive ops:
+        DeepSparse hands LayerNormalization and HardSigmoid to onnxruntime, which splits the engine's graph
+        at each of them, and runs none of a graph with HardSwish itself (passes/decompose.py).
         Opset imports that no node uses are dropped: DeepSparse refuses some (passes/opsets.py)."""
-        from spdy_onnx.passes.decompose import decompose_hardswish, decompose_layernorm
+        from spdy_onnx.passes.decompose import decompose_hard_activations, decompose_layernorm
         from spdy_onnx.passes.opsets import drop_unused_opset_imports
         model, layernorms = decompose_layernorm(model)
-        model, hardswishes = decompose_hardswish(model)
+        model, hard = decompose_hard_activations(model)
         model, dropped = drop_unused_opset_imports(model)
         if dropped:
             log.info("opset imports no node uses dropped: %s", ", ".join(dropped))
-        counts = {"LayerNormalization": layernorms, "HardSwish": hardswishes}
+        counts = {"LayerNormalization": layernorms, **hard}
         return model, {op: n for op, n in counts.items() if n}
 
     def fingerprint(self) -> dict:
@@ -449,11 +449,17 @@ class DeepSparseRuntime:
         return self._analyse(model_path, inputs, batch_size, 0.0)
 
     def _in_child(self, method: str, what: str, on_progress=None, **kwargs):
-        from spdy_onnx.runtimes.engine_worker import WORKER, EngineCrashed
+        from spdy_onnx.runtimes import engine_worker
+        from spdy_onnx.runtimes.engine_worker import EngineCrashed, WorkerUnavailable
         options = {"cores": self.cores, "rounds": self.rounds, "compiles": self.compiles,
                    "iterations": self.iterations}
         try:
-            return WORKER.call(method, {"runtime": options, **kwargs}, on_progress=on_progress)
+            return engine_worker.WORKER.call(method, {"runtime": options, **kwargs}, on_progress=on_progress)
+        except WorkerUnavailable as exc:
+            log.warning("%s: the engine runs in this process, where a crash of it ends the run", exc)
+            self.isolate = False
+            here = {"compare": self.compare_here, "analyse": self.analyse_here}[method]
+            return here(**kwargs)
         except EngineCrashed as exc:
             raise SpdyError(f"DeepSparse {deepsparse.__version__} crashed ({exc.how}) compiling or running {what} "
                             "(this run's copies of the model) in a child process: the engine cannot run that "

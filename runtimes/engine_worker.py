@@ -43,6 +43,10 @@ class EngineCrashed(SpdyError):
         self.how = how
 
 
+class WorkerUnavailable(SpdyError):
+    """The child process could not be started (no Python executable to run it with, no processes left)."""
+
+
 class Worker:
     """The child process, started on first use and again after a crash."""
 
@@ -56,8 +60,15 @@ class Worker:
     def _start(self) -> None:
         self._err = tempfile.TemporaryFile()
         self._err_read = 0
-        self.proc = subprocess.Popen([sys.executable, "-c", self.code], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._err, close_fds=True)
+        try:
+            if not sys.executable:
+                raise OSError("sys.executable is empty")
+            self.proc = subprocess.Popen([sys.executable, "-c", self.code], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self._err, close_fds=True)
+        except OSError as exc:
+            self._err.close()
+            self._err = None
+            raise WorkerUnavailable(f"cannot start a child process for the engine: {exc}") from None
 
     def call(self, method: str, kwargs: dict, on_progress=None):
         """Run `method` with `kwargs` in the child; its result, or its SpdyError raised here. Raises

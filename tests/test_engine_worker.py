@@ -93,3 +93,12 @@ def test_the_engines_errors_in_the_child_stay_one_line(tmp_path):
         rt.compare(str(bad), str(bad), batch_size=1, feeds=_feeds())
     assert "could not compile bad.onnx" in str(info.value) and "\n" not in str(info.value)
     assert sys.exc_info()[0] is None
+
+
+def test_without_a_child_the_engine_runs_here_with_a_warning(monkeypatch, mlp_file, caplog):
+    monkeypatch.setattr(engine_worker, "WORKER", engine_worker.Worker())
+    monkeypatch.setattr(sys, "executable", str(mlp_file.parent / "no-such-python"))
+    rt = DeepSparseRuntime(cores=1, rounds=3, progress=False)
+    c = rt.compare(str(mlp_file), str(mlp_file), batch_size=1, feeds=_feeds())
+    assert c.rounds == 3 and not rt.isolate
+    assert "the engine runs in this process" in caplog.text
