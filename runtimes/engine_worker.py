@@ -180,4 +180,5 @@ def serve() -> None:
         except KeyboardInterrupt:
             return
         except Exception as exc:  # noqa: BLE001 - the engine's own errors, one line each
-            send("error", f"DeepSparse failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+            text = str(exc).strip()
+            send("error", f"DeepSparse failed: {text.splitlines()[0] if text else type(exc).__name__}")
