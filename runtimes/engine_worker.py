@@ -56,8 +56,10 @@ class Worker:
         self._err = None
         self._err_read = 0
         self._lock = threading.Lock()
+        self._owner = 0   # the process that started the child: a forked copy of this object starts its own
 
     def _start(self) -> None:
+        self._owner = os.getpid()
         self._err = tempfile.TemporaryFile()
         self._err_read = 0
         try:
@@ -74,6 +76,8 @@ class Worker:
         """Run `method` with `kwargs` in the child; its result, or its SpdyError raised here. Raises
         EngineCrashed when the child dies on the way."""
         with self._lock:
+            if self._owner != os.getpid():   # inherited through fork: the pipes are the parent's
+                self.proc, self._err = None, None
             if self.proc is None or self.proc.poll() is not None:
                 self._start()
             try:
@@ -125,6 +129,9 @@ class Worker:
             sys.stderr.flush()
 
     def close(self) -> None:
+        if self._owner != os.getpid():   # not ours to stop (a forked copy), or never started
+            self.proc, self._err = None, None
+            return
         proc, self.proc = self.proc, None
         if proc is not None:
             try:

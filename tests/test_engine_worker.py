@@ -102,3 +102,23 @@ def test_without_a_child_the_engine_runs_here_with_a_warning(monkeypatch, mlp_fi
     c = rt.compare(str(mlp_file), str(mlp_file), batch_size=1, feeds=_feeds())
     assert c.rounds == 3 and not rt.isolate
     assert "the engine runs in this process" in caplog.text
+
+
+def test_a_forked_process_starts_a_child_of_its_own(mlp_file):
+    """The parent's pipes are not shared with a fork (a user's multiprocessing pool)."""
+    rt = DeepSparseRuntime(cores=1, rounds=3, progress=False)
+    rt.compare(str(mlp_file), str(mlp_file), batch_size=1, feeds=_feeds())
+    parent_child = engine_worker.WORKER.proc.pid
+    pid = os.fork()
+    if pid == 0:   # the forked process: measure, and report through the exit status
+        status = 1
+        try:
+            c = rt.compare(str(mlp_file), str(mlp_file), batch_size=1, feeds=_feeds())
+            status = 0 if c.rounds == 3 and engine_worker.WORKER.proc.pid != parent_child else 2
+            engine_worker.WORKER.close()
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert engine_worker.WORKER.proc.pid == parent_child and engine_worker.WORKER.proc.poll() is None
+    assert rt.compare(str(mlp_file), str(mlp_file), batch_size=1, feeds=_feeds()).rounds == 3
