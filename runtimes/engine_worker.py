@@ -90,9 +90,7 @@ class Worker:
                             on_progress(value)
                         continue
                     self._pass_on(self._new_stderr())
-                    if kind == "error":
-                        raise SpdyError(value)
-                    return value
+                    break
             except (EOFError, BrokenPipeError, pickle.UnpicklingError):
                 code = self.proc.wait()
                 text = self._new_stderr()
@@ -112,6 +110,9 @@ class Worker:
             except BaseException:   # Ctrl-C, a signal turned into an exception: the child's state is unknown
                 self.close()
                 raise
+        if kind == "error":   # the engine's own error, worded in the child: the child goes on serving
+            raise SpdyError(value)
+        return value
 
     def _new_stderr(self) -> str:
         if self._err is None:
