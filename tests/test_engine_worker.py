@@ -95,6 +95,7 @@ def test_the_engines_errors_in_the_child_stay_one_line(mlp_file):
         rt.compare(str(bad), str(bad), batch_size=1, feeds=_feeds())
     assert "could not compile bad.onnx" in str(info.value) and "\n" not in str(info.value)
     assert engine_worker.WORKER.proc.pid == pid and engine_worker.WORKER.proc.poll() is None   # still serving
+    assert sys.exc_info()[0] is None
 
 
 def test_without_a_child_the_engine_runs_here_with_a_warning(monkeypatch, mlp_file, caplog):
