@@ -91,6 +91,10 @@ class Runtime(Protocol):
     # Optional: `fused_sites(model_path, *, batch_size, feeds, aliases) -> list[list[str]]`, the sites the
     # engine runs as one kernel in this file as it is. On an engine whose table has fused groups, a missed
     # draft is analysed with it and the groups its kernels join are tied (api._optimize, tie_fused).
+    # Optional: `quiet`, a list of our own helper processes (runtimes/cpu_load.identity) that the runtime
+    # stops while an engine times (runtimes/cpu_load.stopped) and leaves out of its foreign load. A
+    # runtime that has it gets the OBS database built in a child process during profiling
+    # (spdy_onnx/early_database.py); one without it gets the database built after profiling.
 
 
 def available() -> list[str]:

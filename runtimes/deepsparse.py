@@ -32,7 +32,7 @@ from spdy_onnx.errors import SpdyError  # noqa: E402
 from spdy_onnx.journal import Journal  # noqa: E402
 from spdy_onnx.levels import log_density_grid  # noqa: E402
 from spdy_onnx.runtimes import Comparison  # noqa: E402
-from spdy_onnx.runtimes.cpu_load import ForeignLoad  # noqa: E402
+from spdy_onnx.runtimes.cpu_load import ForeignLoad, stopped  # noqa: E402
 from spdy_onnx.tables import LatencyTable, merge_groups  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -175,11 +175,13 @@ class DeepSparseRuntime:
 
     def __init__(self, cores: int | None = None, repeats: int | None = None, iterations: int = 20,
                  rounds: int = 15, progress: bool = True, compile_threads: int | None = None,
-                 compiles: int = 1, isolate: bool = True, **_ignored):
+                 compiles: int = 1, isolate: bool = True, quiet=(), **_ignored):
         self.cores = int(cores) if cores else None
-        # end-to-end runs (measurements, analyses of drafts) in a child process (runtimes/engine_worker.py),
-        # where an engine crash on a pruned file is one error; profiling stays here (the dense model is
-        # first run once in a child, check_runs)
+        # our own helper processes, as cpu_load.identity gives them, stopped while an engine times and
+        # let run while it compiles (the OBS database built during profiling: spdy_onnx/early_database.py)
+        self.quiet = [tuple(q) for q in quiet or ()]
+        # every engine run (profiling, measurements, analyses of drafts) in a child process
+        # (runtimes/engine_worker.py), where an engine crash is one error, not the end of the run
         self.isolate = bool(isolate)
         # engines compiled of each model in one `compare`, timed in turn and averaged. Two did not steady
         # MiniLM-L6's measured speedup (benchmarks/results/compiles_per_measurement_minilm_2x.txt): its
@@ -297,7 +299,8 @@ class DeepSparseRuntime:
     def _analyse_engine(self, engine, inputs, sparsity) -> dict:
         """Per-layer times of a compiled profiling run; nothing else of ours runs meanwhile."""
         try:
-            return engine.analyze(inputs)
+            with stopped(self.quiet):
+                return engine.analyze(inputs)
         except Exception as exc:
             raise SpdyError(f"DeepSparse could not run the model: {str(exc).strip().splitlines()[0]}") from None
 
@@ -330,9 +333,29 @@ class DeepSparseRuntime:
                 groups.append(owners)
         return groups
 
+    def _expected_runs(self, levels) -> int:
+        return len(levels) + 2 if self.repeats is None else self.repeats * len(levels)
+
     def measure(self, model_path, sites, *, levels, batch_size, feeds, aliases, checkpoint=None) -> LatencyTable:
         """One engine run per (repeat, level); each finished run is journaled to `checkpoint`, so a killed
-        profiling resumes where it stopped."""
+        profiling resumes where it stopped. In the child process unless `isolate` is off."""
+        if not self.isolate:
+            return self.measure_here(model_path, sites, levels=levels, batch_size=batch_size, feeds=feeds,
+                                     aliases=aliases, checkpoint=checkpoint)
+        bar = tqdm(total=self._expected_runs(levels), desc="profiling", unit="run", disable=not self.progress,
+                   leave=False)
+        try:
+            what = (f"{os.path.basename(str(model_path))} with sparsity imposed on its layers (profiling; the runs "
+                    "finished before the crash are kept)")
+            return self._in_child("measure", what, on_progress=bar.update, model_path=str(model_path),
+                                  sites=list(sites), levels=list(levels), batch_size=batch_size, feeds=dict(feeds),
+                                  aliases=dict(aliases), checkpoint=None if checkpoint is None else str(checkpoint))
+        finally:
+            bar.close()
+
+    def measure_here(self, model_path, sites, *, levels, batch_size, feeds, aliases, checkpoint=None,
+                     on_run=None) -> LatencyTable:
+        """`measure` in this process; `on_run()` after each run (else a progress bar of its own)."""
         inputs = [np.ascontiguousarray(a) for a in feeds.values()]
         weights = {s.name: s.n_weights for s in sites}
         used: list[tuple[float, dict]] = []    # every run in the table: (level, journal entry)
@@ -344,10 +367,10 @@ class DeepSparseRuntime:
                 if isinstance(e.get("times"), dict) and isinstance(e.get("total"), (int, float))}
         auto = self.repeats is None
         planned = self.repeats or AUTO_REPEATS
-        expected_runs = len(order) + 2 if auto else planned * len(order)
+        expected_runs = self._expected_runs(order)
         if done:
             log.info("resuming profiling: %d of about %d runs already measured", len(done), expected_runs)
-        bar = tqdm(total=expected_runs, desc="profiling", unit="run", disable=not self.progress,
+        bar = tqdm(total=expected_runs, desc="profiling", unit="run", disable=not self.progress or on_run is not None,
                    leave=False)
         repeats_done = 0
 
@@ -366,8 +389,10 @@ class DeepSparseRuntime:
             if lvl == 0.0:
                 totals.append(entry["total"])
             bar.update(1)
+            if on_run is not None:
+                on_run()
 
-        with ForeignLoad() as load:
+        with ForeignLoad(ours=[pid for pid, _ in self.quiet]) as load:
             for rep in range(planned):
                 # by default (auto) the sparse levels are run once and only the dense level again: a second
                 # pass over every level did not make the table predict measured speedups better (MiniLM-L6,
@@ -440,8 +465,12 @@ class DeepSparseRuntime:
 
     def dense_check_ms(self, model_path, *, batch_size, feeds) -> float:
         """The dense total of one profiling run, to check a cached table against the machine now."""
-        inputs = [np.ascontiguousarray(a) for a in feeds.values()]
-        return float(self._analyse(model_path, inputs, batch_size, 0.0)["average_total_time"])
+        if self.isolate:
+            analysis = self._in_child("analyse", os.path.basename(str(model_path)), model_path=str(model_path),
+                                      batch_size=batch_size, feeds=dict(feeds))
+        else:
+            analysis = self.analyse_here(model_path, batch_size=batch_size, feeds=feeds)
+        return float(analysis["average_total_time"])
 
     def analyse_here(self, model_path, *, batch_size, feeds) -> dict:
         """The engine's per-layer analysis of a file as it is (its own zeros, nothing imposed)."""
@@ -452,13 +481,14 @@ class DeepSparseRuntime:
         from spdy_onnx.runtimes import engine_worker
         from spdy_onnx.runtimes.engine_worker import EngineCrashed, WorkerUnavailable
         options = {"cores": self.cores, "rounds": self.rounds, "compiles": self.compiles,
-                   "iterations": self.iterations}
+                   "iterations": self.iterations, "repeats": self.repeats, "compile_threads": self.compile_threads,
+                   "quiet": self.quiet}
         try:
             return engine_worker.WORKER.call(method, {"runtime": options, **kwargs}, on_progress=on_progress)
         except WorkerUnavailable as exc:
             log.warning("%s: the engine runs in this process, where a crash of it ends the run", exc)
             self.isolate = False
-            here = {"compare": self.compare_here, "analyse": self.analyse_here}[method]
+            here = {"compare": self.compare_here, "analyse": self.analyse_here, "measure": self.measure_here}[method]
             return here(**kwargs)
         except EngineCrashed as exc:
             raise SpdyError(f"DeepSparse {deepsparse.__version__} crashed ({exc.how}) compiling or running {what} "
@@ -517,6 +547,10 @@ class DeepSparseRuntime:
         # that many engines, alternated baseline/candidate
         paths = [baseline_path, candidate_path] * self.compiles
         engines = [self._engine(path, batch_size) for path in paths]
+        with stopped(self.quiet):   # our helpers run while the engines compile, never while they run
+            return self._time_engines(engines, inputs, batch_size, on_round)
+
+    def _time_engines(self, engines, inputs, batch_size, on_round) -> Comparison:
         outputs = []
         for engine in engines:  # warm-up, and a first estimate of one run's time
             for _ in range(3):
@@ -531,7 +565,7 @@ class DeepSparseRuntime:
         per_engine = [[] for _ in engines]
         bar = tqdm(total=self.rounds, desc="benchmarking", unit="round", leave=False,
                    disable=not self.progress or on_round is not None)
-        with ForeignLoad() as load:
+        with ForeignLoad(ours=[pid for pid, _ in self.quiet]) as load:
             for r in range(self.rounds):
                 # ABBA: neither model always runs first
                 order = range(len(engines)) if r % 2 == 0 else range(len(engines) - 1, -1, -1)

@@ -180,6 +180,8 @@ def serve() -> None:
                 value = runtime.compare_here(**kwargs, on_round=lambda: send("progress", 1))
             elif method == "analyse":
                 value = runtime.analyse_here(**kwargs)
+            elif method == "measure":
+                value = runtime.measure_here(**kwargs, on_run=lambda: send("progress", 1))
             else:
                 raise SpdyError(f"unknown engine request {method}")
             send("result", value)

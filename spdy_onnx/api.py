@@ -285,10 +285,11 @@ def _check_table_shapes(prep: Prepared, table: LatencyTable, path) -> None:
 
 
 def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=None,
-                  use_cache: bool = True, feeds=None, level_context: bool = False) -> LatencyTable:
+                  use_cache: bool = True, feeds=None, level_context: bool = False, on_profiling=None) -> LatencyTable:
     """The table from --latency-table, else from the cache, else measured on the engine and cached.
 
-    `level_context` also times the low levels among pruned neighbours (spdy_onnx.context)."""
+    `level_context` also times the low levels among pruned neighbours (spdy_onnx.context).
+    `on_profiling(levels)` is called when the engine is about to profile (not for a cached table)."""
     if latency_table:
         if levels is not None:
             log.warning("--levels does not apply with --latency-table: the table's own levels are used (%s)",
@@ -325,6 +326,8 @@ def latency_table(prep: Prepared, *, levels=None, latency_table=None, cache_dir=
     t0 = time.perf_counter()
     if hasattr(prep.runtime, "check_runs"):   # an engine crash is one line, before any profiling
         prep.runtime.check_runs(prep.dense_static(), batch_size=prep.batch_size, feeds=feeds, name=prep.path.name)
+    if on_profiling is not None:
+        on_profiling(level_list)
     table = prep.runtime.measure(str(prep.dense_static()), prep.all_sites, levels=level_list,
                                  batch_size=prep.batch_size, feeds=feeds, aliases=aliases, checkpoint=partial)
     total_ms = getattr(prep.runtime, "dense_check_ms", None)
@@ -513,7 +516,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
              seed: int = 0, max_attempts: int = DEFAULT_MAX_ATTEMPTS, margin: float = DEFAULT_MARGIN, refit: bool = False,
              correct_epochs: int = DEFAULT_CORRECT_EPOCHS, correct_budget=None, correct_layers: float = 0.0,
              progress: bool = True, runtime_options: dict | None = None, search_prior: str = "auto", level_context: bool = False,
-             validation_data=None) -> dict:
+             validation_data=None, early_database: bool = True) -> dict:
     """Prune `model_path` so that `runtime` runs it `target` times faster, measured; returns the report.
 
     Keywords mirror `spdy-onnx optimize`'s flags; `data` and `validation_data` are an .npz file, a folder
@@ -597,7 +600,7 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
                          correct_seconds=correct_seconds, correct_layers=correct_layers, progress=progress,
                          search_prior=search_prior,
                          level_context=level_context, t_start=t_start, validation_data=validation_data,
-                         missed_report_path=None if report else output.with_name(output.stem + ".missed.report.json"))
+                         early_database=early_database, missed_report_path=None if report else output.with_name(output.stem + ".missed.report.json"))
     finally:
         prep.close()
 
@@ -605,11 +608,9 @@ def optimize(model_path, *, target, runtime: str = "deepsparse", output=None, re
 def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_table_path, cache_dir, use_cache,
               strategy, data, samples, reconstruct, loss, search_budget, eval_samples, seed, max_attempts, margin, refit,
               correct_epochs, correct_seconds, progress, t_start, search_prior="auto", level_context=False,
-              correct_layers=0.0, validation_data=None, missed_report_path=None) -> dict:
+              correct_layers=0.0, validation_data=None, missed_report_path=None, early_database=True) -> dict:
     """`missed_report_path`: where a missed run's report goes when a file from an earlier run is at the
     output path, so that the model there keeps the report that describes it."""
-    from spdy_onnx import strategies  # the accuracy side: calibration, database, search
-
     from spdy_onnx import calibrate
     phases: dict[str, float] = {}
     # the data is loaded and checked before the table is profiled: bad data should fail in a second,
@@ -628,9 +629,43 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         if correct_epochs == 0:
             log.warning("--validation-data is only used by the global correction, which --correct-epochs 0 "
                         "turns off: it is ignored")
+    early = []   # the OBS database built in a child process while the engine profiles
+
+    def start_early(level_list) -> None:
+        if data is None or reconstruct != "obs" or not hasattr(prep.runtime, "quiet") or not early_database:
+            return
+        from spdy_onnx import early_database as early_build
+        child = early_build.start(prep, prep.sites, level_list, data, pattern=prep.runtime.pattern,
+                                     cache_dir=cache_dir)
+        if child is not None:
+            early.append(child)
+            prep.runtime.quiet = [child.identity] if child.identity is not None else []
+
+    try:
+        return _optimize_with(prep, early, start_early, phases, data=data, validation=validation, target=target,
+                              output=output, report_path=report_path, levels=levels,
+                              latency_table_path=latency_table_path, cache_dir=cache_dir, use_cache=use_cache,
+                              strategy=strategy, samples=samples, reconstruct=reconstruct, loss=loss,
+                              search_budget=search_budget, eval_samples=eval_samples, seed=seed,
+                              max_attempts=max_attempts, margin=margin, refit=refit, correct_epochs=correct_epochs,
+                              correct_seconds=correct_seconds, progress=progress, t_start=t_start,
+                              search_prior=search_prior, level_context=level_context, correct_layers=correct_layers,
+                              missed_report_path=missed_report_path)
+    finally:
+        for child in early:
+            child.cancel()
+        if hasattr(prep.runtime, "quiet"):
+            prep.runtime.quiet = []
+
+
+def _optimize_with(prep: Prepared, early: list, start_early, phases: dict, *, data, validation, target, output,
+                   report_path, levels, latency_table_path, cache_dir, use_cache, strategy, samples, reconstruct, loss,
+                   search_budget, eval_samples, seed, max_attempts, margin, refit, correct_epochs, correct_seconds,
+                   progress, t_start, search_prior, level_context, correct_layers, missed_report_path) -> dict:
+    from spdy_onnx import strategies  # the accuracy side: calibration, database, search
     t0 = time.perf_counter()
     table = latency_table(prep, levels=levels, latency_table=latency_table_path, cache_dir=cache_dir,
-                          use_cache=use_cache, level_context=level_context)
+                          use_cache=use_cache, level_context=level_context, on_profiling=start_early)
     phases["latency_table_s"] = time.perf_counter() - t0
     sites = _restrict_to_table(prep, table)
     if not sites:
@@ -662,6 +697,13 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             raise InfeasibleTarget(target, max_speedup, margin=margin, measured=fastest, pruned_share=pruned_share,
                                    left_dense=_left_dense_summary(prep), rows_fixed=_rows_fixed(prep, sites))
 
+    built_early = None
+    if early:
+        t0 = time.perf_counter()
+        built_early = early[0].wait()
+        early.clear()
+        prep.runtime.quiet = []
+        phases["early_database_wait_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     chooser = strategies.make_chooser(
         strategy, prep=prep, sites=sites, table=table, data=data, samples=samples, reconstruct=reconstruct,
@@ -669,6 +711,10 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         progress=progress, refit=refit, correct_epochs=correct_epochs, correct_seconds=correct_seconds,
         correct_layers=correct_layers, search_prior=search_prior, validation=validation)
     phases["calibration_s"] = time.perf_counter() - t0
+    if built_early is not None:
+        chooser.info.setdefault("calibration_phases_s", {})["during_profiling"] = {
+            k: built_early[k] for k in ("hessians_s", "reconstruction_s", "database_s", "wall_s", "waited_s")
+            if k in built_early}
 
     attempts = []
     candidates: dict[int, Path] = {}   # attempt -> the static file measured last for it

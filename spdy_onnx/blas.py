@@ -39,6 +39,14 @@ def _as_tensor(torch, a: np.ndarray):
     return torch.from_numpy(a)
 
 
+def set_threads(n: int) -> None:
+    """Threads of the products below (torch's intra-op pool); spdy_onnx.early_database narrows them while
+    an engine compiles on the other core."""
+    torch = _torch()
+    if torch is not None:
+        torch.set_num_threads(max(1, int(n)))
+
+
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b for 2-D arrays of one floating dtype; the result is a new numpy array of that dtype."""
     torch = _torch()

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="spdy",
                    choices=["spdy", "uniform", "global-magnitude", "dp-loss", "magnitude-dp"],
                    help="how the per-site profile is chosen (default: %(default)s)")
+    p.add_argument("--no-early-database", action="store_true",
+                   help="build the OBS database after profiling instead of in a child process during it (which "
+                        "is stopped whenever the engine times; README, How it works)")
     p.add_argument("--reconstruct", default="obs", choices=["obs", "magnitude"],
                    help="how pruned weights are computed with calibration data (default: %(default)s)")
     p.add_argument("--loss", default="auto", choices=["auto", "kl", "mse"],
@@ -303,7 +306,7 @@ def _run(args) -> int:
                 correct_epochs=args.correct_epochs, correct_budget=args.correct_budget,
                 correct_layers=args.correct_layers, progress=progress,
                 runtime_options={"repeats": args.repeats}, level_context=args.level_context,
-                validation_data=args.validation_data)
+                validation_data=args.validation_data, early_database=not args.no_early_database)
             _print_optimize(rep)
         elif args.command == "profile":
             from spdy_onnx.api import profile

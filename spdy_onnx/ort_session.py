@@ -65,6 +65,11 @@ def split_weights(model: onnx.ModelProto, min_bytes: int = ARRAY_BYTES):
     return skeleton, arrays
 
 
+# intra-op threads of sessions made without `threads` (None: onnxruntime's default, every core); the
+# child that builds the database during profiling narrows it (spdy_onnx.early_database)
+DEFAULT_THREADS: int | None = None
+
+
 def _session(model, *, optimize: bool = True, threads: int | None = None):
     """onnxruntime's own session, with its own errors."""
     import onnxruntime as ort
@@ -76,6 +81,7 @@ def _session(model, *, optimize: bool = True, threads: int | None = None):
     opts.log_severity_level = 4   # fatal only: its errors reach the user once, through the exception
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor visible
+    threads = threads or DEFAULT_THREADS
     if threads:
         opts.intra_op_num_threads = threads
     if isinstance(model, (str, os.PathLike)):

@@ -211,7 +211,7 @@ def test_by_default_only_the_dense_level_is_run_again_and_repeats_forces_whole_p
 
     def profile(**kw):
         analysed.clear()
-        table = ds_runtime.DeepSparseRuntime(cores=1, progress=False, **kw).measure(
+        table = ds_runtime.DeepSparseRuntime(cores=1, progress=False, isolate=False, **kw).measure(
             str(prep.dense_static()), prep.sites, levels=[0.0, 0.5, 0.9], batch_size=1,
             feeds=modelio.example_inputs(prep.specs), aliases=graph.output_aliases(prep.model, prep.all_sites))
         return table.meta["repeats"], table.meta["dense_runs"], list(analysed)
@@ -257,7 +257,7 @@ def _profile_with_a_slow_first_dense_run(mlp_path, monkeypatch, spike: float, re
     for name, value in settings.items():
         monkeypatch.setattr(ds_runtime, name, value)
     try:
-        table = ds_runtime.DeepSparseRuntime(cores=1, progress=False, repeats=repeats).measure(
+        table = ds_runtime.DeepSparseRuntime(cores=1, progress=False, repeats=repeats, isolate=False).measure(
             str(prep.dense_static()), prep.sites, levels=[0.0, 0.5, 0.9], batch_size=1,
             feeds=modelio.example_inputs(prep.specs), aliases=graph.output_aliases(prep.model, prep.all_sites))
     finally:
@@ -310,7 +310,7 @@ def test_profiling_compiles_in_this_thread_or_side_by_side_never_timing_during_a
     monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_compile", timed("compile", real_compile))
     monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_analyse_engine", timed("analyse", real_analyse))
     def profile(**kw):
-        return ds_runtime.DeepSparseRuntime(cores=1, progress=False, repeats=1, **kw).measure(
+        return ds_runtime.DeepSparseRuntime(cores=1, progress=False, repeats=1, isolate=False, **kw).measure(
             str(prep.dense_static()), prep.sites, levels=[0.0, 0.5, 0.7, 0.9], batch_size=1,
             feeds=modelio.example_inputs(prep.specs), aliases=graph.output_aliases(prep.model, prep.all_sites))
 
@@ -657,7 +657,7 @@ def test_a_run_slow_in_everything_is_divided_out_of_its_column(mlp_path, monkeyp
 
     monkeypatch.setattr(ds_runtime.DeepSparseRuntime, "_analyse_engine", slow_at_07)
     try:
-        table = ds_runtime.DeepSparseRuntime(cores=1, repeats=1, progress=False).measure(
+        table = ds_runtime.DeepSparseRuntime(cores=1, repeats=1, progress=False, isolate=False).measure(
             str(prep.dense_static()), prep.sites, levels=[0.0, 0.5, 0.7, 0.9], batch_size=1,
             feeds=modelio.example_inputs(prep.specs), aliases=aliases)
     finally:

@@ -125,3 +125,53 @@ def test_a_forked_process_starts_a_child_of_its_own(mlp_file):
     assert os.waitstatus_to_exitcode(status) == 0
     assert engine_worker.WORKER.proc.pid == parent_child and engine_worker.WORKER.proc.poll() is None
     assert rt.compare(str(mlp_file), str(mlp_file), batch_size=1, feeds=_feeds()).rounds == 3
+
+
+def test_profiling_runs_in_the_child_and_matches_this_process(mlp_file, tmp_path):
+    """The latency table's runs (sparsity imposed by the engine) go through the child too."""
+    from spdy_onnx import graph
+    model = onnx.load(str(mlp_file))
+    sites, _ = graph.find_sites(model)
+    aliases = graph.output_aliases(model, sites)
+    journal = tmp_path / "runs.jsonl"
+    seen = []
+    rt = DeepSparseRuntime(cores=1, progress=False)
+    table = rt.measure(str(mlp_file), sites, levels=[0.0, 0.8], batch_size=1, feeds=_feeds(), aliases=aliases,
+                       checkpoint=journal)
+    pid = engine_worker.WORKER.proc.pid
+    assert pid != os.getpid() and rt.isolate
+    here = DeepSparseRuntime(cores=1, progress=False, isolate=False).measure_here(
+        str(mlp_file), sites, levels=[0.0, 0.8], batch_size=1, feeds=_feeds(), aliases=aliases,
+        on_run=lambda: seen.append(1))
+    assert sorted(table.times) == sorted(here.times) == sorted(s.name for s in sites)
+    assert table.levels == [0.0, 0.8] and table.dense_total_ms > 0
+    assert len(seen) >= 3                      # one pass over the levels, and the dense level again
+    assert len(journal.read_text().splitlines()) >= 3   # the child journaled its runs where we asked
+
+
+def test_a_crash_while_profiling_is_one_error(monkeypatch, mlp_file):
+    from spdy_onnx import graph
+    monkeypatch.setattr(engine_worker, "WORKER", engine_worker.Worker(CRASHING))
+    model = onnx.load(str(mlp_file))
+    sites, _ = graph.find_sites(model)
+    rt = DeepSparseRuntime(cores=1, progress=False)
+    with pytest.raises(SpdyError, match=r"crashed \(Segmentation fault\) compiling or running mlp.onnx with "
+                                        r"sparsity imposed on its layers \(profiling"):
+        rt.measure(str(mlp_file), sites, levels=[0.0, 0.8], batch_size=1, feeds=_feeds(),
+                   aliases=graph.output_aliases(model, sites))
+    with pytest.raises(SpdyError, match=r"crashed \(Segmentation fault\) compiling or running mlp.onnx"):
+        rt.dense_check_ms(str(mlp_file), batch_size=1, feeds=_feeds())
+    engine_worker.WORKER.close()
+
+
+def test_optimize_reports_a_profiling_crash_on_one_line_and_writes_nothing(monkeypatch, mlp_file, tmp_path, capsys):
+    monkeypatch.setattr(engine_worker, "WORKER", engine_worker.Worker(CRASHING))
+    out = tmp_path / "out.onnx"
+    code = main(["optimize", str(mlp_file), "--target", "1.5x", "--cores", "1", "-q", "--min-weights", "0",
+                 "--cache-dir", str(tmp_path / "cache"), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "RAX" not in err
+    errors = [line for line in err.splitlines() if line.startswith("spdy-onnx: error")]
+    assert len(errors) == 1 and "crashed (Segmentation fault)" in errors[0] and "profiling" in errors[0]
+    assert not out.exists()
+    engine_worker.WORKER.close()

@@ -33,7 +33,9 @@ def test_profiling_resumes_from_journal(tmp_path, monkeypatch):
     from spdy_onnx.runtimes.deepsparse import DeepSparseRuntime
     path = tmp_path / "m.onnx"
     onnx.save(tiny.mlp(width=256, depth=2, seq=16), path)
-    kw = dict(cores=1, levels="0.5,0.9", cache_dir=tmp_path / "c", progress=False, runtime_options={"repeats": 2})
+    # in this process (isolate off), where the patched method runs: the engine's own child would not see it
+    kw = dict(cores=1, levels="0.5,0.9", cache_dir=tmp_path / "c", progress=False,
+              runtime_options={"repeats": 2, "isolate": False})
     _kill_after(monkeypatch, DeepSparseRuntime, "_analyse_engine", 4)
     with pytest.raises(Killed):
         api.profile(path, output=tmp_path / "t.json", **kw)
