@@ -89,6 +89,10 @@ class Worker:
                         if on_progress is not None:
                             on_progress(value)
                         continue
+                    if kind == "log":   # the child's own log records, told as ours (our handlers, our level)
+                        name, level, message = value
+                        logging.getLogger(name).log(level, "%s", message)
+                        continue
                     self._pass_on(self._new_stderr())
                     break
             except (EOFError, BrokenPipeError, pickle.UnpicklingError):
@@ -154,13 +158,28 @@ atexit.register(WORKER.close)
 
 
 def serve() -> None:
-    """The child's loop: (method, kwargs) in, ("progress", n)* then ("result", value) or ("error", text) out."""
+    """The child's loop: (method, kwargs) in, ("progress", n) and ("log", (logger, level, message)) any
+    number of times, then ("result", value) or ("error", text) out."""
     protocol = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)   # whatever the engine prints goes with its log, not into the protocol
 
     def send(kind, value) -> None:
         pickle.dump((kind, value), protocol, protocol=pickle.HIGHEST_PROTOCOL)
         protocol.flush()
+
+    class Forward(logging.Handler):
+        """Our log records (profiling's notes on noise, say) go to the parent, which shows them as its own."""
+
+        def emit(self, record):
+            try:
+                send("log", (record.name, record.levelno, record.getMessage()))
+            except Exception:  # noqa: BLE001 - a note that cannot be sent is not worth the request
+                pass
+
+    ours = logging.getLogger("spdy_onnx")
+    ours.addHandler(Forward())
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
 
     import numpy as np
 

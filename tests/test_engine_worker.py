@@ -149,6 +149,21 @@ def test_profiling_runs_in_the_child_and_matches_this_process(mlp_file, tmp_path
     assert len(journal.read_text().splitlines()) >= 3   # the child journaled its runs where we asked
 
 
+def test_the_childs_log_records_are_told_here(mlp_file, tmp_path, caplog):
+    """Profiling's notes (a resumed journal here) are logged in the child; they reach our handlers."""
+    from spdy_onnx import graph
+    model = onnx.load(str(mlp_file))
+    sites, _ = graph.find_sites(model)
+    kw = dict(levels=[0.0, 0.8], batch_size=1, feeds=_feeds(), aliases=graph.output_aliases(model, sites),
+              checkpoint=tmp_path / "runs.jsonl")
+    rt = DeepSparseRuntime(cores=1, progress=False)
+    rt.measure(str(mlp_file), sites, **kw)
+    with caplog.at_level("INFO", logger="spdy_onnx"):
+        rt.measure(str(mlp_file), sites, **kw)     # every run already in the journal
+    records = [r for r in caplog.records if "resuming profiling" in r.getMessage()]
+    assert records and records[0].name == "spdy_onnx.runtimes.deepsparse" and records[0].levelname == "INFO"
+
+
 def test_a_crash_while_profiling_is_one_error(monkeypatch, mlp_file):
     from spdy_onnx import graph
     monkeypatch.setattr(engine_worker, "WORKER", engine_worker.Worker(CRASHING))
