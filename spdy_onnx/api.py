@@ -636,7 +636,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
             return
         from spdy_onnx import early_database as early_build
         child = early_build.start(prep, prep.sites, level_list, data, pattern=prep.runtime.pattern,
-                                     cache_dir=cache_dir)
+                                  cache_dir=cache_dir, progress=progress)
         if child is not None:
             early.append(child)
             prep.runtime.quiet = [child.identity] if child.identity is not None else []

@@ -50,8 +50,10 @@ def possible() -> bool:
 class EarlyDatabase:
     """The child building the database; `identity` is what the engine stops while it times."""
 
-    def __init__(self, job: dict):
+    def __init__(self, job: dict, progress: bool = False):
         from spdy_onnx.runtimes.cpu_load import identity
+        self.progress = progress
+        self.sites = (0, len(job["sites"]))   # (sites built, sites to build), as the child reports them
         self._err = tempfile.TemporaryFile()
         self.t0 = time.perf_counter()
         # the child starts with WIDEN blocked (a blocked signal mask survives exec) and unblocks it once its
@@ -79,7 +81,13 @@ class EarlyDatabase:
                 pass
             return
         try:
-            self._result = pickle.load(self.proc.stdout)
+            while True:
+                kind, value = pickle.load(self.proc.stdout)
+                if kind == "sites":
+                    self.sites = value
+                    continue
+                self._result = value
+                break
         except Exception:  # noqa: BLE001 - it died on the way (see wait)
             self._result = None
 
@@ -101,7 +109,10 @@ class EarlyDatabase:
         except OSError:
             pass
         t0 = time.perf_counter()
-        self._reader.join()
+        self._reader.join(timeout=0.5)
+        if self._reader.is_alive():
+            log.info("waiting for the OBS database, built in a child process since profiling began")
+            self._wait_with_bar()
         code = self.proc.wait()
         self.close()
         result = self._result
@@ -112,6 +123,21 @@ class EarlyDatabase:
         result["waited_s"] = time.perf_counter() - t0
         result["wall_s"] = time.perf_counter() - self.t0
         return result
+
+    def _wait_with_bar(self) -> None:
+        """The child's sites done, as a progress bar, until it ends (its Hessians come first, at 0)."""
+        from tqdm.auto import tqdm
+        done, total = self.sites
+        bar = tqdm(total=max(1, total), initial=done, desc="OBS database (begun during profiling)", unit="site",
+                   disable=not self.progress, leave=False)
+        try:
+            while self._reader.is_alive():
+                self._reader.join(timeout=0.5)
+                done, total = self.sites
+                bar.total = max(1, total)
+                bar.update(done - bar.n)
+        finally:
+            bar.close()
 
     def cancel(self) -> None:
         """The run ended early (an error, Ctrl-C): the child goes with it."""
@@ -135,7 +161,7 @@ class EarlyDatabase:
             self._err = None
 
 
-def start(prep, sites, levels, data: dict, *, pattern: str, cache_dir) -> EarlyDatabase | None:
+def start(prep, sites, levels, data: dict, *, pattern: str, cache_dir, progress: bool = False) -> EarlyDatabase | None:
     """Start the child, or None where it cannot run here (then the run builds the database itself)."""
     from spdy_onnx import modelio
     if not possible() or not sites or modelio.over_two_gb(prep.calibration_model):
@@ -145,7 +171,7 @@ def start(prep, sites, levels, data: dict, *, pattern: str, cache_dir) -> EarlyD
            "sites": list(sites), "sources": graph.read_weights(prep.model, sites), "levels": list(levels), "data": data, "pattern": pattern,
            "cache_dir": None if cache_dir is None else str(cache_dir), "threads": usable_cpus()}
     try:
-        early = EarlyDatabase(job)
+        early = EarlyDatabase(job, progress=progress)
     except OSError as exc:
         log.info("cannot start a child process for the database (%s): it is built after profiling", exc)
         return None
@@ -160,9 +186,15 @@ def _narrow(threads: int) -> None:
 
 
 def serve() -> None:
-    """The child: one job in (pickled on stdin), its timings out (pickled on stdout), then exit."""
+    """The child: one job in (pickled on stdin); ("sites", (done, total)) as it goes and ("result", its
+    timings or {"error": ...}) out (pickled on stdout); then exit."""
     protocol = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
+
+    def send(kind, value) -> None:
+        pickle.dump((kind, value), protocol, protocol=pickle.HIGHEST_PROTOCOL)
+        protocol.flush()
+
     job = pickle.load(sys.stdin.buffer)
     full = max(1, int(job["threads"]))
     _narrow(max(1, full - 1))
@@ -183,12 +215,12 @@ def serve() -> None:
         timings: dict = {}
         t0 = time.perf_counter()
         build_database(prep, sites, sources, job["levels"], job["data"], method="obs", pattern=job["pattern"],
-                       cache_dir=job["cache_dir"], progress=False, timings=timings)
+                       cache_dir=job["cache_dir"], progress=False, timings=timings,
+                       on_site=lambda done, total: send("sites", (done, total)))
         timings["database_s"] = time.perf_counter() - t0
         result = timings
     except Exception as exc:  # noqa: BLE001 - the run builds what is missing itself; this is only a head start
         text = str(exc).strip()
         result = {"error": f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"}
-    pickle.dump(result, protocol, protocol=pickle.HIGHEST_PROTOCOL)
-    protocol.flush()
+    send("result", result)
     os._exit(0)

@@ -76,9 +76,10 @@ DEFAULT_DAMP = 0.01
 
 def build_database(prep, sites, sources: dict, levels: list[float], data: dict, *, method: str = "obs",
                    pattern: str = "unstructured", cache_dir=None, progress: bool = True, damp: float | None = None,
-                   timings: dict | None = None):
+                   timings: dict | None = None, on_site=None):
     """The database for `sites`: magnitude (in memory, no data needed) or OBS (on disk, cached).
-    `timings`, when given, receives hessians_s and reconstruction_s of the sites built now."""
+    `timings`, when given, receives hessians_s and reconstruction_s of the sites built now;
+    `on_site(done, total)` is called as the sites to build are done (from 0 of them)."""
     if method == "magnitude":
         if pattern == "2:4":
             from spdy_onnx.database import SemiStructuredDatabase
@@ -107,10 +108,14 @@ def build_database(prep, sites, sources: dict, levels: list[float], data: dict, 
     t1 = time.perf_counter()
     hess = _shared_hessians(hess, sites)
     built: dict[str, np.ndarray] = {}   # weight -> its stack: sites that share a weight get one reconstruction
-    for site in tqdm(todo, desc="reconstructing", unit="site", disable=not progress, leave=False):
+    if on_site is not None:
+        on_site(0, len(todo))
+    for done, site in enumerate(tqdm(todo, desc="reconstructing", unit="site", disable=not progress, leave=False)):
         if site.weight not in built:
             built[site.weight] = _reconstruct_site(site, sources[site.name], hess.get(site.name), levels, pattern, damp)
         _save_npy_atomic(_site_file(folder, site.name), built[site.weight])
+        if on_site is not None:
+            on_site(done + 1, len(todo))
     if timings is not None:
         timings.update(hessians_s=t1 - t0, reconstruction_s=time.perf_counter() - t1)
     (folder / "manifest.json").write_text(json.dumps(

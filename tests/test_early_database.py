@@ -89,6 +89,7 @@ def test_the_child_builds_the_database_the_run_would_build(mlp, tmp_path):
         assert child is not None and child.identity[0] == child.proc.pid
         timings = child.wait()
         assert timings is not None and timings["database_s"] > 0 and child.proc.returncode == 0
+        assert child.sites == (len(prep.sites), len(prep.sites))   # its progress, told as it went
         sources = graph.read_weights(prep.model, prep.sites)
         early = build_database(prep, prep.sites, sources, levels, data, cache_dir=tmp_path / "early",
                                progress=False)
