@@ -8,6 +8,14 @@ import signal
 import time
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity), else every core the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _system_busy_ticks() -> int | None:
     try:
         with open("/proc/stat") as f:

@@ -32,7 +32,7 @@ from spdy_onnx.errors import SpdyError  # noqa: E402
 from spdy_onnx.journal import Journal  # noqa: E402
 from spdy_onnx.levels import log_density_grid  # noqa: E402
 from spdy_onnx.runtimes import Comparison  # noqa: E402
-from spdy_onnx.runtimes.cpu_load import ForeignLoad, stopped  # noqa: E402
+from spdy_onnx.runtimes.cpu_load import ForeignLoad, stopped, usable_cpus  # noqa: E402,F401
 from spdy_onnx.tables import LatencyTable, merge_groups  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -107,13 +107,6 @@ def banner_hidden_when_quiet():
                 sys.stderr.flush()
     finally:
         _first_compile.release()
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _chunks(items: list, size: int) -> list[list]:

@@ -141,7 +141,8 @@ def _check_cores(cores) -> None:
     other, and every timing is off); none is an engine error that names a temporary file."""
     if cores is None:
         return
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from spdy_onnx.runtimes.cpu_load import usable_cpus
+    available = usable_cpus()
     if cores < 1 or cores > available:
         raise SpdyError(f"--cores must be between 1 and the {available} core(s) this process may use, got {cores}")
 
@@ -193,6 +194,7 @@ class Prepared:
         self.digest = modelio.model_digest(self.model)
         from spdy_onnx.workdir import make_workdir
         self.workdir = make_workdir()
+        self.on_close: list = []   # helpers of the run to stop when it ends (the early database's child)
         self._static_paths: dict[str, Path] = {}
         self._calibration_model = None
         self._check_shapes_run(given_shapes=bool(input_shapes))
@@ -261,6 +263,9 @@ class Prepared:
         return self._static_paths["dense"]
 
     def close(self):
+        for stop in reversed(self.on_close):
+            stop()
+        self.on_close.clear()
         self.workdir.cleanup()
 
 
@@ -629,6 +634,7 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
         if correct_epochs == 0:
             log.warning("--validation-data is only used by the global correction, which --correct-epochs 0 "
                         "turns off: it is ignored")
+    from spdy_onnx import strategies  # the accuracy side: calibration, database, search
     early = []   # the OBS database built in a child process while the engine profiles
 
     def start_early(level_list) -> None:
@@ -639,30 +645,9 @@ def _optimize(prep: Prepared, *, target, output, report_path, levels, latency_ta
                                   cache_dir=cache_dir, progress=progress)
         if child is not None:
             early.append(child)
+            prep.on_close.append(child.cancel)   # the run ends early (an error, Ctrl-C): so does the child
             prep.runtime.quiet = [child.identity] if child.identity is not None else []
 
-    try:
-        return _optimize_with(prep, early, start_early, phases, data=data, validation=validation, target=target,
-                              output=output, report_path=report_path, levels=levels,
-                              latency_table_path=latency_table_path, cache_dir=cache_dir, use_cache=use_cache,
-                              strategy=strategy, samples=samples, reconstruct=reconstruct, loss=loss,
-                              search_budget=search_budget, eval_samples=eval_samples, seed=seed,
-                              max_attempts=max_attempts, margin=margin, refit=refit, correct_epochs=correct_epochs,
-                              correct_seconds=correct_seconds, progress=progress, t_start=t_start,
-                              search_prior=search_prior, level_context=level_context, correct_layers=correct_layers,
-                              missed_report_path=missed_report_path)
-    finally:
-        for child in early:
-            child.cancel()
-        if hasattr(prep.runtime, "quiet"):
-            prep.runtime.quiet = []
-
-
-def _optimize_with(prep: Prepared, early: list, start_early, phases: dict, *, data, validation, target, output,
-                   report_path, levels, latency_table_path, cache_dir, use_cache, strategy, samples, reconstruct, loss,
-                   search_budget, eval_samples, seed, max_attempts, margin, refit, correct_epochs, correct_seconds,
-                   progress, t_start, search_prior, level_context, correct_layers, missed_report_path) -> dict:
-    from spdy_onnx import strategies  # the accuracy side: calibration, database, search
     t0 = time.perf_counter()
     table = latency_table(prep, levels=levels, latency_table=latency_table_path, cache_dir=cache_dir,
                           use_cache=use_cache, level_context=level_context, on_profiling=start_early)

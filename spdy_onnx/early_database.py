@@ -23,6 +23,8 @@ import tempfile
 import threading
 import time
 
+from spdy_onnx.runtimes.cpu_load import usable_cpus
+
 log = logging.getLogger(__name__)
 
 CHILD = ("import os\n"
@@ -32,13 +34,6 @@ CHILD = ("import os\n"
          "serve()\n")
 # the child's BLAS threads while profiling compiles (the compile takes one core); all usable ones after
 WIDEN = signal.SIGUSR1
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def possible() -> bool:
