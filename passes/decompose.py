@@ -190,3 +190,56 @@ def decompose_layernorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out, count
+
+
+def decompose_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of `model` with every Gelu (opset 20) of the main graph whose input type is known written
+    in the ops torch's opset-13 export uses, and how many were rewritten:
+    approximate="none": 0.5 * x * (1 + Erf(x / sqrt(2)));
+    approximate="tanh": 0.5 * x * (1 + Tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))).
+    Why: onnx 1.14 (DeepSparse 1.8's pin) knows no Gelu, and DeepSparse runs the Erf form natively.
+    The constants are scalars in the input's element type."""
+    if not any(n.op_type == "Gelu" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model, 0
+    types, _ = _types_and_ranks(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    fresh = _fresh_names(out)
+    nodes, count = [], 0
+    for node in out.graph.node:
+        dtype = _DTYPES.get(types.get(node.input[0] if node.input else "", 0))
+        if not (node.op_type == "Gelu" and node.domain in ("", "ai.onnx")) or dtype is None:
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        approximate = "none"
+        for a in node.attribute:
+            if a.name == "approximate":
+                approximate = helper.get_attribute_value(a).decode()
+        base = node.name or y
+
+        def const(tag: str, value: float) -> str:
+            name = fresh(f"{base}/{tag}")
+            out.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
+            return name
+
+        def op(kind: str, inputs: list[str], tag: str, output: str | None = None) -> str:
+            result = output or fresh(f"{base}/{tag}")
+            nodes.append(helper.make_node(kind, inputs, [result], name=fresh(f"{base}/{tag}")))
+            return result
+
+        if approximate == "tanh":
+            cube = op("Mul", [op("Mul", [x, x], "square"), x], "cube")
+            inner = op("Add", [x, op("Mul", [cube, const("coeff", 0.044715)], "cube_scaled")], "inner")
+            gate = op("Tanh", [op("Mul", [inner, const("sqrt_2_over_pi", float(np.sqrt(2.0 / np.pi)))], "scaled")],
+                      "tanh")
+        else:
+            gate = op("Erf", [op("Div", [x, const("sqrt_2", float(np.sqrt(2.0)))], "div")], "erf")
+        half_x = op("Mul", [x, op("Add", [gate, const("one", 1.0)], "one_plus")], "times_x")
+        op("Mul", [half_x, const("half", 0.5)], "half", output=y)
+        count += 1
+    if not count:
+        return model, 0
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out, count

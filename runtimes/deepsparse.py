@@ -165,6 +165,9 @@ class DeepSparseRuntime:
     name = "deepsparse"
     pattern = "unstructured"
     checks_lowest_level = True    # profiling times a uniform file at the lowest sparse level (api.py)
+    # a model at a newer opset is read as this one when its ops compute the same (passes/opsets.py)
+    max_opset = MAX_OPSET
+    reader = f"DeepSparse {deepsparse.__version__}"
 
     def __init__(self, cores: int | None = None, repeats: int | None = None, iterations: int = 20,
                  rounds: int = 15, progress: bool = True, compile_threads: int | None = None,

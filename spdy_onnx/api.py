@@ -170,6 +170,10 @@ class Prepared:
         self.batch_size = int(batch_size)
         _check_cores(cores)
         self.runtime = get_runtime(runtime, cores=cores, progress=progress, **(runtime_options or {}))
+        max_opset = getattr(self.runtime, "max_opset", None)   # an engine that loads older opsets only
+        if max_opset is not None and modelio.default_opset(self.model) > max_opset:
+            from spdy_onnx.passes.opsets import as_opset
+            self.model = as_opset(self.model, max_opset, self.path.name, reader=self.runtime.reader)
         self.runtime.check_model(self.model)
         self.rewrites: dict[str, int] = {}
         if hasattr(self.runtime, "native_graph"):

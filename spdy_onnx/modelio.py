@@ -254,25 +254,40 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     _check_text(model, "model", str(path))
     if not model.graph.node or not model.opset_import:
         raise SpdyError(f"{path} is not a valid ONNX model (no graph nodes or no opset)")
+    as_read = True   # the file's own proto: the checker may read it by path
     if model.ir_version > onnx.IR_VERSION:
-        newer = newer_ir_feature(model) if model.ir_version == onnx.IR_VERSION + 1 else f"IR version {model.ir_version}"
+        as_read = False
+        metadata: list[str] = []
+        newer = newer_ir_feature(model, metadata) if model.ir_version <= NEWEST_KNOWN_IR \
+            else f"IR version {model.ir_version}"
         if newer is not None:
             raise SpdyError(
                 f"{path.name} has ONNX IR version {model.ir_version} and uses {newer}; the installed onnx "
                 f"{onnx.__version__} reads IR version <= {onnx.IR_VERSION} (the pin DeepSparse 1.8 needs): re-export "
-                "with an older opset")
-        log.warning("%s has ONNX IR version %d but uses nothing that version added (4-bit types, function "
-                    "overloads): read, and written, as IR version %d, which the installed onnx %s and DeepSparse "
-                    "read", path.name, model.ir_version, onnx.IR_VERSION, onnx.__version__)
+                "with an older opset, e.g. torch.onnx.export(..., dynamo=False, opset_version=17)")
+        if metadata:
+            model.DiscardUnknownFields()   # every unknown field is metadata: newer_ir_feature said so
+        log.warning("%s has ONNX IR version %d but uses nothing that changes what it computes (4-bit types, "
+                    "function overloads)%s: read, and written, as IR version %d, which the installed onnx %s and "
+                    "DeepSparse read", path.name, model.ir_version,
+                    f"; its metadata_props on {len(metadata)} graph element(s) (e.g. {metadata[0]}) are dropped, "
+                    "as that version cannot store them" if metadata else "",
+                    onnx.IR_VERSION, onnx.__version__)
         model.ir_version = onnx.IR_VERSION
+    if default_opset(model) > onnx.defs.onnx_opset_version():
+        from spdy_onnx.passes.opsets import as_known_opset   # a graph rewrite; passes import this module
+        model, as_read = as_known_opset(model, path.name), False
     _drop_mark(model)  # only we set it, and only in memory
     external_files = _check_external_data(model, path.parent)
     if external_files:
-        # the checker by path reads the file itself and works for models whose weights exceed 2 GB
+        # the checker by path reads the file itself and works for models whose weights exceed 2 GB; a
+        # model read at an older IR version or opset is not the file's proto, and is checked in memory
+        # once its data is in (over 2 GB, not at all: the engine and onnxruntime still check it)
         try:
-            onnx.checker.check_model(str(path))
+            if as_read:
+                onnx.checker.check_model(str(path))
         except Exception as exc:
-            raise SpdyError(f"{path} fails onnx.checker: {_checker_message(exc)}{_newer_opset_hint(model)}") from None
+            raise SpdyError(f"{path} fails onnx.checker: {_checker_message(exc)}") from None
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
@@ -280,6 +295,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         if any(True for _ in _external_tensors(model)):
             raise SpdyError(f"{path}: some external data could not be loaded")
         _check_tensor_data(model, str(path))
+        if not as_read:
+            check_model(model, str(path))
         _set_mark(model, external_files)
     else:
         check_model(model, str(path))
@@ -291,15 +308,31 @@ _KNOWN_TYPES = max(onnx.TensorProto.DataType.values())
 _TYPE_ATTRIBUTES = ("to", "dtype", "output_dtype")
 
 
-def newer_ir_feature(model: onnx.ModelProto) -> str | None:
+# The newest IR version whose additions the walk below knows how to find: its protobuf fields (those
+# of onnx 1.23 that onnx 1.14 lacks) and its data types (numbers past the installed onnx's)
+NEWEST_KNOWN_IR = 14
+# Fields added after IR version 9 that hold only free-form key/value strings (what torch's exporter
+# writes there: the module path, the FX node, the stack trace): dropping them changes no computation
+METADATA_FIELDS = {"GraphProto": 16, "NodeProto": 9, "ValueInfoProto": 4, "TensorProto": 16, "FunctionProto": 14}
+
+
+def newer_ir_feature(model: onnx.ModelProto, metadata: list | None = None) -> str | None:
     """What in `model` the installed onnx cannot represent, or None: a field its protobuf does not know
-    (function overloads, a function's value_info: IR version 10), or a data type it does not know (4-bit
-    integers: IR version 10). A model with neither reads the same at the installed IR version."""
+    (function overloads, a function's value_info, device configurations: IR version 10 and later), or a
+    data type it does not know (4-bit integers: IR version 10). A model with neither reads the same at
+    the installed IR version. Metadata fields (METADATA_FIELDS) do not count: where they are, is
+    appended to `metadata`."""
     from google.protobuf.unknown_fields import UnknownFieldSet
 
     def walk(message, where: str) -> str | None:
-        if len(UnknownFieldSet(message)):
-            return f"a field the installed onnx does not know in a {type(message).__name__} ({where})"
+        unknown = UnknownFieldSet(message)
+        if len(unknown):
+            kind = type(message).__name__
+            if all(f.field_number == METADATA_FIELDS.get(kind) for f in unknown):
+                if metadata is not None:
+                    metadata.append(f"{kind} '{printable(getattr(message, 'name', '') or where, 60)}'")
+            else:
+                return f"a field the installed onnx does not know in a {kind} ({where})"
         if isinstance(message, onnx.TensorProto):   # its data is not walked: raw_data would be copied
             return f"data type {message.data_type} ({where})" if message.data_type > _KNOWN_TYPES else None
         if isinstance(message, onnx.TypeProto.Tensor) and message.elem_type > _KNOWN_TYPES:
@@ -388,18 +421,7 @@ def check_model(model: onnx.ModelProto, name: str = "model") -> None:
             return  # the in-memory checker refuses >2GB protos; load_model checks those by path
         onnx.checker.check_model(model)
     except Exception as exc:  # ValidationError, and protobuf/size errors from the checker
-        raise SpdyError(f"{name} fails onnx.checker: {_checker_message(exc)}{_newer_opset_hint(model)}") from None
-
-
-def _newer_opset_hint(model: onnx.ModelProto) -> str:
-    """An opset newer than the installed onnx knows fails the checker on its new ops (Gelu at 20): say
-    that, since the model itself may be fine."""
-    opset, known = default_opset(model), onnx.defs.onnx_opset_version()
-    if opset <= known:
-        return ""
-    return (f". The model uses opset {opset}; the installed onnx {onnx.__version__} (the version DeepSparse 1.8 "
-            f"needs) knows opsets up to {known}: re-export it with an older opset, e.g. "
-            "torch.onnx.export(..., opset_version=17)")
+        raise SpdyError(f"{name} fails onnx.checker: {_checker_message(exc)}") from None
 
 
 def default_opset(model: onnx.ModelProto) -> int:

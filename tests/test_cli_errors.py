@@ -209,29 +209,49 @@ def test_bad_input_shape_spec(tmp_path, capsys, mlp_path):
 
 
 def test_an_op_of_an_opset_newer_than_onnx_knows_is_blamed_on_the_opset(tmp_path, capsys):
-    """Gelu exists from opset 20: the checker of the pinned onnx rejects it, and the error says that the
-    opset is the cause and how to re-export, not only 'No Op registered'."""
-    g = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"])], "g",
+    """RMSNormalization exists from opset 23: the pinned onnx knows opsets up to 19, and the error names
+    the op, its opset, and how to re-export, not only 'No Op registered' (Gelu, new in 20, is rewritten:
+    tests/test_newer_exports.py)."""
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [4], [1.0] * 4)
+    g = helper.make_graph([helper.make_node("RMSNormalization", ["x", "s"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", onnx.defs.onnx_opset_version() + 1)])
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [scale])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
     m.ir_version = 8
-    p = tmp_path / "gelu.onnx"
+    p = tmp_path / "rms.onnx"
     p.write_bytes(m.SerializeToString())
-    err = expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="fails onnx.checker")
-    assert "re-export it with an older opset" in err
+    err = expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="RMSNormalization (new in opset 23)")
+    assert "re-export it with opset 19 or older" in err
 
 
-@pytest.mark.parametrize("ir,opset,what", [(11, 13, "IR version 11"), (8, 19, "opset 19")])   # 10: read as 9 (test_untrusted_onnx.py)
-def test_ir_or_opset_too_new_for_deepsparse(tmp_path, capsys, ir, opset, what):
+def test_ir_version_past_the_known_ones(tmp_path, capsys):
+    from spdy_onnx.modelio import NEWEST_KNOWN_IR
     m = tiny.mlp(width=64, depth=2, seq=4)
-    m.ir_version = ir
-    m.opset_import[0].version = opset
+    m.ir_version = NEWEST_KNOWN_IR + 1     # 10 up to NEWEST_KNOWN_IR: read as 9 (test_newer_exports.py)
+    p = tmp_path / "new.onnx"
+    p.write_bytes(m.SerializeToString())
+    expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match=f"IR version {NEWEST_KNOWN_IR + 1}")
+
+
+def test_opset_19_is_read_as_18_for_deepsparse_or_refused_naming_the_op(tmp_path, capsys):
+    pytest.importorskip("deepsparse")
+    from spdy_onnx.api import Prepared
+    m = tiny.mlp(width=64, depth=2, seq=4)
+    m.opset_import[0].version = 19
     p = tmp_path / "new.onnx"
     onnx.save(m, p)
-    pytest.importorskip("deepsparse")
-    msg = expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="DeepSparse")
-    assert what in msg
+    prep = Prepared(p, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None, include=None,
+                    min_weights=0, progress=False)
+    try:
+        assert prep.model.opset_import[0].version == 18
+    finally:
+        prep.close()
+    relu = next(n for n in m.graph.node if n.op_type == "Relu")   # a Cast that saturates: not the same at 18
+    relu.op_type = "Cast"
+    relu.attribute.extend([helper.make_attribute("to", TensorProto.FLOAT), helper.make_attribute("saturate", 0)])
+    onnx.save(m, p)
+    msg = expect_error(capsys, tmp_path, "optimize", str(p), "--target", "2x", match="DeepSparse 1.8.0 reads opsets up to 18")
+    assert "Cast (changed in opset 19)" in msg
 
 
 def test_fails_checker(tmp_path, capsys):
