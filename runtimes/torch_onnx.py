@@ -589,6 +589,46 @@ def _gather_elements(ctx, a, x, idx):
     return [torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))]
 
 
+def _nd_index(x, idx, batch_dims: int):
+    """(x with its batch dims and the k indexed dims each flattened to one, linear indices [nb, m]) for
+    GatherND/ScatterND: indices' last axis indexes the k axes of x after its first `batch_dims`."""
+    idx = idx.to(device=x.device, dtype=torch.int64)
+    b, k = batch_dims, idx.shape[-1]
+    dims = list(x.shape[b:b + k])
+    nb = int(np.prod(x.shape[:b])) if b else 1
+    rest = tuple(x.shape[b + k:])
+    flat = x.reshape((nb, int(np.prod(dims)) if dims else 1) + rest)
+    i = idx.reshape(nb, -1, k)
+    sizes = torch.tensor(dims, dtype=torch.int64, device=x.device)
+    i = torch.where(i < 0, i + sizes, i)
+    strides = torch.tensor([int(np.prod(dims[j + 1:])) for j in range(k)], dtype=torch.int64, device=x.device)
+    return flat, (i * strides).sum(-1), rest
+
+
+def _gather_nd(ctx, a, x, idx):
+    b = int(a.get("batch_dims", 0))
+    flat, lin, rest = _nd_index(x, idx, b)
+    out = flat[torch.arange(flat.shape[0], device=x.device)[:, None], lin]
+    return [out.reshape(tuple(idx.shape[:-1]) + rest)]
+
+
+def _scatter_nd(ctx, a, x, idx, updates):
+    flat, lin, rest = _nd_index(x, idx, 0)
+    flat = flat.clone()
+    upd = updates.reshape((1, -1) + rest).to(flat.dtype)
+    rows = torch.zeros_like(lin)
+    how = _str(a, "reduction", "none")
+    if how == "none":
+        flat[rows, lin] = upd
+    elif how in ("add", "mul", "max", "min"):
+        reduce = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}[how]
+        target = lin.reshape(lin.shape + (1,) * len(rest)).expand(lin.shape + rest)
+        flat = flat.scatter_reduce(1, target, upd, reduce=reduce, include_self=True)
+    else:
+        raise Unsupported(f"ScatterND reduction {how} is not supported by the PyTorch executor")
+    return [flat.reshape(x.shape)]
+
+
 def _resize(ctx, a, x, roi=None, scales=None, sizes=None):
     """Spatial Resize as the exporters write it: nearest (asymmetric, floor) or (bi)linear."""
     mode = _str(a, "mode", "nearest")
@@ -663,7 +703,7 @@ OPS = {
     "Mish": lambda ctx, a, x: [F.mish(x)], "PRelu": _prelu, "InstanceNormalization": _instance_norm,
     "ConvTranspose": _conv_transpose, "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin),
     "CumSum": _cumsum, "Trilu": _trilu, "Einsum": _einsum, "GatherElements": _gather_elements,
-    "Resize": _resize,
+    "Resize": _resize, "GatherND": _gather_nd, "ScatterND": _scatter_nd,
     "spdy.Gelu": _fused_bias_gelu,
 }
 

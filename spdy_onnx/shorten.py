@@ -76,11 +76,13 @@ def shorten(model: onnx.ModelProto, full: int, n: int, inputs=None) -> onnx.Mode
     from spdy_onnx.graph import constants_to_initializers
     out = constants_to_initializers(model)   # a copy
     g = out.graph
-    data_slots = set()
+    data_slots, nd_indices = set(), set()
     for node in g.node:
         for k, t in enumerate(node.input):
             if (node.op_type, k) in _DATA_SLOTS:
                 data_slots.add(t)
+        if node.op_type == "GatherND" and len(node.input) > 1:
+            nd_indices.add(node.input[1])   # (..., positions, k): dynamo's mask[:, None, None, :]
     initialized = {i.name for i in g.initializer}
     to_cut = [i for i in g.input if i.name not in initialized and (inputs is None or i.name in inputs)]
     for inp in to_cut + list(g.output):
@@ -91,8 +93,9 @@ def shorten(model: onnx.ModelProto, full: int, n: int, inputs=None) -> onnx.Mode
     del g.value_info[:]
     for k, init in enumerate(g.initializer):
         dims = list(init.dims)
+        index_dims = dims[:-1] if init.name in nd_indices else dims   # an index tuple's own axis stays
         if init.name in data_slots or not (len(dims) <= 1 and _prod(dims) <= MAX_SHAPE_LEN
-                                          or len(dims) >= 2 and full in dims and set(dims) <= {1, full}):
+                                          or len(dims) >= 2 and full in index_dims and set(index_dims) <= {1, full}):
             continue   # judged from the dims alone: weights are never converted
         arr = numpy_helper.to_array(init)
         new = None
@@ -101,8 +104,8 @@ def shorten(model: onnx.ModelProto, full: int, n: int, inputs=None) -> onnx.Mode
             new = np.where(arr == full, n, arr).astype(arr.dtype)
         elif arr.ndim == 0 and np.issubdtype(arr.dtype, np.integer) and int(arr) == full:
             new = np.array(n, dtype=arr.dtype)
-        elif arr.ndim >= 2 and full in arr.shape and all(d in (1, full) for d in arr.shape):
-            new = arr[tuple(slice(0, n) if d == full else slice(None) for d in arr.shape)]
+        elif arr.ndim >= 2 and full in index_dims and all(d in (1, full) for d in index_dims):
+            new = arr[tuple(slice(0, n) if d == full else slice(None) for d in index_dims)]
         if new is not None:
             g.initializer[k].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new), init.name))
     return out

@@ -12,9 +12,11 @@ from spdy_onnx.ort_session import make_session, run
 L, H, HEADS, VOCAB = 48, 64, 4, 50
 
 
-def tiny_encoder(*, mask_attention=True, baked_position_bias=False, seed=0) -> onnx.ModelProto:
+def tiny_encoder(*, mask_attention=True, baked_position_bias=False, gather_nd_mask=False, seed=0) -> onnx.ModelProto:
     """One attention block and an MLP at a fixed length L, written the way exporters write BERT:
-    position ids and head reshapes as constants that name L, padding masked out of the attention."""
+    position ids and head reshapes as constants that name L, padding masked out of the attention
+    (`gather_nd_mask`: as torch's dynamo exporter writes mask[:, None, None, :], a GatherND whose
+    constant indices are (1, 1, 1, L, 2))."""
     rng = np.random.default_rng(seed)
     d = H // HEADS
 
@@ -46,7 +48,14 @@ def tiny_encoder(*, mask_attention=True, baked_position_bias=False, seed=0) -> o
                   n("Reshape", [name + "_lin", "heads"], [name + "_4d"]),
                   n("Transpose", [name + "_4d"], [name + "_t"], perm=perm)]
     nodes += [n("MatMul", ["q_t", "k_t"], ["raw"]), n("Mul", ["raw", "scale"], ["scores0"])]
-    if mask_attention:
+    if mask_attention and gather_nd_mask:
+        index = np.stack(np.broadcast_arrays(np.zeros(L, np.int64), np.arange(L)), axis=-1)[None, None, None]
+        inits.append(init("mask_index", index))
+        nodes += [n("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+                  n("GatherND", ["mf", "mask_index"], ["m4"]),
+                  n("Sub", ["one", "m4"], ["inv"]), n("Mul", ["inv", "neg"], ["madd"]),
+                  n("Add", ["scores0", "madd"], ["scores"])]
+    elif mask_attention:
         nodes += [n("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
                   n("Reshape", ["mf", "mask_shape"], ["m4"]),
                   n("Sub", ["one", "m4"], ["inv"]), n("Mul", ["inv", "neg"], ["madd"]),
@@ -88,8 +97,9 @@ def _runners(model):
     return (lambda f: run(full, None, f)), (lambda m, f: run(make_session(m), None, f))
 
 
-def test_a_short_copy_gives_the_full_models_real_token_outputs():
-    model = tiny_encoder()
+@pytest.mark.parametrize("gather_nd_mask", [False, True])
+def test_a_short_copy_gives_the_full_models_real_token_outputs(gather_nd_mask):
+    model = tiny_encoder(gather_nd_mask=gather_nd_mask)
     data = padded_sentences(12)
     feeds = list(calibrate.batches(data, 1))
     buckets = shorten.LengthBuckets(model, feeds[0])

@@ -93,6 +93,15 @@ CASES = {
                                        n("Celu", ["t"], ["y"], alpha=0.7)], [4, 4], []),
     "LpNormalization": ([n("LpNormalization", ["x"], ["a"], axis=-1, p=2), n("LpNormalization", ["a"], ["y"], axis=1, p=1)],
                         [3, 5], []),
+    # dynamo exports index the attention mask with GatherND; cache updates write with ScatterND
+    "GatherND": ([n("GatherND", ["x", "i"], ["y"])], [3, 4], [_const("i", np.array([[0, 1], [1, -1], [-2, 0]], np.int64))]),
+    "GatherND-batch": ([n("GatherND", ["x", "i"], ["y"], batch_dims=1)], [3, 4],
+                       [_const("i", np.array([[[2], [0]], [[-1], [1]]], np.int64))]),
+    "ScatterND": ([n("ScatterND", ["x", "i", "u"], ["y"])], [3, 4],
+                  [_const("i", np.array([[0, 1], [1, -1]], np.int64)), _const("u", RNG.standard_normal((2, 4)).astype(np.float32))]),
+    "ScatterND-add": ([n("ScatterND", ["x", "i", "u"], ["y"], reduction="add")], [3, 4],
+                      [_const("i", np.array([[0, 1], [0, 1]], np.int64)),   # the same row twice: summed
+                       _const("u", RNG.standard_normal((2, 4)).astype(np.float32))]),
     "DepthToSpace-SpaceToDepth": ([n("DepthToSpace", ["x"], ["a"], blocksize=2, mode="CRD"),
                                    n("SpaceToDepth", ["a"], ["b"], blocksize=2),
                                    n("DepthToSpace", ["b"], ["y"], blocksize=2)], [8, 3, 4], []),
@@ -103,7 +112,7 @@ CASES = {
 def test_op_matches_onnxruntime(name):
     nodes, shape, inits = CASES[name]
     out_type = TensorProto.INT64 if name.startswith("Arg") else TensorProto.FLOAT
-    opset = 14 if name == "Trilu" else 15 if name.startswith("CastLike") else 13
+    opset = 14 if name == "Trilu" else 15 if name.startswith("CastLike") else 16 if name == "ScatterND-add" else 13
     _check(_model(nodes, shape, inits, out_type=out_type, opset=opset), rtol=1e-4 if "Resize" in name else 1e-5)
 
 
