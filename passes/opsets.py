@@ -25,12 +25,21 @@ log = logging.getLogger(__name__)
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
+def all_nodes(model: onnx.ModelProto):
+    """(where, node) for every node: the main graph (where ""), control-flow subgraphs, local functions
+    (their bodies' own subgraphs are not walked: no exporter writes them)."""
+    for node in model.graph.node:
+        yield "", node
+    for name, node, _ in _subgraph_nodes(model.graph, ""):
+        yield name, node
+    for f in model.functions:
+        for node in f.node:
+            yield f"function {f.name}", node
+
+
 def used_domains(model: onnx.ModelProto) -> set[str]:
     """Domains of every node, in the main graph, in control-flow subgraphs and in local functions."""
-    nodes = list(model.graph.node) + [n for _, n, _ in _subgraph_nodes(model.graph, "")]
-    for f in model.functions:
-        nodes.extend(f.node)
-    return {n.domain for n in nodes} | {f.domain for f in model.functions}
+    return {n.domain for _, n in all_nodes(model)} | {f.domain for f in model.functions}
 
 
 def drop_unused_opset_imports(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -206,24 +215,12 @@ SAME_AS_BEFORE = {
 REWRITTEN_NEW_OPS = ("Gelu",)
 
 
-def _default_domain_nodes(model: onnx.ModelProto):
-    """(where, node) for every node of the default domain: the main graph, subgraphs, local functions."""
-    for node in model.graph.node:
-        yield "", node
-    for name, node, _ in _subgraph_nodes(model.graph, ""):
-        yield name, node
-    for f in model.functions:
-        for node in f.node:
-            yield f"function {f.name}", node
-    # (function bodies' own subgraphs are not walked: no exporter writes them)
-
-
 def opset_blockers(model: onnx.ModelProto, opset: int, target: int) -> dict[str, str]:
     """{op: why} for the default-domain nodes of `model` (at `opset`) that would not compute at `target`
     what they compute now; in the main graph, ops in REWRITTEN_NEW_OPS do not count."""
     blockers = {}
-    for where, node in _default_domain_nodes(model):
-        if node.domain not in ("", "ai.onnx"):
+    for where, node in all_nodes(model):
+        if node.domain not in DEFAULT_DOMAINS:
             continue
         for version, kind in OPS_AFTER_17.get(node.op_type, []):
             if not target < version <= opset:
