@@ -11,7 +11,10 @@ LayerNormalization (BERT). No download: every model is built from a config.
     python models/hf_architectures.py --out out/hf                 # all of them
     python models/hf_architectures.py --out out/hf gpt2 deberta-v2  # some
 
-Needs torch and transformers (`pip install -r models/requirements.txt`).
+Needs torch and transformers (`pip install -r models/requirements.txt`). With --dynamo it exports with
+torch.onnx.export's default (dynamo) exporter instead, at its default opset, as today's users do; that
+exporter needs onnxscript and a newer onnx than the project's, so run it in its own environment (see
+models/export_minilm_dynamo.py): `python models/hf_architectures.py --dynamo --out out/hf_dynamo`.
 """
 from __future__ import annotations
 
@@ -110,26 +113,35 @@ def _data(kind: str, n: int, rng) -> dict[str, np.ndarray]:
     return {"input_values": rng.standard_normal((n, AUDIO)).astype(np.float32)}
 
 
-def export(name: str, out: Path, calib: int = 64, seed: int = 0) -> tuple[Path, Path]:
+def export(name: str, out: Path, calib: int = 64, seed: int = 0, dynamo: bool = False) -> tuple[Path, Path]:
     """Write NAME.onnx and NAME_calib.npz (`calib` random samples) into `out`."""
     build, kind, opset, _ = HF_ARCHITECTURES[name]
     torch.manual_seed(seed)
     model, attribute = build()
     data = _data(kind, calib, np.random.default_rng(seed))
     names = list(data)
-    wrapper = _Outputs(model.eval(), attribute, names)
+    wrapper = _Outputs(model.eval(), attribute, names).eval()
     example = tuple(torch.from_numpy(data[k][:1]) for k in names)
     out.mkdir(parents=True, exist_ok=True)
     onnx_path, data_path = out / f"{name}.onnx", out / f"{name}_calib.npz"
     with atomic_path(onnx_path, suffix=".onnx") as tmp, torch.no_grad():
-        torch.onnx.export(wrapper, example, str(tmp), input_names=names, output_names=["out"],
-                          opset_version=opset, dynamo=False)
+        if dynamo:   # its default opset (20 with torch 2.13), one file
+            torch.onnx.export(wrapper, example, str(tmp), input_names=names, output_names=["out"], dynamo=True,
+                              external_data=False)
+        else:
+            torch.onnx.export(wrapper, example, str(tmp), input_names=names, output_names=["out"],
+                              opset_version=opset, dynamo=False)
     atomic_savez(data_path, data)
     return onnx_path, data_path
 
 
 def main(argv=None):
-    export_all(__doc__, list(HF_ARCHITECTURES), export, argv)
+    import functools
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dynamo = "--dynamo" in argv
+    export_all(__doc__, list(HF_ARCHITECTURES), functools.partial(export, dynamo=dynamo),
+               [a for a in argv if a != "--dynamo"])
 
 
 if __name__ == "__main__":
