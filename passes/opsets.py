@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
 
 from spdy_onnx.errors import SpdyError
@@ -209,7 +210,87 @@ SAME_AS_BEFORE = {
     ("AveragePool", 19): lambda n: all(d == 1 for d in (_attr(n, "dilations") or [])),
     ("Pad", 19): lambda n: (_attr(n, "mode") or b"constant") != b"wrap",
     ("Resize", 19): lambda n: (_attr(n, "coordinate_transformation_mode") or b"") != b"half_pixel_symmetric",
+    # opset 18 moved the reductions' axes to an input and gave Split its number of outputs; a node in
+    # the opset-17 form (what _opset_17_forms writes) is the same; the rest added attributes or values
+    **{(op, 18): (lambda n: len(n.input) < 2 and not _attr(n, "noop_with_empty_axes"))
+       for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+                  "ReduceMin", "ReduceProd", "ReduceSumSquare")},
+    ("Split", 18): lambda n: _attr(n, "num_outputs") is None,
+    ("Pad", 18): lambda n: len(n.input) < 4 or not n.input[3],
+    ("Resize", 18): lambda n: not _attr(n, "antialias") and _attr(n, "axes") is None
+    and (_attr(n, "keep_aspect_ratio_policy") or b"stretch") == b"stretch",
+    ("LpPool", 18): lambda n: not _attr(n, "ceil_mode"),
+    ("ScatterElements", 18): lambda n: (_attr(n, "reduction") or b"none") not in (b"max", b"min"),
+    ("ScatterND", 18): lambda n: (_attr(n, "reduction") or b"none") not in (b"max", b"min"),
 }
+
+_REDUCTIONS_18 = {op for op, v in SAME_AS_BEFORE if v == 18 and op.startswith("Reduce")}
+
+
+def _opset_17_forms(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` (opset 18 or later) whose main-graph reductions take constant axes as an
+    attribute and whose Splits take their sizes as an input, as at opset 17; nodes that cannot be
+    written so (axes computed at run time, a split axis of unknown length) are left as they are.
+
+    Why: DeepSparse 1.8 runs none of a graph natively when its reductions take axes as an input
+    (transformers' ResNet from torch's default exporter: 0% of its ops at opset 18, 96% at 17)."""
+    from onnx import numpy_helper
+    inits = {t.name: t for t in model.graph.initializer}
+    todo = [n for n in model.graph.node if n.domain in DEFAULT_DOMAINS and (
+        (n.op_type in _REDUCTIONS_18 and (len(n.input) > 1 or _attr(n, "noop_with_empty_axes") is not None))
+        or (n.op_type == "Split" and _attr(n, "num_outputs") is not None))]
+    if not todo:
+        return model
+    lengths: dict[str, list] = {}
+    if any(n.op_type == "Split" for n in todo):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+        except Exception:  # noqa: BLE001 - no lengths: the Splits stay as they are
+            inferred = onnx.GraphProto()
+        for v in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+            lengths[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for t in model.graph.initializer:
+            lengths[t.name] = list(t.dims)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    names = {t.name for t in out.graph.initializer} | {o for n in out.graph.node for o in n.output}
+    for node in out.graph.node:
+        if node.domain not in DEFAULT_DOMAINS:
+            continue
+        if node.op_type in _REDUCTIONS_18:
+            noop = bool(_attr(node, "noop_with_empty_axes"))
+            axes_name = node.input[1] if len(node.input) > 1 else ""
+            if axes_name and axes_name not in inits:
+                continue   # axes computed at run time
+            axes = numpy_helper.to_array(inits[axes_name]).astype(int).ravel().tolist() if axes_name else []
+            if noop and not axes:
+                continue   # the input, or its squares, logs...: the spec and onnxruntime differ, left as is
+            kept = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            del node.input[1:]
+            if axes:
+                node.attribute.append(onnx.helper.make_attribute("axes", axes))
+        elif node.op_type == "Split":
+            parts = int(_attr(node, "num_outputs"))
+            shape = lengths.get(node.input[0]) or []
+            axis = int(_attr(node, "axis") or 0)
+            size = shape[axis] if -len(shape) <= axis < len(shape) else None
+            if not size or len(node.input) > 1 and node.input[1]:
+                continue
+            step = -(-size // parts)   # Split-18: equal parts, the last one smaller
+            sizes = [step] * (size // step) + ([size % step] if size % step else [])
+            name = f"{node.name or node.output[0]}/split_sizes"
+            while name in names:
+                name += "_"
+            names.add(name)
+            out.graph.initializer.append(numpy_helper.from_array(np.array(sizes, dtype=np.int64), name))
+            kept = [a for a in node.attribute if a.name != "num_outputs"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            del node.input[1:]
+            node.input.append(name)
+    return out
 
 # new ops written in older ones as the model is read (passes/decompose.py)
 REWRITTEN_NEW_OPS = ("Gelu",)
@@ -251,6 +332,8 @@ def as_opset(model: onnx.ModelProto, target: int, name: str = "the model", *,
     if opset > NEWEST_TABLED_OPSET or target < OLDEST_TABLED_OPSET:
         raise SpdyError(f"{name} uses opset {opset}; {reader} reads opsets up to {target}, and opsets past "
                         f"{NEWEST_TABLED_OPSET} are not known here: {advice}")
+    if target < 18 <= opset:
+        model = _opset_17_forms(model)
     blockers = opset_blockers(model, opset, target)
     if blockers:
         listed = ", ".join(f"{op} ({why})" for op, why in sorted(blockers.items()))

@@ -165,8 +165,11 @@ class DeepSparseRuntime:
     name = "deepsparse"
     pattern = "unstructured"
     checks_lowest_level = True    # profiling times a uniform file at the lowest sparse level (api.py)
-    # a model at a newer opset is read as this one when its ops compute the same (passes/opsets.py)
+    # a model at a newer opset is read as this one when its ops compute the same (passes/opsets.py);
+    # at 17 if it can be: DeepSparse 1.8 runs reductions with their axes as an input (opset 18) not
+    # natively, and with them none of some graphs (transformers' ResNet from torch's default exporter)
     max_opset = MAX_OPSET
+    native_opset = 17
     reader = f"DeepSparse {deepsparse.__version__}"
 
     def __init__(self, cores: int | None = None, repeats: int | None = None, iterations: int = 20,

@@ -170,10 +170,17 @@ class Prepared:
         self.batch_size = int(batch_size)
         _check_cores(cores)
         self.runtime = get_runtime(runtime, cores=cores, progress=progress, **(runtime_options or {}))
-        max_opset = getattr(self.runtime, "max_opset", None)   # an engine that loads older opsets only
-        if max_opset is not None and modelio.default_opset(self.model) > max_opset:
+        # an engine that loads older opsets only (max_opset), and runs some ops natively only at an older
+        # one still (native_opset): the model is read at the older opset where it computes the same
+        max_opset = getattr(self.runtime, "max_opset", None)
+        native_opset = getattr(self.runtime, "native_opset", max_opset)
+        if max_opset is not None and modelio.default_opset(self.model) > native_opset:
             from spdy_onnx.passes.opsets import as_opset
-            self.model = as_opset(self.model, max_opset, self.path.name, reader=self.runtime.reader)
+            try:
+                self.model = as_opset(self.model, native_opset, self.path.name, reader=self.runtime.reader)
+            except SpdyError:
+                if modelio.default_opset(self.model) > max_opset:
+                    self.model = as_opset(self.model, max_opset, self.path.name, reader=self.runtime.reader)
         self.runtime.check_model(self.model)
         self.rewrites: dict[str, int] = {}
         if hasattr(self.runtime, "native_graph"):

@@ -191,7 +191,7 @@ def test_a_real_dynamo_export_reads_and_runs_on_deepsparse_as_onnxruntime_runs_t
     prep = Prepared(FIXTURE, runtime="deepsparse", batch_size=1, cores=1, input_shapes=None, exclude=None,
                     include=None, min_weights=1024, progress=False)
     try:
-        assert modelio.default_opset(prep.model) == 18 and prep.model.ir_version == 9
+        assert modelio.default_opset(prep.model) == 17 and prep.model.ir_version == 9   # DeepSparse's native_opset
         assert {n.op_type for n in prep.model.graph.node}.isdisjoint({"Gelu", "LayerNormalization"})
         assert len(prep.sites) >= 4
         ids = np.random.default_rng(0).integers(0, 500, (1, 32)).astype(np.int64)
@@ -201,3 +201,36 @@ def test_a_real_dynamo_export_reads_and_runs_on_deepsparse_as_onnxruntime_runs_t
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
     finally:
         prep.close()
+
+
+def test_opset_18_reductions_and_splits_are_written_in_their_opset_17_forms():
+    """DeepSparse 1.8 ran none of transformers' ResNet natively with its ReduceMean taking axes as an input
+    (opset 18), and 96% of it at opset 17; GPT-2's Split with num_outputs likewise."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 10, 6])
+    outs = [helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, shape)
+            for k, shape in enumerate([[2, 1, 1], [], [1, 1, 1], [2, 4, 6], [2, 4, 6]])]
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["y0"], keepdims=1),
+             helper.make_node("ReduceMax", ["x"], ["y1"], keepdims=0),                       # every axis
+             helper.make_node("ReduceSumSquare", ["x", "none"], ["y2"], noop_with_empty_axes=0),  # every axis
+             helper.make_node("Split", ["x"], ["y3", "y4", "s3"], axis=1, num_outputs=3)]      # 4, 4, 2
+    graph = helper.make_graph(nodes, "g", [x], outs, [numpy_helper.from_array(np.array([-1, 1], np.int64), "axes"),
+                                                      numpy_helper.from_array(np.zeros(0, np.int64), "none")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    read = as_opset(model, 17)
+    assert modelio.default_opset(read) == 17
+    onnx.checker.check_model(read, full_check=True)
+    assert [len(n.input) for n in read.graph.node] == [1, 1, 1, 2]
+    data = np.random.default_rng(0).standard_normal((2, 10, 6)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": data})
+    got = ort.InferenceSession(read.SerializeToString()).run(None, {"x": data})
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert got[3].shape == (2, 4, 6)
+    runtime_axes = helper.make_graph([helper.make_node("Shape", ["x"], ["s"]),
+                                      helper.make_node("Slice", ["s", "zero", "one"], ["a"]),
+                                      helper.make_node("ReduceMean", ["x", "a"], ["y0"])], "g", [x], outs[:1],
+                                     [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                                      numpy_helper.from_array(np.array([1], np.int64), "one")])
+    model = helper.make_model(runtime_axes, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(SpdyError, match=r"ReduceMean \(changed in opset 18\)"):   # axes known only at run time
+        as_opset(model, 17)
